@@ -1,0 +1,64 @@
+"""gunicorn settings for the model server, read from SERVING_* environment variables.
+
+gunicorn loads this file by default from the working directory, so `gunicorn flask_server:app -w 4`
+uses it too; command-line flags (-w, -b, --threads, ...) override what is set here.
+Every SERVING_* variable is described in the README and by `python -m serving.config`.
+"""
+
+import sys
+
+from serving import lifecycle
+from serving.config import Settings
+from serving.errors import ConfigError
+
+try:
+    settings = Settings.from_env()
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
+
+# Where and how many. Default: one worker per core, each with its share of the math threads.
+bind = [settings.bind]
+workers = settings.workers
+backlog = settings.backlog
+
+# process mode: sync workers, one request at a time per process (the only direct mode for PyTorch).
+# threaded mode: gthread workers, `threads` request threads sharing one model (TensorFlow, ONNX).
+worker_class = "gthread" if settings.mode == "threaded" else "sync"
+threads = settings.threads_per_worker
+
+# Timeouts: a worker silent for `timeout` s is killed and replaced; on reload or shutdown,
+# in-flight requests get `graceful_timeout` s to finish.
+timeout = settings.timeout
+graceful_timeout = settings.graceful_timeout
+keepalive = settings.keepalive
+
+# Recycle workers after max_requests (+ random jitter so they do not all restart at once).
+max_requests = settings.max_requests
+max_requests_jitter = settings.max_requests_jitter
+
+# Logs: the app writes one access line per request with its request id, so gunicorn's own access
+# log stays off. With a log file, stray stdout/stderr output is captured into it too.
+loglevel = settings.log_level
+errorlog = settings.log_file or "-"
+capture_output = bool(settings.log_file)
+accesslog = None
+proc_name = "serving"
+
+# Servers started side by side (tests, benchmarks) must not share gunicorn's control socket.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Master, before forking: route daemon logs, then fail fast on a missing or bad model."""
+    lifecycle.route_daemon_logs(server)
+    lifecycle.check_before_fork(server, settings)
+
+
+def on_reload(server):
+    """Master, on SIGHUP: keep daemon logs in their file."""
+    lifecycle.route_daemon_logs(server)
+
+
+def post_worker_init(worker):
+    """Worker, after fork: load the model here, never in the master."""
+    lifecycle.load_in_worker(worker)

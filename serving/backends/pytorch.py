@@ -1,0 +1,45 @@
+"""PyTorch backend: TorchScript only, so loading never unpickles arbitrary Python objects.
+
+Not thread-safe for our purposes: concurrent calls into one module from several request threads
+oversubscribe the cores and have deadlocked after fork; serve it in process mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serving.backends.base import Backend
+from serving.errors import ModelLoadError
+
+
+class TorchScriptBackend(Backend):
+    """Runs ``model.pt`` (a TorchScript archive) under ``torch.inference_mode``."""
+
+    name = "pytorch"
+    thread_safe = False
+    artifact = "model.pt"
+
+    def load(self) -> None:
+        import torch
+
+        self._torch = torch
+        torch.set_num_threads(self.math_threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or parallel work has started: keep what is there
+            pass
+        try:
+            module = torch.jit.load(str(self.metadata.path / self.artifact), map_location="cpu")
+        except Exception as exc:  # torch raises RuntimeError and friends for bad archives
+            raise ModelLoadError(f"cannot load {self.metadata.path / self.artifact} as TorchScript: {exc}") from exc
+        module.eval()
+        self._module = torch.jit.optimize_for_inference(torch.jit.freeze(module))
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            output = self._module(self._torch.from_numpy(np.ascontiguousarray(self._layout(batch))))
+        result: np.ndarray = output.numpy()
+        return result
+
+    def framework_version(self) -> str:
+        return f"torch {self._torch.__version__}"

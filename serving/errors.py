@@ -1,0 +1,70 @@
+"""One error root for everything the server answers with a non-2xx status.
+
+Every failure a client can see is a ``ServingError`` carrying its HTTP status; ``serving.app``
+renders all of them, and Flask's own HTTP errors, as ``{"error": message}``. Anything else that
+escapes a view is logged with its traceback and answered as a plain 500 without details.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class: a message safe to show the client and the HTTP status to answer with."""
+
+    status_code = 500
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class BadRequest(ServingError):
+    """The body could not be parsed (malformed JSON, broken image, bad multipart)."""
+
+    status_code = 400
+
+
+class ModelNotFound(ServingError):
+    """No such model or version in the repository."""
+
+    status_code = 404
+
+
+class PayloadTooLarge(ServingError):
+    """The body is larger than ``SERVING_MAX_BODY_BYTES``."""
+
+    status_code = 413
+
+
+class UnsupportedMediaType(ServingError):
+    """The Content-Type is not one the endpoint accepts."""
+
+    status_code = 415
+
+
+class InvalidInput(ServingError):
+    """Well-formed but unusable input: wrong shape, NaN, out of range, empty or oversized batch."""
+
+    status_code = 422
+
+
+class ModelNotReady(ServingError):
+    """This worker has not finished loading its model."""
+
+    status_code = 503
+
+
+class InferenceError(ServingError):
+    """The model failed on valid input; the message is generic, the details go to the log."""
+
+    status_code = 500
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded at start-up (missing, corrupt, tampered). Not an HTTP error."""
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message says which and how to fix it."""

@@ -1,0 +1,68 @@
+"""What gunicorn.conf.py's hooks do: checks in the master, model loading in each worker.
+
+# design: the master (``on_starting``) only reads metadata and checksums, so a missing, corrupt or
+# tampered model stops the server with one clear line before any worker is forked, and no
+# framework is ever imported in the master. Each worker loads its own model in
+# ``post_worker_init``, after fork; if that fails the worker exits with gunicorn's boot-error
+# code, which makes the master halt instead of respawning workers in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from serving.backends import THREAD_SAFE
+from serving.config import Settings
+from serving.errors import ConfigError, ModelLoadError
+from serving.service import InferenceService
+
+log = logging.getLogger("serving")
+DAEMON_LOG = Path("run/server.log")
+WORKER_BOOT_ERROR = 3  # gunicorn's Arbiter.WORKER_BOOT_ERROR: the master halts instead of respawning
+
+
+def route_daemon_logs(server: Any) -> None:
+    """A daemon has no terminal: send gunicorn's and the app's logs to run/server.log unless set."""
+    if server.cfg.daemon and server.cfg.errorlog == "-":
+        DAEMON_LOG.parent.mkdir(parents=True, exist_ok=True)
+        server.cfg.set("errorlog", str(DAEMON_LOG))
+        server.cfg.set("capture_output", True)
+        server.log.setup(server.cfg)
+
+
+def check_before_fork(server: Any, settings: Settings) -> None:
+    """Resolve the model and refuse contradictory settings, in the master, before forking."""
+    threaded = server.cfg.threads > 1 or "gthread" in str(server.cfg.worker_class_str)
+    try:
+        service = InferenceService(settings)
+        meta = service.resolve()
+        if threaded and not THREAD_SAFE[service.backend_name]:
+            raise ConfigError(
+                f"the {service.backend_name} backend is process-only but gunicorn runs {server.cfg.threads} threads"
+                " per worker: drop --threads, or use SERVING_BACKEND=onnx to serve its ONNX export with threads"
+            )
+    except (ModelLoadError, ConfigError) as exc:
+        server.log.error("cannot start: %s", exc)
+        raise RuntimeError(str(exc)) from None
+    workers = server.cfg.workers
+    server.log.info(
+        "serving %s version %d (%s backend, %s) with %d workers x %d threads; math threads per worker: %d",
+        meta.name, meta.version, service.backend_name, settings.mode, workers, server.cfg.threads,
+        settings.math_threads_for(workers),
+    )
+
+
+def load_in_worker(worker: Any) -> None:
+    """Load this worker's model after fork; exit with the boot-error code if it cannot be loaded."""
+    app = worker.wsgi
+    service: InferenceService | None = getattr(app, "extensions", {}).get("serving")
+    if service is None:
+        return  # not our app (a custom WSGI wrapper): it loads lazily on the first request
+    try:
+        service.load(workers=worker.cfg.workers)
+    except (ModelLoadError, ConfigError) as exc:
+        worker.log.error("worker %d cannot load the model: %s", worker.pid, exc)
+        sys.exit(WORKER_BOOT_ERROR)

@@ -1,0 +1,107 @@
+"""Network definitions shared by ``train.py`` and the tests, in Keras and PyTorch.
+
+Two architectures, the same in both frameworks:
+
+- ``small``: conv 16 -> conv 32 -> max-pool -> dense: reaches >= 0.95 on digits in seconds.
+- ``large``: conv 64 -> conv 128 -> max-pool -> conv 128 -> dense 256 -> dense: heavy enough that
+  a call's latency is dominated by compute, so dynamic batching has something to win.
+
+Inputs of 16 pixels or more per side get one more max-pool, so 28x28 MNIST stays cheap. Convs use
+'same' padding, so 8x8 digits work. Every model ends in a softmax: it outputs probabilities.
+The frameworks are imported inside the build functions, never at module import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+    import torch
+
+ARCHS = ("small", "large")
+# arch -> (conv widths, conv indices followed by a 2x2 max-pool, hidden dense widths)
+_SPECS: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+    "small": ((16, 32), (1,), ()),
+    "large": ((64, 128, 128), (1,), (256,)),
+}
+EXTRA_POOL_MIN_SIDE = 16
+
+
+def _spec(arch: str, shape: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], bool]:
+    """Conv widths, pooled conv indices, hidden dense widths, and whether to pool once more at the end."""
+    if arch not in _SPECS:
+        raise ValueError(f"unknown arch {arch!r} (choose from {', '.join(ARCHS)})")
+    convs, pools, dense = _SPECS[arch]
+    return convs, pools, dense, min(shape) >= EXTRA_POOL_MIN_SIDE
+
+
+def build_keras(arch: str, shape: tuple[int, int], num_classes: int) -> keras.Model:
+    """A Keras model taking (N, H, W, 1) float32 named "input" and returning probabilities."""
+    import keras
+
+    convs, pools, dense, extra_pool = _spec(arch, shape)
+    inputs = keras.Input(shape=(*shape, 1), name="input", dtype="float32")
+    x = inputs
+    for index, filters in enumerate(convs):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{index}")(x)
+        if index in pools:
+            x = keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
+    if extra_pool:
+        x = keras.layers.MaxPooling2D(2, name="pool_last")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    for index, units in enumerate(dense):
+        x = keras.layers.Dense(units, activation="relu", name=f"dense{index}")(x)
+    x = keras.layers.Dense(num_classes, name="logits")(x)
+    outputs = keras.layers.Softmax(name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"{arch}_cnn")
+
+
+def build_torch(arch: str, shape: tuple[int, int], num_classes: int) -> torch.nn.Module:
+    """A PyTorch module taking (N, 1, H, W) float32 and returning probabilities (``.logits()`` to train)."""
+    from torch import nn
+
+    convs, pools, dense, extra_pool = _spec(arch, shape)
+    layers: list[nn.Module] = []
+    channels, height, width = 1, shape[0], shape[1]
+    for index, filters in enumerate(convs):
+        layers += [nn.Conv2d(channels, filters, 3, padding="same"), nn.ReLU()]
+        channels = filters
+        if index in pools:
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+    if extra_pool:
+        layers.append(nn.MaxPool2d(2))
+        height, width = height // 2, width // 2
+    layers.append(nn.Flatten())
+    features = channels * height * width
+    for units in dense:
+        layers += [nn.Linear(features, units), nn.ReLU()]
+        features = units
+    layers.append(nn.Linear(features, num_classes))
+    return _torch_classifier_class()(nn.Sequential(*layers))
+
+
+@functools.cache
+def _torch_classifier_class() -> type[torch.nn.Module]:
+    """Define the classifier on first use, so importing this module never imports torch."""
+    import torch
+    from torch import nn
+
+    class TorchClassifier(nn.Module):
+        """Wraps a logits network; ``forward`` returns softmax probabilities."""
+
+        def __init__(self, net: nn.Sequential) -> None:
+            super().__init__()
+            self.net = net
+
+        def logits(self, x: torch.Tensor) -> torch.Tensor:
+            """Raw class scores, for training with cross-entropy."""
+            return self.net(x)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """Class probabilities for a float32 (N, 1, H, W) batch."""
+            return torch.softmax(self.net(x), dim=1)
+
+    return TorchClassifier

@@ -1,0 +1,78 @@
+"""Structured logging with request ids.
+
+Every record of the ``serving`` logger carries ``request_id`` (the current request's id inside a
+request, ``-`` outside one). ``SERVING_LOG_FORMAT=json`` writes one JSON object per line. Records go
+to stderr, which gunicorn points at its error log file when one is configured (capture_output).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import uuid
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+import orjson
+from flask import g, has_request_context
+
+from serving.config import Settings
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+def sanitize_request_id(candidate: str | None) -> str:
+    """The client's id when it is short and plain (<= 128 of [A-Za-z0-9._:/+=-]), else a new one."""
+    if candidate and REQUEST_ID_PATTERN.match(candidate):
+        return candidate
+    return uuid.uuid4().hex
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request being served by this thread."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, pid, request id, message and any ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(settings: Settings, stream: TextIO | None = None) -> logging.Logger:
+    """Give the ``serving`` logger one handler with the configured format (idempotent per process)."""
+    logger = logging.getLogger("serving")
+    logger.setLevel(settings.log_level.upper())
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT, datefmt="%Y-%m-%d %H:%M:%S %z"))
+    handler.addFilter(RequestIdFilter())
+    logger.addHandler(handler)
+    logger.debug("logging configured in pid %d", os.getpid())
+    return logger

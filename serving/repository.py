@@ -1,0 +1,161 @@
+"""The model repository on disk: ``<root>/<model>/<version>/`` with artifacts and ``metadata.json``.
+
+Layout of one version directory (written by ``train.py``)::
+
+    models/digits-tf/1/
+        model.keras | model.pt     native artifact (Keras v3 archive / TorchScript)
+        model.onnx                 ONNX export of the same network
+        labels.json                ["0", "1", ...]
+        sample.json                {"data": [[...]], "label": "3"}: a built-in smoke-test sample
+        metadata.json              see ``ModelMetadata``
+
+Names and versions are validated against a strict pattern before any path is built, so a model
+name such as ``../../etc`` can never escape the repository root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from serving.errors import ModelLoadError, ModelNotFound
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NATIVE_ARTIFACTS = {"tensorflow": "model.keras", "pytorch": "model.pt"}
+ONNX_ARTIFACT = "model.onnx"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def valid_name(name: str) -> bool:
+    """True for a model name that is safe to use as one path component."""
+    return bool(NAME_PATTERN.match(name)) and ".." not in name
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """The integer versions present under a model directory, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(root: Path, name: str) -> int:
+    """The version number a new training run of ``name`` should write: latest + 1, or 1."""
+    versions = list_versions(root / name)
+    return versions[-1] + 1 if versions else 1
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What ``metadata.json`` says about one model version."""
+
+    name: str
+    version: int
+    framework: str
+    path: Path
+    input_name: str
+    input_shape: tuple[int, ...]  # one sample, without the batch dimension, e.g. (8, 8)
+    input_dtype: str
+    input_range: tuple[float, float]
+    output_name: str
+    labels: list[str]
+    raw: dict[str, Any]
+
+    @property
+    def sample_size(self) -> int:
+        """Number of values in one flat sample."""
+        size = 1
+        for dim in self.input_shape:
+            size *= dim
+        return size
+
+    def artifact(self, backend: str) -> Path:
+        """Path of the artifact a backend loads (``onnx`` reads the ONNX export)."""
+        filename = ONNX_ARTIFACT if backend == "onnx" else NATIVE_ARTIFACTS[backend]
+        return self.path / filename
+
+    def verify(self, filename: str) -> None:
+        """Refuse an artifact whose sha256 differs from the one recorded at training time."""
+        expected = self.raw.get("artifacts", {}).get(filename, {}).get("sha256")
+        path = self.path / filename
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing: retrain with `python train.py`")
+        if not expected:
+            raise ModelLoadError(f"{self.path}/metadata.json records no sha256 for {filename}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelLoadError(
+                f"{path} was modified after training (sha256 {actual[:12]}... != recorded {expected[:12]}...);"
+                " refusing to load it"
+            )
+
+    def sample(self) -> tuple[list[Any], str]:
+        """The built-in smoke-test sample and its expected label."""
+        raw = orjson.loads((self.path / "sample.json").read_bytes())
+        return raw["data"], str(raw["label"])
+
+
+class ModelRepository:
+    """Read access to a model repository root."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def models(self) -> list[str]:
+        """Model names with at least one version, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and valid_name(p.name) and list_versions(p)
+        )
+
+    def resolve(self, name: str, version: int | None = None) -> ModelMetadata:
+        """Metadata of ``name`` at ``version`` (latest when None); ModelNotFound when absent."""
+        if not valid_name(name):
+            raise ModelNotFound(f"invalid model name {name!r}")
+        versions = list_versions(self.root / name)
+        if not versions:
+            known = ", ".join(self.models()) or "none"
+            raise ModelNotFound(f"no model {name!r} in {self.root}/ (models there: {known}); run `python train.py`")
+        if version is None:
+            version = versions[-1]
+        if version not in versions:
+            raise ModelNotFound(f"model {name!r} has no version {version} (versions: {versions})")
+        return self.load_metadata(self.root / name / str(version))
+
+    @staticmethod
+    def load_metadata(path: Path) -> ModelMetadata:
+        """Parse and check one version directory's ``metadata.json``."""
+        meta_path = path / "metadata.json"
+        try:
+            raw = orjson.loads(meta_path.read_bytes())
+            spec = raw["input"]
+            return ModelMetadata(
+                name=str(raw["name"]),
+                version=int(raw["version"]),
+                framework=str(raw["framework"]),
+                path=path,
+                input_name=str(spec["name"]),
+                input_shape=tuple(int(d) for d in spec["shape"]),
+                input_dtype=str(spec["dtype"]),
+                input_range=(float(spec["range"][0]), float(spec["range"][1])),
+                output_name=str(raw["output"]["name"]),
+                labels=[str(label) for label in raw["labels"]],
+                raw=raw,
+            )
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"{meta_path} is missing: retrain with `python train.py`") from exc
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ModelLoadError(f"{meta_path} is corrupt ({exc.__class__.__name__}: {exc})") from exc

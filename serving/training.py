@@ -1,0 +1,298 @@
+"""Train a Keras or PyTorch CNN, export it natively and to ONNX, and publish it as a repository version.
+
+A run writes everything into a hidden temporary directory next to the versions and then renames it
+to the next version number, so a serving process scanning ``<root>/<name>/`` never sees a
+half-written version. The ONNX export is checked against the saved native artifact on the whole
+test split before anything is published. Frameworks are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from serving.data import Dataset
+from serving.repository import NATIVE_ARTIFACTS, ONNX_ARTIFACT, next_version, sha256_file
+
+FRAMEWORKS = ("tensorflow", "pytorch")
+NAME_SUFFIX = {"tensorflow": "tf", "pytorch": "torch"}
+LAYOUT = {"tensorflow": "NHWC", "pytorch": "NCHW"}
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-4
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+TRAIN_THREADS = 2
+# Epochs that reliably reach the accuracy target quickly on 2 cores, by (arch, dataset).
+DEFAULT_EPOCHS = {("small", "digits"): 20, ("large", "digits"): 10, ("small", "mnist"): 3, ("large", "mnist"): 2}
+
+Log = Callable[[str], None]
+
+
+class TrainingError(RuntimeError):
+    """Training or export produced something unfit to publish (e.g. ONNX disagrees with the native model)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: which framework, network, data and where to publish."""
+
+    framework: str
+    name: str
+    arch: str = "small"
+    epochs: int = 20
+    batch_size: int = 32
+    seed: int = 0
+    out: Path = Path("models")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run published its version and how good it is."""
+
+    name: str
+    version: int
+    path: Path
+    accuracy: float
+    onnx_max_abs_diff: float
+    seconds: float
+
+
+def default_epochs(arch: str, dataset: str) -> int:
+    """The default number of epochs for an architecture on a dataset."""
+    return DEFAULT_EPOCHS.get((arch, dataset), 10)
+
+
+def model_name(dataset: str, framework: str, base: str | None, several: bool) -> str:
+    """``<dataset>-tf`` style default names; ``--name X`` gives X, or X-tf/X-torch when training several."""
+    suffix = NAME_SUFFIX[framework]
+    if base is None:
+        return f"{dataset}-{suffix}"
+    return f"{base}-{suffix}" if several else base
+
+
+def train(config: TrainConfig, dataset: Dataset, log: Log = print) -> TrainResult:
+    """Train, export, verify and publish one model; returns where it went."""
+    started = time.monotonic()
+    model_dir = config.out / config.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        if config.framework not in RUNNERS:
+            raise ValueError(f"unknown framework {config.framework!r} (choose from {', '.join(FRAMEWORKS)})")
+        outcome = RUNNERS[config.framework](config, dataset, staging, log)
+        import onnxruntime
+
+        versions = {**outcome.versions, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+        accuracy = float(np.mean(outcome.native.argmax(axis=1) == dataset.y_test))
+        diff = check_onnx(staging / ONNX_ARTIFACT, outcome.native, _layout_input(config.framework, dataset.x_test))
+        _write_json(staging / "labels.json", dataset.labels)
+        _write_json(staging / "sample.json", _sample(dataset, outcome.native), indent=False)
+        artifacts = [NATIVE_ARTIFACTS[config.framework], ONNX_ARTIFACT, "labels.json", "sample.json"]
+        version = _publish(config, dataset, staging, artifacts, accuracy, diff, versions)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return TrainResult(config.name, version, model_dir / str(version), accuracy, diff, time.monotonic() - started)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a framework run hands back: saved native model's test probabilities and library versions."""
+
+    native: np.ndarray
+    versions: dict[str, str]
+
+
+def _epoch_line(config: TrainConfig, epoch: int, loss: float, accuracy: float) -> str:
+    return f"[{config.name}] epoch {epoch:>3}/{config.epochs}  loss {loss:.4f}  accuracy {accuracy:.4f}"
+
+
+def _train_keras(config: TrainConfig, dataset: Dataset, staging: Path, log: Log) -> Outcome:
+    """Fit the Keras model, save ``model.keras`` and ``model.onnx``; predict the test split with the saved file."""
+    import keras
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    from serving.nets import build_keras
+
+    try:  # only possible before TensorFlow runs its first op
+        tf.config.threading.set_intra_op_parallelism_threads(TRAIN_THREADS)
+        tf.config.threading.set_inter_op_parallelism_threads(TRAIN_THREADS)
+    except RuntimeError:
+        pass
+    keras.utils.set_random_seed(config.seed)
+    model = build_keras(config.arch, dataset.shape, dataset.num_classes)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    progress = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: log(_epoch_line(config, epoch + 1, logs["loss"], logs["accuracy"]))
+    )
+    x_train = _layout_input("tensorflow", dataset.x_train)
+    model.fit(x_train, dataset.y_train, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
+              verbose=0, callbacks=[progress])
+    native_path = staging / NATIVE_ARTIFACTS["tensorflow"]
+    model.save(native_path)
+
+    spec = (tf.TensorSpec((None, *dataset.shape, 1), tf.float32, name=INPUT_NAME),)
+    serve = tf.function(lambda x: model(x, training=False), input_signature=spec)
+    onnx_model, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=ONNX_OPSET)
+    rename_onnx_io(onnx_model, INPUT_NAME, OUTPUT_NAME)
+    onnx.save(onnx_model, str(staging / ONNX_ARTIFACT))
+
+    reloaded = keras.models.load_model(native_path)
+    native = reloaded.predict(_layout_input("tensorflow", dataset.x_test), batch_size=256, verbose=0)
+    versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__,
+                "onnx": onnx.__version__}
+    return Outcome(np.asarray(native, dtype=np.float32), versions)
+
+
+def _train_torch(config: TrainConfig, dataset: Dataset, staging: Path, log: Log) -> Outcome:
+    """Train the PyTorch model, save TorchScript ``model.pt`` and ``model.onnx``; predict with the saved file."""
+    import onnx
+    import torch
+    import torch.nn.functional as F  # noqa: N812 - the conventional alias
+
+    from serving.nets import build_torch
+
+    torch.set_num_threads(TRAIN_THREADS)
+    torch.manual_seed(config.seed)
+    model = build_torch(config.arch, dataset.shape, dataset.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x_train = torch.from_numpy(_layout_input("pytorch", dataset.x_train))
+    y_train = torch.from_numpy(dataset.y_train)
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator)
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            logits = model.logits(x_train[batch])
+            loss = F.cross_entropy(logits, y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.item()) * len(batch)
+            correct += int((logits.argmax(dim=1) == y_train[batch]).sum().item())
+        log(_epoch_line(config, epoch, total_loss / len(order), correct / len(order)))
+
+    model.eval()
+    native_path = staging / NATIVE_ARTIFACTS["pytorch"]
+    torch.jit.save(torch.jit.script(model), str(native_path))
+    torch.onnx.export(
+        model, (x_train[:1],), str(staging / ONNX_ARTIFACT), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+    )
+    reloaded = torch.jit.load(str(native_path))
+    with torch.inference_mode():
+        native = reloaded(torch.from_numpy(_layout_input("pytorch", dataset.x_test))).numpy()
+    return Outcome(native.astype(np.float32), {"torch": torch.__version__, "onnx": onnx.__version__})
+
+
+RUNNERS: dict[str, Callable[[TrainConfig, Dataset, Path, Log], Outcome]] = {
+    "tensorflow": _train_keras,
+    "pytorch": _train_torch,
+}
+
+
+def _layout_input(framework: str, images: np.ndarray) -> np.ndarray:
+    """(N, H, W) images in the framework's layout: NHWC for TensorFlow, NCHW for PyTorch."""
+    axis = 3 if LAYOUT[framework] == "NHWC" else 1
+    return np.ascontiguousarray(np.expand_dims(images, axis=axis), dtype=np.float32)
+
+
+def check_onnx(path: Path, expected: np.ndarray, inputs: np.ndarray) -> float:
+    """Max abs difference between onnxruntime on ``path`` and the native outputs; raise if too large."""
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(str(path)).graph
+    names = ([i.name for i in graph.input], [o.name for o in graph.output])
+    if names != ([INPUT_NAME], [OUTPUT_NAME]):
+        raise TrainingError(f"{path.name} has inputs/outputs {names}, expected ([{INPUT_NAME!r}], [{OUTPUT_NAME!r}])")
+    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
+    if batch_dim.HasField("dim_value"):
+        raise TrainingError(f"{path.name} has a fixed batch dimension {batch_dim.dim_value}; it must be dynamic")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = TRAIN_THREADS
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})
+    diff = float(np.max(np.abs(actual - expected)))
+    if not diff < ONNX_TOLERANCE:
+        raise TrainingError(f"ONNX export disagrees with the native model: max abs diff {diff:.3g} >= {ONNX_TOLERANCE}")
+    return diff
+
+
+def rename_onnx_io(model: Any, input_name: str, output_name: str) -> None:
+    """Rename an ONNX graph's single input and output (and every reference to them) in place."""
+    graph = model.graph
+    renames = {graph.input[0].name: input_name, graph.output[0].name: output_name}
+    for node in graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    graph.input[0].name = input_name
+    graph.output[0].name = output_name
+    for value in (graph.input[0], graph.output[0]):  # tf2onnx names the batch axis "unk__NN"
+        batch = value.type.tensor_type.shape.dim[0]
+        if not batch.HasField("dim_value"):
+            batch.dim_param = "batch"
+
+
+def _sample(dataset: Dataset, probabilities: np.ndarray) -> dict[str, Any]:
+    """The first test sample the model classifies correctly, as a smoke test for the server."""
+    correct = np.flatnonzero(probabilities.argmax(axis=1) == dataset.y_test)
+    if correct.size == 0:
+        raise TrainingError("the model classifies no test sample correctly; nothing to use as sample.json")
+    index = int(correct[0])
+    return {"data": dataset.x_test[index].tolist(), "label": dataset.labels[int(dataset.y_test[index])]}
+
+
+def _write_json(path: Path, value: Any, indent: bool = True) -> None:
+    path.write_bytes(orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else None) + b"\n")
+
+
+def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: list[str], accuracy: float,
+             diff: float, versions: dict[str, str]) -> int:
+    """Write metadata.json into the staging directory and rename it to the next free version."""
+    model_dir = config.out / config.name
+    while True:
+        version = next_version(config.out, config.name)
+        metadata = {
+            "name": config.name,
+            "version": version,
+            "framework": config.framework,
+            "arch": config.arch,
+            "dataset": dataset.name,
+            "input": {"name": INPUT_NAME, "shape": list(dataset.shape), "dtype": "float32", "range": [0.0, 1.0],
+                      "layout": LAYOUT[config.framework]},
+            "output": {"name": OUTPUT_NAME, "shape": [dataset.num_classes], "dtype": "float32"},
+            "labels": dataset.labels,
+            "test_accuracy": round(accuracy, 6),
+            "test_samples": int(len(dataset.y_test)),
+            "train_samples": int(len(dataset.y_train)),
+            "seed": config.seed,
+            "epochs": config.epochs,
+            "batch_size": config.batch_size,
+            "onnx_max_abs_diff": diff,
+            "onnx_opset": ONNX_OPSET,
+            "artifacts": {name: {"sha256": sha256_file(staging / name)} for name in artifacts},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions,
+        }
+        _write_json(staging / "metadata.json", metadata)
+        staging.chmod(0o755)  # mkdtemp made it private; servers may run as another user
+        try:
+            os.rename(staging, model_dir / str(version))
+        except OSError:
+            if (model_dir / str(version)).exists():  # another run took this version first: take the next one
+                continue
+            raise
+        return version

@@ -1,0 +1,100 @@
+"""Train the digit classifiers and publish them into the model repository.
+
+    python train.py                                   # Keras + PyTorch small CNNs on bundled digits
+    python train.py --framework pytorch --arch large  # one heavier model
+    python train.py --dataset mnist --data-dir ~/mnist
+
+Each run writes ``<out>/<name>/<N+1>/`` with the native model, its ONNX export (checked against the
+native model on the test split), labels.json, sample.json and metadata.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from serving.data import DATASETS, DatasetError, load_dataset
+from serving.nets import ARCHS
+from serving.repository import valid_name
+from serving.training import FRAMEWORKS, TrainConfig, TrainingError, default_epochs, model_name, train
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; see ``python train.py --help``."""
+    parser = argparse.ArgumentParser(
+        description="Train TensorFlow/Keras and PyTorch CNNs and publish native + ONNX versions into the model "
+        "repository (<out>/<name>/<version>/).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--framework", choices=[*FRAMEWORKS, "all"], default="all", help="which framework(s)")
+    parser.add_argument("--dataset", choices=DATASETS, default="digits",
+                        help="digits: bundled 8x8 scikit-learn digits; mnist: 28x28 MNIST from --data-dir")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="directory with the MNIST IDX files (plain or .gz) or mnist.npz; never downloaded")
+    parser.add_argument("--arch", choices=ARCHS, default="small",
+                        help="small: fast CNN; large: compute-heavy CNN for batching benchmarks")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="training epochs (default: 20 small/10 large on digits, 3 small/2 large on mnist)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="training batch size (default: 32 on digits, 128 on mnist)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and shuffling")
+    parser.add_argument("--name", default=None,
+                        help="model name (default <dataset>-tf / <dataset>-torch); with --framework all, "
+                        "NAME-tf and NAME-torch")
+    parser.add_argument("--out", type=Path, default=Path("models"), help="model repository root")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train every requested model; exit 0 on success, 2 on bad input, 1 when an export fails its check."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = parse_args(argv)
+    frameworks = list(FRAMEWORKS) if args.framework == "all" else [args.framework]
+    names = [model_name(args.dataset, fw, args.name, several=len(frameworks) > 1) for fw in frameworks]
+    for name in names:
+        if not valid_name(name):
+            return fail(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+    epochs = args.epochs or default_epochs(args.arch, args.dataset)
+    batch_size = args.batch_size or (128 if args.dataset == "mnist" else 32)
+    started = time.monotonic()
+    try:
+        dataset = load_dataset(args.dataset, args.data_dir, args.seed)
+        print(f"dataset {dataset.name}: {len(dataset.y_train)} train / {len(dataset.y_test)} test samples, "
+              f"shape {dataset.shape}", flush=True)
+        results = []
+        for framework, name in zip(frameworks, names, strict=True):
+            config = TrainConfig(framework, name, args.arch, epochs, batch_size, args.seed, args.out)
+            print(f"training {name} ({framework}, {args.arch}, {epochs} epochs)", flush=True)
+            result = train(config, dataset, log=lambda line: print(line, flush=True))
+            print(f"{name}: held-out accuracy {result.accuracy:.4f} on {len(dataset.y_test)} samples, "
+                  f"ONNX max abs diff {result.onnx_max_abs_diff:.2g} ({result.seconds:.1f}s)", flush=True)
+            results.append(result)
+    except DatasetError as exc:
+        return fail(str(exc))
+    except TrainingError as exc:
+        return fail(str(exc), code=1)
+    for result in results:
+        print(f"wrote {result.path}/  accuracy {result.accuracy:.4f}")
+    print(f"done in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def fail(message: str, code: int = 2) -> int:
+    """Print a one-line error and return the exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
