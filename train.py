@@ -19,7 +19,7 @@ from pathlib import Path
 from serving.data import DATASETS, DatasetError, load_dataset
 from serving.nets import ARCHS
 from serving.repository import valid_name
-from serving.training import FRAMEWORKS, TrainConfig, TrainingError, default_epochs, model_name, train
+from serving.training import FRAMEWORKS, TrainConfig, TrainingError, defaults, model_name, train
 
 
 def positive_int(text: str) -> int:
@@ -47,11 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="training epochs (default: 20 small/10 large on digits, 3 small/2 large on mnist)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="training batch size (default: 32 on digits, 128 on mnist)")
+                        help="training batch size (default: 32 for small on digits, else 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and shuffling")
     parser.add_argument("--name", default=None,
-                        help="model name (default <dataset>-tf / <dataset>-torch); with --framework all, "
-                        "NAME-tf and NAME-torch")
+                        help="model name (default <dataset>-tf / <dataset>-torch, <dataset>-large-tf / "
+                        "<dataset>-large-torch for --arch large); with --framework all, NAME-tf and NAME-torch")
     parser.add_argument("--out", type=Path, default=Path("models"), help="model repository root")
     return parser.parse_args(argv)
 
@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parse_args(argv)
     frameworks = list(FRAMEWORKS) if args.framework == "all" else [args.framework]
-    names = [model_name(args.dataset, fw, args.name, several=len(frameworks) > 1) for fw in frameworks]
+    names = [model_name(args.dataset, fw, args.arch, args.name, several=len(frameworks) > 1) for fw in frameworks]
     for name in names:
         if not valid_name(name):
             return fail(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
-    epochs = args.epochs or default_epochs(args.arch, args.dataset)
-    batch_size = args.batch_size or (128 if args.dataset == "mnist" else 32)
+    default_epochs, default_batch_size = defaults(args.arch, args.dataset)
+    epochs = args.epochs or default_epochs
+    batch_size = args.batch_size or default_batch_size
     started = time.monotonic()
     try:
         dataset = load_dataset(args.dataset, args.data_dir, args.seed)

@@ -52,7 +52,7 @@ CASES = [
     ("scalar", "POST", "/predict", b'{"data": 3}', JSON, 422, "array"),
     ("out of range", "POST", "/predict", ('{"data": [' + ROW[:-3] + "2.0]}").encode(), JSON, 422, "[0, 1]"),
     ("negative", "POST", "/predict", ('{"data": [' + ROW[:-3] + "-0.1]}").encode(), JSON, 422, "[0, 1]"),
-    ("infinite", "POST", "/predict", ('{"data": [' + ROW[:-3] + "1e999]}").encode(), JSON, 422, "infinite"),
+    ("infinite", "POST", "/predict", ('{"data": [' + ROW[:-3] + "1e999]}").encode(), JSON, 400, "infinity"),
     ("empty batch", "POST", "/predict", b'{"data": []}', JSON, 422, "empty"),
     ("batch over limit", "POST", "/predict", ('{"data": [' + ",".join(["[" + ROW + "]"] * 5) + "]}").encode(), JSON,
      422, "limit is 4"),

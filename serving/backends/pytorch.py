@@ -33,7 +33,7 @@ class TorchScriptBackend(Backend):
         except Exception as exc:  # torch raises RuntimeError and friends for bad archives
             raise ModelLoadError(f"cannot load {self.metadata.path / self.artifact} as TorchScript: {exc}") from exc
         module.eval()
-        self._module = torch.jit.optimize_for_inference(torch.jit.freeze(module))
+        self._module = torch.jit.freeze(module)  # folds weights into the graph; optimize_for_inference asserts
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
