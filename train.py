@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="training epochs (default: 20 small/10 large on digits, 3 small/2 large on mnist)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="training batch size (default: 32 for small on digits, else 128)")
+                        help="training batch size (default: 32 small / 64 large on digits, 128 on mnist)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and shuffling")
     parser.add_argument("--name", default=None,
                         help="model name (default <dataset>-tf / <dataset>-torch, <dataset>-large-tf / "

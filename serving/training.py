@@ -35,7 +35,7 @@ TRAIN_THREADS = 2
 # net trains on bigger batches: its optimizer step over 5M weights costs as much as the batch itself.
 DEFAULTS = {
     ("small", "digits"): (20, 32),
-    ("large", "digits"): (10, 128),
+    ("large", "digits"): (10, 64),
     ("small", "mnist"): (3, 128),
     ("large", "mnist"): (2, 128),
 }

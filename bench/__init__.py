@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that start real servers, drive them on loopback and write reports/."""

@@ -1,0 +1,60 @@
+"""Settings: parsing from the environment and validation messages that say how to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving.config import Settings, available_cores
+from serving.errors import ConfigError
+
+
+def test_defaults_run_as_is() -> None:
+    settings = Settings.from_env({})
+    assert settings.bind == "127.0.0.1:8000" and settings.mode == "process"
+    assert settings.workers == available_cores() and settings.model_repository == Path("models")
+    assert settings.backend is None and settings.model == "" and settings.model_version == 0
+
+
+def test_environment_values_are_typed() -> None:
+    settings = Settings.from_env({
+        "SERVING_WORKERS": "3", "SERVING_MODE": "Threaded", "SERVING_BACKEND": "onnx", "SERVING_ACCESS_LOG": "off",
+        "SERVING_MODEL_REPOSITORY": "/srv/models", "SERVING_MAX_BATCH": " 16 ", "SERVING_BIND": "[::1]:9000",
+        "SERVING_MODEL": "", "UNRELATED": "x",
+    })
+    assert (settings.workers, settings.mode, settings.backend) == (3, "threaded", "onnx")
+    assert settings.access_log is False and settings.model_repository == Path("/srv/models")
+    assert settings.max_batch == 16 and settings.bind == "[::1]:9000" and settings.model == ""
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SERVING_WORKERS": "two"}, "SERVING_WORKERS='two' is not a whole number"),
+    ({"SERVING_WORKERS": "0"}, "SERVING_WORKERS=0 must be >= 1"),
+    ({"SERVING_MODE": "async"}, "SERVING_MODE='async' is not one of: process, threaded"),
+    ({"SERVING_BACKEND": "jax"}, "is not one of: tensorflow, pytorch, onnx"),
+    ({"SERVING_ACCESS_LOG": "maybe"}, "is not a boolean"),
+    ({"SERVING_BIND": "localhost"}, "is not HOST:PORT"),
+    ({"SERVING_MAX_BODY_BYTES": "10"}, "too small"),
+    ({"SERVING_MAX_REQUESTS": "-1"}, "must be >= 0"),
+])
+def test_invalid_values_explain_the_fix(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        Settings.from_env(env)
+
+
+def test_math_threads_fit_workers_to_cores() -> None:
+    cores = available_cores()
+    assert Settings.from_env({}).math_threads_for(1) == cores
+    assert Settings.from_env({}).math_threads_for(cores * 4) == 1
+    assert Settings.from_env({"SERVING_MATH_THREADS": "3"}).math_threads_for(8) == 3
+
+
+def test_describe_lists_every_setting() -> None:
+    names = [row[0] for row in Settings.describe()]
+    for expected in ("SERVING_BIND", "SERVING_WORKERS", "SERVING_THREADS", "SERVING_MODE", "SERVING_MODEL_REPOSITORY",
+                     "SERVING_MODEL", "SERVING_MODEL_VERSION", "SERVING_BACKEND", "SERVING_TIMEOUT",
+                     "SERVING_GRACEFUL_TIMEOUT", "SERVING_MAX_REQUESTS", "SERVING_MAX_REQUESTS_JITTER",
+                     "SERVING_BACKLOG", "SERVING_LOG_LEVEL", "SERVING_MAX_BODY_BYTES", "SERVING_MAX_BATCH"):
+        assert expected in names
+    assert all(doc for _, _, doc in Settings.describe())
