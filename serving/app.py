@@ -77,7 +77,7 @@ def _render_serving_error(error: ServingError) -> Response:
         log.error("%s %s -> %d: %s", request.method, request.path, error.status_code, error.message)
     if error.status_code == 413:
         _drain_body()
-    return json_response({"error": error.message}, error.status_code)
+    return json_response({"error": error.message}, error.status_code, error.headers or None)
 
 
 def _render_http_error(error: HTTPException) -> Response:

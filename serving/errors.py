@@ -12,6 +12,8 @@ class ServingError(Exception):
     """Base class: a message safe to show the client and the HTTP status to answer with."""
 
     status_code = 500
+    #: Extra response headers, e.g. Retry-After on 503.
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -54,6 +56,26 @@ class ModelNotReady(ServingError):
     """This worker has not finished loading its model."""
 
     status_code = 503
+
+
+class QueueFull(ServingError):
+    """The batching queue is full: retry shortly (answered at once, never after waiting)."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+
+
+class ServiceStopping(ServingError):
+    """The worker is shutting down and accepts no new inference."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed before the model answered it."""
+
+    status_code = 504
 
 
 class InferenceError(ServingError):
