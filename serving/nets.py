@@ -14,7 +14,6 @@ in a softmax: it outputs probabilities. The frameworks are imported inside the b
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -62,8 +61,11 @@ def build_keras(arch: str, shape: tuple[int, int], num_classes: int) -> keras.Mo
     return keras.Model(inputs, outputs, name=f"{arch}_cnn")
 
 
-def build_torch(arch: str, shape: tuple[int, int], num_classes: int) -> torch.nn.Module:
-    """A PyTorch module taking (N, 1, H, W) float32 and returning probabilities (``.logits()`` to train)."""
+def build_torch(arch: str, shape: tuple[int, int], num_classes: int) -> torch.nn.Sequential:
+    """A PyTorch ``Sequential`` taking (N, 1, H, W) float32 and returning probabilities.
+
+    Its last layer is the softmax, so ``model[:-1]`` gives the logits to train with cross-entropy.
+    """
     from torch import nn
 
     convs, pools, dense, extra_pools = _spec(arch, shape)
@@ -83,29 +85,5 @@ def build_torch(arch: str, shape: tuple[int, int], num_classes: int) -> torch.nn
     for units in dense:
         layers += [nn.Linear(features, units), nn.ReLU()]
         features = units
-    layers.append(nn.Linear(features, num_classes))
-    return _torch_classifier_class()(nn.Sequential(*layers))
-
-
-@functools.cache
-def _torch_classifier_class() -> type[torch.nn.Module]:
-    """Define the classifier on first use, so importing this module never imports torch."""
-    import torch
-    from torch import nn
-
-    class TorchClassifier(nn.Module):
-        """Wraps a logits network; ``forward`` returns softmax probabilities."""
-
-        def __init__(self, net: nn.Sequential) -> None:
-            super().__init__()
-            self.net = net
-
-        def logits(self, x: torch.Tensor) -> torch.Tensor:
-            """Raw class scores, for training with cross-entropy."""
-            return self.net(x)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            """Class probabilities for a float32 (N, 1, H, W) batch."""
-            return torch.softmax(self.net(x), dim=1)
-
-    return TorchClassifier
+    layers += [nn.Linear(features, num_classes), nn.Softmax(dim=1)]
+    return nn.Sequential(*layers)

@@ -30,7 +30,9 @@ ONNX_OPSET = 17
 ONNX_TOLERANCE = 1e-4
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
-TRAIN_THREADS = 2
+# One thread: the small nets gain nothing from two, and under contention (tests, servers sharing the 2 cores)
+# spinning thread pools made a 2-thread run 4x slower.
+TRAIN_THREADS = 1
 # (epochs, batch size) that reliably reach >= 0.95 quickly on 2 cores, by (arch, dataset). The large
 # net trains on bigger batches: its optimizer step over 5M weights costs as much as the batch itself.
 DEFAULTS = {
@@ -96,15 +98,12 @@ def train(config: TrainConfig, dataset: Dataset, log: Log = print) -> TrainResul
         if config.framework not in RUNNERS:
             raise ValueError(f"unknown framework {config.framework!r} (choose from {', '.join(FRAMEWORKS)})")
         outcome = RUNNERS[config.framework](config, dataset, staging, log)
-        import onnxruntime
-
-        versions = {**outcome.versions, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
         accuracy = float(np.mean(outcome.native.argmax(axis=1) == dataset.y_test))
         diff = check_onnx(staging / ONNX_ARTIFACT, outcome.native, _layout_input(config.framework, dataset.x_test))
         _write_json(staging / "labels.json", dataset.labels)
         _write_json(staging / "sample.json", _sample(dataset, outcome.native), indent=False)
         artifacts = [NATIVE_ARTIFACTS[config.framework], ONNX_ARTIFACT, "labels.json", "sample.json"]
-        version = _publish(config, dataset, staging, artifacts, accuracy, diff, versions)
+        version = _publish(config, dataset, staging, artifacts, accuracy, diff, outcome.versions)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return TrainResult(config.name, version, model_dir / str(version), accuracy, diff, time.monotonic() - started)
@@ -149,7 +148,7 @@ def _train_keras(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
     model.save(native_path)
 
     spec = (tf.TensorSpec((None, *dataset.shape, 1), tf.float32, name=INPUT_NAME),)
-    serve = tf.function(lambda x: model(x, training=False), input_signature=spec)
+    serve = tf.function(lambda x: model(x, training=False), input_signature=spec, autograph=False)
     onnx_model, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=ONNX_OPSET)
     rename_onnx_io(onnx_model, INPUT_NAME, OUTPUT_NAME)
     onnx.save(onnx_model, str(staging / ONNX_ARTIFACT))
@@ -173,6 +172,7 @@ def _train_torch(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
     torch.manual_seed(config.seed)
     model = build_torch(config.arch, dataset.shape, dataset.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    logits_of = model[:-1]  # the same layers without the final softmax
     x_train = torch.from_numpy(_layout_input("pytorch", dataset.x_train))
     y_train = torch.from_numpy(dataset.y_train)
     generator = torch.Generator().manual_seed(config.seed)
@@ -182,7 +182,7 @@ def _train_torch(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
         total_loss, correct = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]
-            logits = model.logits(x_train[batch])
+            logits = logits_of(x_train[batch])
             loss = F.cross_entropy(logits, y_train[batch])
             optimizer.zero_grad()
             loss.backward()
@@ -200,14 +200,20 @@ def _train_torch(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
     )
     reloaded = torch.jit.load(str(native_path))
     with torch.inference_mode():
-        native = reloaded(torch.from_numpy(_layout_input("pytorch", dataset.x_test))).numpy()
-    return Outcome(native.astype(np.float32), {"torch": torch.__version__, "onnx": onnx.__version__})
+        native = in_chunks(lambda x: reloaded(torch.from_numpy(x)).numpy(), _layout_input("pytorch", dataset.x_test))
+    return Outcome(native, {"torch": torch.__version__, "onnx": onnx.__version__})
 
 
 RUNNERS: dict[str, Callable[[TrainConfig, Dataset, Path, Log], Outcome]] = {
     "tensorflow": _train_keras,
     "pytorch": _train_torch,
 }
+
+
+def in_chunks(predict: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, size: int = 500) -> np.ndarray:
+    """Run ``predict`` over ``inputs`` a chunk at a time (10k MNIST samples at once would need gigabytes)."""
+    outputs = [predict(inputs[start : start + size]) for start in range(0, len(inputs), size)]
+    return np.concatenate(outputs).astype(np.float32, copy=False)
 
 
 def _layout_input(framework: str, images: np.ndarray) -> np.ndarray:
@@ -231,7 +237,7 @@ def check_onnx(path: Path, expected: np.ndarray, inputs: np.ndarray) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = TRAIN_THREADS
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})
+    actual = in_chunks(lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], inputs)
     diff = float(np.max(np.abs(actual - expected)))
     if not diff < ONNX_TOLERANCE:
         raise TrainingError(f"ONNX export disagrees with the native model: max abs diff {diff:.3g} >= {ONNX_TOLERANCE}")
@@ -270,8 +276,9 @@ def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: li
              diff: float, versions: dict[str, str]) -> int:
     """Write metadata.json into the staging directory and rename it to the next free version."""
     model_dir = config.out / config.name
+    version = next_version(config.out, config.name)
+    versions = {**versions, "onnxruntime": _onnxruntime_version(), "numpy": np.__version__}
     while True:
-        version = next_version(config.out, config.name)
         metadata = {
             "name": config.name,
             "version": version,
@@ -300,6 +307,13 @@ def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: li
             os.rename(staging, model_dir / str(version))
         except OSError:
             if (model_dir / str(version)).exists():  # another run took this version first: take the next one
+                version = max(version + 1, next_version(config.out, config.name))
                 continue
             raise
         return version
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)

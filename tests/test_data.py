@@ -21,6 +21,11 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(payload)
 
 
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez with named arrays (numpy's stubs mistake ``**arrays`` for its bool keyword)."""
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
 def fake_mnist(n_train: int = 30, n_test: int = 12, side: int = 28) -> dict[str, np.ndarray]:
     """Random uint8 images with every value 0..255 represented, and digit labels."""
     rng = np.random.default_rng(0)
@@ -86,14 +91,14 @@ def test_mnist_from_idx_files(tmp_path: Path, gzipped: str) -> None:
 
 def test_mnist_from_npz(tmp_path: Path) -> None:
     arrays = fake_mnist()
-    np.savez(tmp_path / "mnist.npz", **arrays)
+    write_npz(tmp_path / "mnist.npz", arrays)
     check_mnist(arrays, tmp_path)
     assert load_dataset("mnist", tmp_path).x_test.shape == (12, 28, 28)
 
 
 def test_mnist_npz_with_pickled_objects_is_refused(tmp_path: Path) -> None:
     arrays: dict[str, np.ndarray] = {**fake_mnist(), "x_train": np.array([{"evil": 1}], dtype=object)}
-    np.savez(tmp_path / "mnist.npz", **arrays)
+    write_npz(tmp_path / "mnist.npz", arrays)
     with pytest.raises(DatasetError, match="mnist.npz"):
         load_mnist(tmp_path)
 
@@ -101,7 +106,7 @@ def test_mnist_npz_with_pickled_objects_is_refused(tmp_path: Path) -> None:
 def test_mnist_npz_missing_key(tmp_path: Path) -> None:
     arrays = fake_mnist()
     del arrays["y_test"]
-    np.savez(tmp_path / "mnist.npz", **arrays)
+    write_npz(tmp_path / "mnist.npz", arrays)
     with pytest.raises(DatasetError, match="y_test"):
         load_mnist(tmp_path)
 
@@ -160,12 +165,12 @@ def test_idx_big_endian_dims(tmp_path: Path) -> None:
 def test_mnist_mismatched_counts_and_bad_labels(tmp_path: Path) -> None:
     arrays = fake_mnist()
     arrays["y_test"] = arrays["y_test"][:5]
-    np.savez(tmp_path / "mnist.npz", **arrays)
+    write_npz(tmp_path / "mnist.npz", arrays)
     with pytest.raises(DatasetError, match="do not match"):
         load_mnist(tmp_path)
     arrays = fake_mnist()
     arrays["y_train"][3] = 12
-    np.savez(tmp_path / "mnist.npz", **arrays)
+    write_npz(tmp_path / "mnist.npz", arrays)
     with pytest.raises(DatasetError, match="0-9"):
         load_mnist(tmp_path)
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -52,7 +53,7 @@ def layout(framework: str, images: np.ndarray) -> np.ndarray:
     return images[..., None] if framework == "tensorflow" else images[:, None]
 
 
-def check_version(root: Path, name: str, version: int, framework: str, arch: str = "small") -> dict:
+def check_version(root: Path, name: str, version: int, framework: str, arch: str = "small") -> dict[str, Any]:
     """Layout, metadata shape and sha256 of one published version; returns its metadata."""
     path = root / name / str(version)
     native = NATIVE[framework]
