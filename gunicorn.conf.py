@@ -5,9 +5,9 @@ uses it too; command-line flags (-w, -b, --threads, ...) override what is set he
 Every SERVING_* variable is described in the README and by `python -m serving.config`.
 """
 
+import os
 import sys
 
-from serving import lifecycle
 from serving.config import Settings
 from serving.errors import ConfigError
 
@@ -16,6 +16,14 @@ try:
 except ConfigError as exc:
     sys.exit(f"error: {exc}")
 
+# Metrics from every worker are merged through files in one directory (prometheus_client's
+# multiprocess mode). It must be known before anything imports prometheus_client.
+from serving.observability import multiprocess  # noqa: E402
+
+multiprocess.prepare_metrics_dir(settings, os.environ)
+
+from serving import lifecycle  # noqa: E402
+
 # Where and how many. Default: one worker per core, each with its share of the math threads.
 bind = [settings.bind]
 workers = settings.workers
@@ -23,7 +31,8 @@ backlog = settings.backlog
 
 # process mode: sync workers, one request at a time per process (the only direct mode for PyTorch).
 # threaded mode: gthread workers, `threads` request threads sharing one model (TensorFlow, ONNX).
-worker_class = "gthread" if settings.mode == "threaded" else "sync"
+# batched mode: gthread workers whose request threads queue work for one model thread per worker.
+worker_class = "sync" if settings.mode == "process" else "gthread"
 threads = settings.threads_per_worker
 
 # Timeouts: a worker silent for `timeout` s is killed and replaced; on reload or shutdown,
@@ -49,8 +58,9 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Master, before forking: route daemon logs, then fail fast on a missing or bad model."""
+    """Master, before forking: route daemon logs, wipe old metrics, fail fast on a bad model."""
     lifecycle.route_daemon_logs(server)
+    multiprocess.wipe_metrics_dir(server)
     lifecycle.check_before_fork(server, settings)
 
 
@@ -62,3 +72,18 @@ def on_reload(server):
 def post_worker_init(worker):
     """Worker, after fork: load the model here, never in the master."""
     lifecycle.load_in_worker(worker)
+
+
+def worker_exit(server, worker):
+    """Worker, on its way out: answer everything still queued for the model thread."""
+    lifecycle.drain_worker(worker)
+
+
+def on_exit(server):
+    """Master, at the very end: remove a temporary metrics directory."""
+    multiprocess.remove_metrics_dir()
+
+
+def child_exit(server, worker):
+    """Master: a worker exited; stop counting its live metrics."""
+    lifecycle.worker_exited(worker)

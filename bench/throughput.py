@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated substrings of config labels to run")
     args = parser.parse_args()
 
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d-%H%M")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out_dir = ROOT / "reports" / f"bench-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     sample = load_digits_dataset(seed=0).x_test[0]

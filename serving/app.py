@@ -10,19 +10,20 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from serving.config import Settings
 from serving.errors import ServingError
 from serving.http import json_response
-from serving.observability.logging import configure_logging, sanitize_request_id
+from serving.observability import metrics
+from serving.observability.logging import AccessLog, configure_logging, sanitize_request_id
 from serving.protocol.native import native
+from serving.protocol.ops import ops
 from serving.service import InferenceService
 
 log = logging.getLogger("serving")
-access_log = logging.getLogger("serving.access")
-BLUEPRINTS = [native]
+BLUEPRINTS = [ops, native]
 DRAIN_LIMIT = 16 * 1024 * 1024  # read and drop at most this much of a refused body, so the client sees the 413
 
 
@@ -37,7 +38,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     app.before_request(_start_request)
-    app.after_request(_finish_request if settings.access_log else _tag_response)
+    app.after_request(_finish_request)
+    app.extensions["serving.access_log"] = AccessLog(settings)
+    if settings.mode == "batched":  # the batcher waits for more requests only while some are on their way
+        service = service_of(app)
+        app.before_request(service.in_flight.enter)
+        app.teardown_request(lambda _exc: service.in_flight.leave())
     app.register_error_handler(ServingError, _render_serving_error)
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(Exception, _render_unexpected)
@@ -51,28 +57,33 @@ def service_of(app: Flask) -> InferenceService:
 
 
 def _start_request() -> None:
-    g.request_id = sanitize_request_id(request.headers.get("X-Request-ID"))
-    g.started = time.perf_counter()
-
-
-def _tag_response(response: Response) -> Response:
-    response.headers["X-Request-ID"] = g.get("request_id") or sanitize_request_id(None)
-    return response
+    state = g._get_current_object()
+    state.started = time.perf_counter()
+    state.request_id = sanitize_request_id(request.headers.get("X-Request-ID"))
 
 
 def _finish_request(response: Response) -> Response:
-    _tag_response(response)
-    elapsed_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000.0
-    access_log.info(
-        '"%s %s" %d %.2fms batch=%s', request.method, request.path, response.status_code, elapsed_ms,
-        g.get("batch_size", "-"),
-        extra={"method": request.method, "path": request.path, "status": response.status_code,
-               "latency_ms": round(elapsed_ms, 3), "batch_size": g.get("batch_size")},
+    """Tag the response with its request id, count it, and write the access line."""
+    state = g._get_current_object()
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    request_id = getattr(state, "request_id", None) or sanitize_request_id(None)
+    response.headers["X-Request-ID"] = request_id
+    elapsed = time.perf_counter() - getattr(state, "started", time.perf_counter())
+    endpoint = req.url_rule.rule if req.url_rule is not None else "unmatched"
+    status = response.status_code
+    metrics.observe_request(endpoint, req.method, status, elapsed)
+    model = app.extensions["serving"].meta
+    app.extensions["serving.access_log"].write(
+        request_id, req.method, req.path, status, elapsed * 1000.0,
+        f"{model.name}:{model.version}" if model is not None else "-", getattr(state, "batch_size", None),
     )
     return response
 
 
 def _render_serving_error(error: ServingError) -> Response:
+    if error.reason is not None:
+        metrics.REJECTED.labels(error.reason).inc()
     if error.status_code >= 500:
         log.error("%s %s -> %d: %s", request.method, request.path, error.status_code, error.message)
     if error.status_code == 413:
@@ -83,6 +94,7 @@ def _render_serving_error(error: ServingError) -> Response:
 def _render_http_error(error: HTTPException) -> Response:
     code = error.code or 500
     if isinstance(error, RequestEntityTooLarge):
+        metrics.REJECTED.labels("invalid").inc()
         _drain_body()
         message = f"the body is over the limit of {request.max_content_length} bytes"
     elif code == 404:
@@ -91,7 +103,8 @@ def _render_http_error(error: HTTPException) -> Response:
         message = f"{request.method} is not allowed on {request.path}"
     else:
         message = error.description or error.name
-    headers = {"Allow": ", ".join(error.valid_methods)} if code == 405 and getattr(error, "valid_methods", None) else None
+    allowed = getattr(error, "valid_methods", None)
+    headers = {"Allow": ", ".join(allowed)} if code == 405 and allowed else None
     return json_response({"error": message}, code, headers)
 
 

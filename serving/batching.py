@@ -10,6 +10,11 @@
 # ``max_batch_size``. A request whose deadline passed while queued is answered 504 without running
 # the model. A failing batch hands its exception to every waiter in it, and the thread keeps going.
 # ``stop`` refuses new work, lets the thread drain everything queued, then joins it.
+#
+# Waiting only pays when more requests are on their way. Given ``in_flight`` (requests the worker
+# is serving right now), the thread stops collecting as soon as every in-flight request is already in
+# the batch or the queue: a lone client never waits ``max_delay_ms`` for company that cannot come,
+# while under load the batch fills during the wait (and during the previous batch's model call).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.errors import DeadlineExceeded, InferenceError, QueueFull, ServingError, ServiceStopping
+from serving.errors import DeadlineExceeded, InferenceError, QueueFull, ServiceStopping, ServingError
 
 log = logging.getLogger("serving.batching")
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -61,7 +66,7 @@ class MicroBatcher:
 
     def __init__(self, predict: Predict, max_batch_size: int, max_delay_ms: float, max_queue: int,
                  name: str = "model", on_batch: Callable[[BatchStats], None] | None = None,
-                 on_expired: Callable[[], None] | None = None) -> None:
+                 on_expired: Callable[[], None] | None = None, in_flight: Callable[[], int] | None = None) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_ms >= 0")
         self._predict = predict
@@ -71,6 +76,7 @@ class MicroBatcher:
         self._carry: Pending | None = None  # taken from the queue but did not fit the last batch
         self._on_batch = on_batch
         self._on_expired = on_expired
+        self._in_flight = in_flight
         self._accepting = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -152,8 +158,16 @@ class MicroBatcher:
                 samples += len(candidate.batch)
                 if samples >= self.max_batch_size:
                     break
-            candidate = self._next(block_s=close_at - time.monotonic())
+            candidate = self._next(block_s=0)
+            if candidate is None and self._more_coming(len(items)):
+                candidate = self._next(block_s=close_at - time.monotonic())
         return items
+
+    def _more_coming(self, collected: int) -> bool:
+        """Whether some in-flight request is neither in this batch nor queued (so may still arrive)."""
+        if self._in_flight is None:
+            return True
+        return self._in_flight() > collected + self._queue.qsize()
 
     def _expired(self, item: Pending) -> bool:
         if time.monotonic() < item.deadline:
@@ -187,3 +201,22 @@ class MicroBatcher:
             offset += size
         if self._on_batch:
             self._on_batch(BatchStats(len(items), len(joined), time.perf_counter() - started))
+
+
+class InFlight:
+    """A thread-safe count of the requests a worker is serving (the batcher's ``in_flight``)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+    def __call__(self) -> int:
+        return self._count

@@ -21,8 +21,8 @@ from typing import Any, Literal
 from serving.errors import ConfigError
 
 PREFIX = "SERVING_"
-Mode = Literal["process", "threaded"]
-BackendName = Literal["tensorflow", "pytorch", "onnx"]
+Mode = Literal["process", "threaded", "batched"]
+BACKEND_PATTERN = re.compile(r"^(tensorflow|pytorch|onnx|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
 BIND_PATTERN = re.compile(r"^(unix:.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
@@ -46,16 +46,20 @@ class Settings:
 
     bind: str = field(default="127.0.0.1:8000", metadata=_doc("address:port (or unix:PATH) to listen on"))
     workers: int = field(default_factory=available_cores, metadata=_doc("gunicorn worker processes (default: cores)"))
-    threads: int = field(default=4, metadata=_doc("request threads per worker in threaded mode"))
-    mode: Mode = field(default="process", metadata=_doc("process (sync workers) or threaded (gthread, shared model)"))
+    threads: int = field(
+        default=0, metadata=_doc("request threads per worker (threaded, batched); 0 = 4 threaded, 16 batched")
+    )
+    mode: Mode = field(
+        default="process", metadata=_doc("process (sync), threaded (gthread, shared model) or batched (micro-batching)")
+    )
     math_threads: int = field(
         default=0, metadata=_doc("intra-op threads per worker for the framework; 0 = cores // workers, at least 1")
     )
     model_repository: Path = field(default=Path("models"), metadata=_doc("model repository root directory"))
     model: str = field(default="", metadata=_doc("model to serve; empty = digits-tf, else the only model present"))
     model_version: int = field(default=0, metadata=_doc("version to serve; 0 = the latest"))
-    backend: BackendName | None = field(
-        default=None, metadata=_doc("tensorflow, pytorch or onnx; empty = the model's own framework")
+    backend: str = field(
+        default="", metadata=_doc("tensorflow, pytorch, onnx or module:Class; empty = the model's own framework")
     )
     timeout: int = field(default=30, metadata=_doc("seconds before a silent worker is killed and replaced"))
     graceful_timeout: int = field(default=30, metadata=_doc("seconds in-flight requests get on reload/shutdown"))
@@ -70,14 +74,33 @@ class Settings:
     max_body_bytes: int = field(default=2 * 1024 * 1024, metadata=_doc("largest request body accepted (413 beyond)"))
     max_batch: int = field(default=64, metadata=_doc("most samples in one request (422 beyond)"))
     max_image_pixels: int = field(default=4_000_000, metadata=_doc("largest uploaded image, width x height (413)"))
+    max_batch_size: int = field(default=32, metadata=_doc("batched: most samples the model runs at once"))
+    max_delay_ms: float = field(
+        default=5.0, metadata=_doc("batched: longest wait for more requests, from a batch's first request")
+    )
+    max_queue: int = field(default=64, metadata=_doc("batched: requests waiting per model before 503"))
+    request_timeout_ms: int = field(
+        default=5000, metadata=_doc("deadline per request (504 after); header X-Request-Timeout-Ms overrides")
+    )
+    metrics_dir: str = field(
+        default="", metadata=_doc("prometheus multiprocess directory; empty = a fresh temporary one per server")
+    )
 
     def __post_init__(self) -> None:
+        if self.backend and not BACKEND_PATTERN.match(self.backend):
+            raise ConfigError(
+                f"SERVING_BACKEND={self.backend!r} is not one of: tensorflow, pytorch, onnx (or a module:Class)"
+            )
         if not BIND_PATTERN.match(self.bind):
             raise ConfigError(f"SERVING_BIND={self.bind!r} is not HOST:PORT or unix:PATH; e.g. 127.0.0.1:8000")
-        for name in ("workers", "threads", "timeout", "backlog", "max_body_bytes", "max_batch", "max_image_pixels"):
+        for name in ("workers", "timeout", "backlog", "max_body_bytes", "max_batch", "max_image_pixels",
+                     "max_batch_size", "max_queue", "request_timeout_ms"):
             _require(name, getattr(self, name), minimum=1)
-        for name in ("math_threads", "model_version", "graceful_timeout", "keepalive", "max_requests"):
+        for name in ("threads", "math_threads", "model_version", "graceful_timeout", "keepalive", "max_requests",
+                     "max_delay_ms"):
             _require(name, getattr(self, name), minimum=0)
+        if self.max_delay_ms > 1000:
+            raise ConfigError(f"SERVING_MAX_DELAY_MS={self.max_delay_ms:g} is over 1000; batching waits are ~1-10 ms")
         _require("max_requests_jitter", self.max_requests_jitter, minimum=0)
         if self.max_body_bytes < 1024:
             raise ConfigError(f"SERVING_MAX_BODY_BYTES={self.max_body_bytes} is too small for one sample; use >= 1024")
@@ -85,7 +108,9 @@ class Settings:
     @property
     def threads_per_worker(self) -> int:
         """Concurrent requests one worker serves: 1 in process mode."""
-        return self.threads if self.mode == "threaded" else 1
+        if self.mode == "process":
+            return 1
+        return self.threads or (16 if self.mode == "batched" else 4)
 
     def math_threads_for(self, workers: int) -> int:
         """Intra-op threads each of ``workers`` workers may use so that workers x threads <= cores."""
@@ -117,7 +142,7 @@ class Settings:
         return rows
 
 
-def _require(name: str, value: int, minimum: int) -> None:
+def _require(name: str, value: float, minimum: int) -> None:
     if value < minimum:
         raise ConfigError(f"{PREFIX}{name.upper()}={value} must be >= {minimum}")
 
@@ -145,6 +170,11 @@ def _convert(key: str, raw: str, hint: Any) -> Any:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{key}={raw!r} is not a whole number; e.g. {key}=2") from None
+    if hint is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} is not a number; e.g. {key}=5") from None
     if hint is Path:
         return Path(raw)
     return raw

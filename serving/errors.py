@@ -14,6 +14,8 @@ class ServingError(Exception):
     status_code = 500
     #: Extra response headers, e.g. Retry-After on 503.
     headers: dict[str, str] = {}
+    #: The ``reason`` label of serving_rejected_requests_total; None for errors that are not refusals.
+    reason: str | None = None
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -26,6 +28,7 @@ class BadRequest(ServingError):
     """The body could not be parsed (malformed JSON, broken image, bad multipart)."""
 
     status_code = 400
+    reason = "invalid"
 
 
 class ModelNotFound(ServingError):
@@ -38,18 +41,21 @@ class PayloadTooLarge(ServingError):
     """The body is larger than ``SERVING_MAX_BODY_BYTES``."""
 
     status_code = 413
+    reason = "invalid"
 
 
 class UnsupportedMediaType(ServingError):
     """The Content-Type is not one the endpoint accepts."""
 
     status_code = 415
+    reason = "invalid"
 
 
 class InvalidInput(ServingError):
     """Well-formed but unusable input: wrong shape, NaN, out of range, empty or oversized batch."""
 
     status_code = 422
+    reason = "invalid"
 
 
 class ModelNotReady(ServingError):
@@ -63,6 +69,7 @@ class QueueFull(ServingError):
 
     status_code = 503
     headers = {"Retry-After": "1"}
+    reason = "queue_full"
 
 
 class ServiceStopping(ServingError):
@@ -70,12 +77,14 @@ class ServiceStopping(ServingError):
 
     status_code = 503
     headers = {"Retry-After": "1"}
+    reason = "stopping"
 
 
 class DeadlineExceeded(ServingError):
     """The request's deadline passed before the model answered it."""
 
     status_code = 504
+    reason = "deadline"
 
 
 class InferenceError(ServingError):

@@ -15,15 +15,38 @@ _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """Serialize ``payload`` with orjson (numpy arrays included) into a Flask response."""
     return Response(orjson.dumps(payload, option=_OPTIONS), status=status, headers=headers,
-                    mimetype="application/json")
+                    content_type="application/json")
 
 
 def read_body() -> bytes:
     """The whole request body; 413 when it is over the limit (checked before reading when declared)."""
-    limit = request.max_content_length
-    if limit is not None and request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
-    return request.get_data(cache=False)
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    limit, length = req.max_content_length, req.content_length
+    if limit is not None and length is not None and length > limit:
+        raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
+    if length is not None:  # declared and within the limit: read exactly that, skipping werkzeug's wrappers
+        body: bytes = req.environ["wsgi.input"].read(length)
+        return body
+    body = req.get_data(cache=False)  # chunked: werkzeug enforces the limit while reading
+    return body
+
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+MAX_TIMEOUT_MS = 600_000
+
+
+def request_timeout() -> float | None:
+    """The request's own deadline in seconds from ``X-Request-Timeout-Ms``, or None to use the setting."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_TIMEOUT_MS:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a number of milliseconds in (0, {MAX_TIMEOUT_MS}]")
+    return value / 1000.0
 
 
 def read_json_object() -> dict[str, Any]:

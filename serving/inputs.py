@@ -93,9 +93,9 @@ def batch_from_image(body: bytes, meta: ModelMetadata, max_pixels: int) -> np.nd
     pixels = np.asarray(gray, dtype=np.float32) / 255.0
     if pixels.mean() > 0.5:  # dark ink on a light background: flip to the training convention
         pixels = 1.0 - pixels
-    resized = Image.fromarray((pixels * 255.0).astype(np.uint8)).resize(
-        (target_w, target_h), Image.Resampling.BOX if min(width, height) >= max(target_h, target_w) else Image.Resampling.BILINEAR
-    )
+    shrinking = min(width, height) >= max(target_h, target_w)
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    resized = Image.fromarray((pixels * 255.0).astype(np.uint8)).resize((target_w, target_h), resample)
     low, high = meta.input_range
     scaled = np.asarray(resized, dtype=np.float32) / 255.0 * (high - low) + low
     return scaled.reshape(1, target_h, target_w)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from serving.backends import THREAD_SAFE
+from serving.backends import is_thread_safe
 from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
 from serving.service import InferenceService
@@ -39,10 +39,11 @@ def check_before_fork(server: Any, settings: Settings) -> None:
     try:
         service = InferenceService(settings)
         meta = service.resolve()
-        if threaded and not THREAD_SAFE[service.backend_name]:
+        if threaded and settings.mode != "batched" and not is_thread_safe(service.backend_name):
             raise ConfigError(
                 f"the {service.backend_name} backend is process-only but gunicorn runs {server.cfg.threads} threads"
-                " per worker: drop --threads, or use SERVING_BACKEND=onnx to serve its ONNX export with threads"
+                " per worker: drop --threads, use SERVING_MODE=batched (one model thread per worker), or"
+                " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
     except (ModelLoadError, ConfigError) as exc:
         server.log.error("cannot start: %s", exc)
@@ -53,6 +54,21 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         meta.name, meta.version, service.backend_name, settings.mode, workers, server.cfg.threads,
         settings.math_threads_for(workers),
     )
+
+
+def worker_exited(worker: Any) -> None:
+    """Master: a worker is gone; its live gauges (queue depth, model info) must stop counting."""
+    from serving.observability.metrics import mark_worker_dead
+
+    mark_worker_dead(worker.pid)
+
+
+def drain_worker(worker: Any) -> None:
+    """Worker, on its way out: answer everything still queued for the model thread."""
+    app = getattr(worker, "wsgi", None)
+    service: InferenceService | None = getattr(app, "extensions", {}).get("serving")
+    if service is not None:
+        service.close()
 
 
 def load_in_worker(worker: Any) -> None:

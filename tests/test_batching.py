@@ -190,3 +190,20 @@ def test_stop_drains_the_queue_and_refuses_new_work(model: FakeModel) -> None:
     assert not batcher.running
     with pytest.raises(ServiceStopping):
         batcher.submit(sample(0.1), 1.0)
+
+
+def test_a_lone_request_does_not_wait_for_company_that_cannot_come(model: FakeModel) -> None:
+    alone = MicroBatcher(model, max_batch_size=8, max_delay_ms=300, max_queue=8, in_flight=lambda: 1)
+    expecting = MicroBatcher(model, max_batch_size=8, max_delay_ms=300, max_queue=8, in_flight=lambda: 2)
+    alone.start()
+    expecting.start()
+    try:
+        started = time.monotonic()
+        alone.submit(sample(0.1), 5.0)
+        assert time.monotonic() - started < 0.1
+        started = time.monotonic()
+        expecting.submit(sample(0.1), 5.0)  # another request is in flight: worth waiting up to 300 ms
+        assert 0.25 < time.monotonic() - started < 1.0
+    finally:
+        alone.stop()
+        expecting.stop()

@@ -14,7 +14,7 @@ def test_defaults_run_as_is() -> None:
     settings = Settings.from_env({})
     assert settings.bind == "127.0.0.1:8000" and settings.mode == "process"
     assert settings.workers == available_cores() and settings.model_repository == Path("models")
-    assert settings.backend is None and settings.model == "" and settings.model_version == 0
+    assert settings.backend == "" and settings.model == "" and settings.model_version == 0
 
 
 def test_environment_values_are_typed() -> None:
@@ -31,8 +31,9 @@ def test_environment_values_are_typed() -> None:
 @pytest.mark.parametrize(("env", "message"), [
     ({"SERVING_WORKERS": "two"}, "SERVING_WORKERS='two' is not a whole number"),
     ({"SERVING_WORKERS": "0"}, "SERVING_WORKERS=0 must be >= 1"),
-    ({"SERVING_MODE": "async"}, "SERVING_MODE='async' is not one of: process, threaded"),
+    ({"SERVING_MODE": "async"}, "SERVING_MODE='async' is not one of: process, threaded, batched"),
     ({"SERVING_BACKEND": "jax"}, "is not one of: tensorflow, pytorch, onnx"),
+    ({"SERVING_BACKEND": "os:system; rm"}, "is not one of: tensorflow, pytorch, onnx"),
     ({"SERVING_ACCESS_LOG": "maybe"}, "is not a boolean"),
     ({"SERVING_BIND": "localhost"}, "is not HOST:PORT"),
     ({"SERVING_MAX_BODY_BYTES": "10"}, "too small"),

@@ -87,7 +87,8 @@ def test_corrupt_artifact_with_matching_checksum_stops_workers_without_respawn_l
 
 
 def test_pytorch_refuses_threaded_mode_in_one_line(model_repo: Path) -> None:
-    env = clean_env(SERVING_MODEL_REPOSITORY=str(model_repo), SERVING_MODEL="digits-torch", SERVING_MODE="threaded", SERVING_BIND=f"127.0.0.1:{free_port()}")
+    env = clean_env(SERVING_MODEL_REPOSITORY=str(model_repo), SERVING_MODEL="digits-torch", SERVING_MODE="threaded",
+                    SERVING_BIND=f"127.0.0.1:{free_port()}")
     result = run_until_exit(env)
     assert result.returncode != 0
     assert "the pytorch backend is process-only" in result.stderr

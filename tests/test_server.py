@@ -53,8 +53,8 @@ def server(request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: p
 
 
 def post_json(url: str, payload: Any, headers: dict[str, str] | None = None) -> requests.Response:
-    return requests.post(url, data=orjson.dumps(payload), headers={"Content-Type": "application/json", **(headers or {})},
-                         timeout=10)
+    return requests.post(url, data=orjson.dumps(payload), timeout=10,
+                         headers={"Content-Type": "application/json", **(headers or {})})
 
 
 def test_health_metadata_labels(server: tuple[GunicornServer, Any]) -> None:

