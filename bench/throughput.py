@@ -4,8 +4,9 @@
 
 Starts each server in turn (nothing else should be running), drives ``POST /predict`` with one
 digits sample per request using wrk on 127.0.0.1, and writes ``reports/bench-<date>.md`` plus the
-raw wrk output under ``reports/bench-<date>/``. The no-op floor runs first and last; results are
-ratios to the mean of those two runs, since absolute numbers on a shared 2-core machine drift.
+raw wrk output under ``reports/bench-<date>/``. Every configuration runs ``--rounds`` times; the no-op
+floor runs before, between and after the rounds, and each run is reported as a ratio to the floors
+measured around it, since absolute numbers on a shared 2-core machine drift.
 The model server runs as shipped: request ids, access logging and input validation on.
 """
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4, help="threads per worker in threaded mode")
     parser.add_argument("--repo", type=Path, default=ROOT / "models", help="model repository")
     parser.add_argument("--only", default="", help="comma-separated substrings of config labels to run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration")
     args = parser.parse_args()
 
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
@@ -59,57 +61,68 @@ def main() -> None:
         print(f"  {result.requests_per_s:,.0f} req/s", flush=True)
         return result
 
-    first = floor("first")
-    rows: list[tuple[str, str, WrkResult, float]] = []
     selected = [c for c in CONFIGS if not args.only or any(s in c[0] for s in args.only.split(","))]
-    for label, model, backend, mode, target in selected:
-        print(f"{label} ({model}) ...", flush=True)
-        env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": model, "SERVING_BACKEND": backend,
-               "SERVING_MODE": mode, "SERVING_THREADS": str(args.threads), "SERVING_WORKERS": str(args.workers),
-               "TF_CPP_MIN_LOG_LEVEL": "2"}
-        slug = label.replace(" / ", "-")
-        with Server("flask_server:app", "gunicorn.conf.py", env, [*common], out_dir / f"{slug}.log") as server:
-            result = run_wrk(server.url + "/predict", script, args.connections, args.seconds)
-        (out_dir / f"{slug}.txt").write_text(result.raw)
-        shape = f"{args.workers} x {args.threads if mode == 'threaded' else 1}"
-        rows.append((label, shape, result, target))
-        print(f"  {result.requests_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms,"
-              f" errors {result.errors}", flush=True)
-    last = floor("last")
+    floors = [floor("round 1")]
+    runs: dict[str, list[tuple[WrkResult, float]]] = {label: [] for label, *_ in selected}
+    for round_number in range(1, args.rounds + 1):
+        round_results = []
+        for label, model, backend, mode, _target in selected:
+            print(f"round {round_number}: {label} ({model}) ...", flush=True)
+            env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": model, "SERVING_BACKEND": backend,
+                   "SERVING_MODE": mode, "SERVING_THREADS": str(args.threads), "SERVING_WORKERS": str(args.workers),
+                   "TF_CPP_MIN_LOG_LEVEL": "2"}
+            slug = f"{label.replace(' / ', '-')}-r{round_number}"
+            with Server("flask_server:app", "gunicorn.conf.py", env, [*common], out_dir / f"{slug}.log") as server:
+                result = run_wrk(server.url + "/predict", script, args.connections, args.seconds)
+            (out_dir / f"{slug}.txt").write_text(result.raw)
+            round_results.append((label, result))
+            print(f"  {result.requests_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms,"
+                  f" errors {result.errors}", flush=True)
+        floors.append(floor(f"round {round_number + 1}" if round_number < args.rounds else "last"))
+        local_floor = (floors[-2].requests_per_s + floors[-1].requests_per_s) / 2
+        for label, result in round_results:  # each run is compared with the floors measured around it
+            runs[label].append((result, result.requests_per_s / local_floor))
 
-    noop = (first.requests_per_s + last.requests_per_s) / 2
-    report = render(rows, first, last, noop, args, stamp)
+    rows = []
+    for label, _model, _backend, mode, target in selected:
+        shape = f"{args.workers} x {args.threads if mode == 'threaded' else 1}"
+        rows.append((label, shape, runs[label], target))
+    report = render(rows, floors, args, stamp)
     path = ROOT / "reports" / f"bench-{stamp}.md"
     path.write_text(report)
     print(report)
     print(f"report: {path}")
 
 
-def render(rows: list[tuple[str, str, WrkResult, float]], first: WrkResult, last: WrkResult, noop: float,
+def render(rows: list[tuple[str, str, list[tuple[WrkResult, float]], float]], floors: list[WrkResult],
            args: argparse.Namespace, stamp: str) -> str:
     lines = [
         f"# Throughput benchmark, {stamp} UTC",
         "",
         f"wrk -t2 -c{args.connections} -d{args.seconds}s on 127.0.0.1, `POST /predict` with one 8x8 digits sample"
         f" (JSON), gunicorn -w {args.workers} for every server, on the same machine as the load generator"
-        f" ({_cores()} cores). The model server runs as shipped: request ids, access log, validation on.",
+        f" ({_cores()} cores). The model server runs as shipped: request ids, access log, metrics, validation on."
+        f" {args.rounds} rounds; the no-op floor runs before the first round, between rounds and after the last,"
+        " and each run's ratio is taken against the mean of the floors measured just before and after it.",
         "",
-        "| server | workers x threads | req/s | p50 ms | p99 ms | errors | ratio to no-op | target | met |",
+        "| server | workers x threads | req/s (mean) | p50 ms | p99 ms (worst) | errors | ratio to no-op (mean)"
+        " | target | met |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
-        f"| no-op Flask (first) | {args.workers} x 1 | {first.requests_per_s:,.0f} | {first.p50_ms:.2f} |"
-        f" {first.p99_ms:.2f} | {first.errors} | {first.requests_per_s / noop:.2f} | | |",
     ]
-    for label, shape, result, target in rows:
-        ratio = result.requests_per_s / noop
-        lines.append(
-            f"| {label} | {shape} | {result.requests_per_s:,.0f} | {result.p50_ms:.2f} | {result.p99_ms:.2f} |"
-            f" {result.errors} | {ratio:.2f} | >= {target} | {'yes' if ratio >= target and not result.errors else 'NO'} |"
-        )
-    lines.append(
-        f"| no-op Flask (last) | {args.workers} x 1 | {last.requests_per_s:,.0f} | {last.p50_ms:.2f} |"
-        f" {last.p99_ms:.2f} | {last.errors} | {last.requests_per_s / noop:.2f} | | |"
-    )
-    lines += ["", f"No-op floor used for ratios: {noop:,.0f} req/s (mean of the first and last run).", ""]
+    floor_rps = sum(f.requests_per_s for f in floors) / len(floors)
+    floor_p50 = sum(f.p50_ms for f in floors) / len(floors)
+    lines.append(f"| no-op Flask | {args.workers} x 1 | {floor_rps:,.0f} | {floor_p50:.2f}"
+                 f" | {max(f.p99_ms for f in floors):.2f} | {sum(f.errors for f in floors)} | 1.00 | | |")
+    for label, shape, runs, target in rows:
+        rps = sum(r.requests_per_s for r, _ in runs) / len(runs)
+        p50 = sum(r.p50_ms for r, _ in runs) / len(runs)
+        p99 = max(r.p99_ms for r, _ in runs)
+        errors = sum(r.errors for r, _ in runs)
+        ratio = sum(q for _, q in runs) / len(runs)
+        met = "yes" if ratio >= target and not errors else "NO"
+        lines.append(f"| {label} | {shape} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {errors} | {ratio:.2f} |"
+                     f" >= {target} | {met} |")
+    lines += ["", "No-op floor runs (req/s): " + ", ".join(f"{f.requests_per_s:,.0f}" for f in floors), ""]
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ from typing import Any, Literal
 from serving.errors import ConfigError
 
 PREFIX = "SERVING_"
+#: Unprefixed names accepted when the SERVING_ one is unset.
+ALIASES = {"SERVING_LOG_FORMAT": "LOG_FORMAT"}
 Mode = Literal["process", "threaded", "batched"]
 BACKEND_PATTERN = re.compile(r"^(tensorflow|pytorch|onnx|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -126,7 +128,7 @@ class Settings:
         hints = typing.get_type_hints(cls)
         for item in fields(cls):
             key = PREFIX + item.name.upper()
-            raw = env.get(key, "").strip()
+            raw = env.get(key, "").strip() or env.get(ALIASES.get(key, ""), "").strip()
             if raw:
                 values[item.name] = _convert(key, raw, hints[item.name])
         values.update(overrides)

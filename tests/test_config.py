@@ -44,6 +44,11 @@ def test_invalid_values_explain_the_fix(env: dict[str, str], message: str) -> No
         Settings.from_env(env)
 
 
+def test_log_format_alias() -> None:
+    assert Settings.from_env({"LOG_FORMAT": "json"}).log_format == "json"
+    assert Settings.from_env({"LOG_FORMAT": "json", "SERVING_LOG_FORMAT": "text"}).log_format == "text"
+
+
 def test_math_threads_fit_workers_to_cores() -> None:
     cores = available_cores()
     assert Settings.from_env({}).math_threads_for(1) == cores

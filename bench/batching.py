@@ -1,0 +1,147 @@
+"""Process vs threaded vs batched mode on the heavy ``large`` model, across client concurrency.
+
+    python bench/batching.py [--seconds 8] [--concurrency 1,8,32,64] [--backends pytorch,onnx,tensorflow]
+
+Trains ``digits-large-tf`` / ``digits-large-torch`` with ``train.py --arch large`` if they are missing,
+then for each backend and mode starts gunicorn (-w 2, as shipped) and drives ``POST /predict`` (one
+sample per request) with wrk at each concurrency. Writes ``reports/batching-<stamp>.md`` with a table,
+the targets, and a PNG chart of throughput against p99 latency per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import ROOT, Server, WrkResult, run_wrk, wrk_script  # noqa: E402
+from serving.data import load_digits_dataset  # noqa: E402
+
+MODELS = {"pytorch": "digits-large-torch", "onnx": "digits-large-torch", "tensorflow": "digits-large-tf"}
+MODES = {"pytorch": ["process", "batched"], "onnx": ["process", "threaded", "batched"],
+         "tensorflow": ["process", "threaded", "batched"]}
+
+
+def ensure_large_models(repo: Path, backends: list[str]) -> None:
+    for framework, name in (("pytorch", "digits-large-torch"), ("tensorflow", "digits-large-tf")):
+        needed = any(MODELS[b] == name for b in backends)
+        if needed and not (repo / name).is_dir():
+            print(f"training {name} (train.py --arch large --framework {framework}) ...", flush=True)
+            subprocess.run([sys.executable, "train.py", "--arch", "large", "--framework", framework, "--out",
+                            str(repo)], cwd=ROOT, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--backends", default="pytorch,onnx,tensorflow")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4, help="request threads per worker in threaded mode")
+    parser.add_argument("--repo", type=Path, default=ROOT / "models")
+    args = parser.parse_args()
+    backends = args.backends.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    ensure_large_models(args.repo, backends)
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
+    out_dir = ROOT / "reports" / f"batching-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = orjson.dumps({"data": load_digits_dataset(seed=0).x_test[0].reshape(-1).tolist()})
+    script = wrk_script(out_dir / "predict.lua", body)
+    rows: list[tuple[str, str, int, WrkResult]] = []
+    for backend in backends:
+        for mode in MODES[backend]:
+            env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": MODELS[backend],
+                   "SERVING_BACKEND": backend, "SERVING_MODE": mode, "SERVING_WORKERS": str(args.workers),
+                   "SERVING_ACCESS_LOG": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+            if mode == "threaded":
+                env["SERVING_THREADS"] = str(args.threads)
+            slug = f"{backend}-{mode}"
+            with Server("flask_server:app", "gunicorn.conf.py", env, ["--no-control-socket"],
+                        out_dir / f"{slug}.log") as server:
+                for level in levels:
+                    result = run_wrk(server.url + "/predict", script, level, args.seconds)
+                    (out_dir / f"{slug}-c{level}.txt").write_text(result.raw)
+                    rows.append((backend, mode, level, result))
+                    print(f"{backend:10} {mode:9} c={level:<3} {result.requests_per_s:8,.0f} samples/s"
+                          f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
+                          flush=True)
+    chart = out_dir / "throughput-vs-p99.png"
+    draw(rows, backends, chart)
+    report = render(rows, backends, levels, args, stamp, chart)
+    path = ROOT / "reports" / f"batching-{stamp}.md"
+    path.write_text(report)
+    print(report)
+    print(f"report: {path}")
+
+
+def draw(rows: list[tuple[str, str, int, WrkResult]], backends: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4.2), squeeze=False)
+    for ax, backend in zip(axes[0], backends, strict=True):
+        for mode in MODES[backend]:
+            points = [(r.p99_ms, r.requests_per_s, c) for b, m, c, r in rows if b == backend and m == mode]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mode)
+            for p99, rps, level in points:
+                ax.annotate(f"c{level}", (p99, rps), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_title(f"{backend} ({MODELS[backend]})")
+        ax.set_xlabel("p99 latency (ms)")
+        ax.set_ylabel("samples/s")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(rows: list[tuple[str, str, int, WrkResult]], backends: list[str], levels: list[int],
+           args: argparse.Namespace, stamp: str, chart: Path) -> str:
+    lines = [
+        f"# Batching benchmark, {stamp} UTC", "",
+        f"`POST /predict` with one sample per request (so samples/s = requests/s), wrk -d{args.seconds}s on"
+        f" 127.0.0.1, gunicorn -w {args.workers}, the `large` model (train.py --arch large), default batching"
+        " settings, access log on.", "",
+        f"![throughput vs p99]({chart.relative_to(ROOT / 'reports')})", "",
+        "| backend | mode | concurrency | samples/s | p50 ms | p99 ms | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for backend, mode, level, r in rows:
+        lines.append(f"| {backend} | {mode} | {level} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |"
+                     f" {r.errors} |")
+    lines += ["", "## Targets", "",
+              "| backend | check | batched | process | ratio | met |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    index = {(b, m, c): r for b, m, c, r in rows}
+    for backend in backends:
+        for level in levels:
+            batched, process = index.get((backend, "batched", level)), index.get((backend, "process", level))
+            if batched is None or process is None:
+                continue
+            ratio = batched.requests_per_s / process.requests_per_s
+            if level >= 32:
+                met = ratio >= 1.5 and batched.p99_ms <= process.p99_ms
+                check = f"c={level}: samples/s >= 1.5x, p99 <= process"
+                detail = f"{batched.requests_per_s:,.0f} (p99 {batched.p99_ms:.1f})"
+                base = f"{process.requests_per_s:,.0f} (p99 {process.p99_ms:.1f})"
+            elif level == 1:
+                met = ratio >= 0.9
+                check = "c=1: costs <= 10% throughput"
+                detail, base = f"{batched.requests_per_s:,.0f}", f"{process.requests_per_s:,.0f}"
+            else:
+                continue
+            lines.append(f"| {backend} | {check} | {detail} | {base} | {ratio:.2f} | {'yes' if met else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
