@@ -79,6 +79,7 @@ class MicroBatcher:
         self._in_flight = in_flight
         self._accepting = False
         self._stop = threading.Event()
+        self._busy_since: float | None = None  # monotonic start of the model call in progress
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -177,8 +178,20 @@ class MicroBatcher:
             self._on_expired()
         return True
 
+    def busy_seconds(self) -> float:
+        """How long the model call in progress has been running (0 when idle): a hang detector."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def _execute(self, items: list[Pending]) -> None:
         started = time.perf_counter()
+        self._busy_since = time.monotonic()
+        try:
+            self._call(items, started)
+        finally:
+            self._busy_since = None
+
+    def _call(self, items: list[Pending], started: float) -> None:
         try:
             joined = np.concatenate([item.batch for item in items]) if len(items) > 1 else items[0].batch
             outputs = [self._predict(joined[i:i + self.max_batch_size])

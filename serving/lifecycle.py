@@ -10,7 +10,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +43,10 @@ def check_before_fork(server: Any, settings: Settings) -> None:
     try:
         service = InferenceService(settings)
         meta = service.resolve()
-        if threaded and settings.mode != "batched" and not is_thread_safe(service.backend_name):
+        unsafe = sorted({backend for _, backend in service.served.values() if not is_thread_safe(backend)})
+        if threaded and settings.mode != "batched" and unsafe:
             raise ConfigError(
-                f"the {service.backend_name} backend is process-only but gunicorn runs {server.cfg.threads} threads"
+                f"the {unsafe[0]} backend is process-only but gunicorn runs {server.cfg.threads} threads"
                 " per worker: drop --threads, use SERVING_MODE=batched (one model thread per worker), or"
                 " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
@@ -50,9 +55,11 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         raise RuntimeError(str(exc)) from None
     workers = server.cfg.workers
     server.log.info(
-        "serving %s version %d (%s backend, %s) with %d workers x %d threads; math threads per worker: %d",
+        "serving %s version %d (%s backend, %s) with %d workers x %d threads; math threads per worker: %d%s",
         meta.name, meta.version, service.backend_name, settings.mode, workers, server.cfg.threads,
         settings.math_threads_for(workers),
+        f"; also {', '.join(f'{n}:{v}' for n, v in service.served if (n, v) != (meta.name, meta.version))}"
+        if len(service.served) > 1 else "",
     )
 
 
@@ -71,6 +78,29 @@ def drain_worker(worker: Any) -> None:
         service.close()
 
 
+class HangWatchdog(threading.Thread):
+    """Batched mode: a model call running longer than gunicorn's timeout means a hung model thread.
+
+    gthread workers keep heartbeating while their model thread hangs, so gunicorn would never replace
+    them; requests would only get 504s. The watchdog asks the worker to stop gracefully (SIGTERM):
+    queued requests finish or time out, and the master starts a fresh worker.
+    """
+
+    def __init__(self, service: InferenceService, limit_s: float, log: Any) -> None:
+        super().__init__(name="hang-watchdog", daemon=True)
+        self.service, self.limit_s, self.log = service, limit_s, log
+
+    def run(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.limit_s / 4))
+            batcher = self.service.batcher()
+            if batcher is not None and batcher.busy_seconds() > self.limit_s:
+                self.log.error("worker %d: a model call has run for over %.0fs; restarting the worker",
+                               os.getpid(), self.limit_s)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
 def load_in_worker(worker: Any) -> None:
     """Load this worker's model after fork; exit with the boot-error code if it cannot be loaded."""
     app = worker.wsgi
@@ -82,3 +112,5 @@ def load_in_worker(worker: Any) -> None:
     except (ModelLoadError, ConfigError) as exc:
         worker.log.error("worker %d cannot load the model: %s", worker.pid, exc)
         sys.exit(WORKER_BOOT_ERROR)
+    if service.batcher() is not None:
+        HangWatchdog(service, float(worker.cfg.timeout), worker.log).start()
