@@ -18,12 +18,14 @@ from serving.errors import ServingError
 from serving.http import json_response
 from serving.observability import metrics
 from serving.observability.logging import AccessLog, configure_logging, sanitize_request_id
+from serving.protocol.docs import docs
 from serving.protocol.native import native
 from serving.protocol.ops import ops
+from serving.protocol.v2 import v2
 from serving.service import InferenceService
 
 log = logging.getLogger("serving")
-BLUEPRINTS = [ops, native]
+BLUEPRINTS = [ops, native, v2, docs]
 DRAIN_LIMIT = 16 * 1024 * 1024  # read and drop at most this much of a refused body, so the client sees the 413
 
 
@@ -73,10 +75,10 @@ def _finish_request(response: Response) -> Response:
     endpoint = req.url_rule.rule if req.url_rule is not None else "unmatched"
     status = response.status_code
     metrics.observe_request(endpoint, req.method, status, elapsed)
-    model = app.extensions["serving"].meta
+    model = app.extensions["serving"].meta  # the default model, unless the route named another (v2)
+    label = getattr(state, "model", None) or (f"{model.name}:{model.version}" if model is not None else "-")
     app.extensions["serving.access_log"].write(
-        request_id, req.method, req.path, status, elapsed * 1000.0,
-        f"{model.name}:{model.version}" if model is not None else "-", getattr(state, "batch_size", None),
+        request_id, req.method, req.path, status, elapsed * 1000.0, label, getattr(state, "batch_size", None),
     )
     return response
 

@@ -27,6 +27,9 @@ Mode = Literal["process", "threaded", "batched"]
 BACKEND_PATTERN = re.compile(r"^(tensorflow|pytorch|onnx|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
+_MODEL_ENTRY = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(:(\d{1,9}|\*))?"
+#: ``*``, or comma-separated ``name``, ``name:version`` or ``name:*`` (all versions of name).
+MODELS_PATTERN = re.compile(rf"^(\*|{_MODEL_ENTRY}(\s*,\s*{_MODEL_ENTRY})*)$")
 BIND_PATTERN = re.compile(r"^(unix:.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
 
 
@@ -60,6 +63,9 @@ class Settings:
     model_repository: Path = field(default=Path("models"), metadata=_doc("model repository root directory"))
     model: str = field(default="", metadata=_doc("model to serve; empty = digits-tf, else the only model present"))
     model_version: int = field(default=0, metadata=_doc("version to serve; 0 = the latest"))
+    models: str = field(
+        default="", metadata=_doc("also serve (v2 API): * = every model and version, or e.g. digits-torch,x:1,y:*")
+    )
     backend: str = field(
         default="", metadata=_doc("tensorflow, pytorch, onnx or module:Class; empty = the model's own framework")
     )
@@ -92,6 +98,11 @@ class Settings:
         if self.backend and not BACKEND_PATTERN.match(self.backend):
             raise ConfigError(
                 f"SERVING_BACKEND={self.backend!r} is not one of: tensorflow, pytorch, onnx (or a module:Class)"
+            )
+        if self.models and not MODELS_PATTERN.match(self.models):
+            raise ConfigError(
+                f"SERVING_MODELS={self.models!r} is not * or a comma-separated list of name, name:version or name:*;"
+                " e.g. SERVING_MODELS=digits-tf,digits-torch:1"
             )
         if not BIND_PATTERN.match(self.bind):
             raise ConfigError(f"SERVING_BIND={self.bind!r} is not HOST:PORT or unix:PATH; e.g. 127.0.0.1:8000")

@@ -31,6 +31,13 @@ class BadRequest(ServingError):
     reason = "invalid"
 
 
+class InvalidRequest(ServingError):
+    """A request that breaks its protocol: v2 tensors whose name, shape, datatype or binary sizes disagree."""
+
+    status_code = 400
+    reason = "invalid"
+
+
 class ModelNotFound(ServingError):
     """No such model or version in the repository."""
 

@@ -12,10 +12,14 @@ from serving.errors import BadRequest, InvalidInput, PayloadTooLarge
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
+def json_bytes(payload: Any) -> bytes:
+    """``payload`` as JSON bytes (orjson, numpy arrays included): the one encoder."""
+    return orjson.dumps(payload, option=_OPTIONS)
+
+
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """Serialize ``payload`` with orjson (numpy arrays included) into a Flask response."""
-    return Response(orjson.dumps(payload, option=_OPTIONS), status=status, headers=headers,
-                    content_type="application/json")
+    return Response(json_bytes(payload), status=status, headers=headers, content_type="application/json")
 
 
 def read_body() -> bytes:

@@ -121,6 +121,29 @@ class ModelRepository:
             p.name for p in self.root.iterdir() if p.is_dir() and valid_name(p.name) and list_versions(p)
         )
 
+    def index(self) -> list[tuple[str, int]]:
+        """Every (model, version) on disk, sorted."""
+        return [(name, version) for name in self.models() for version in list_versions(self.root / name)]
+
+    def select(self, spec: str) -> list[tuple[str, int]]:
+        """The (model, version) pairs a ``SERVING_MODELS`` value names, in order, without repeats.
+
+        ``*`` is every version of every model; ``name`` its latest version, ``name:N`` version N and
+        ``name:*`` every version of it. ModelNotFound when a named model or version is absent.
+        """
+        if spec.strip() == "*":
+            return self.index()
+        chosen: list[tuple[str, int]] = []
+        for entry in (part.strip() for part in spec.split(",") if part.strip()):
+            name, _, version = entry.partition(":")
+            if version == "*":
+                self.resolve(name)  # refuses an unknown or unsafe name with the usual message
+                pairs = [(name, v) for v in list_versions(self.root / name)]
+            else:
+                pairs = [(name, self.resolve(name, int(version) if version else None).version)]
+            chosen.extend(pair for pair in pairs if pair not in chosen)
+        return chosen
+
     def resolve(self, name: str, version: int | None = None) -> ModelMetadata:
         """Metadata of ``name`` at ``version`` (latest when None); ModelNotFound when absent."""
         if not valid_name(name):
@@ -133,7 +156,12 @@ class ModelRepository:
             version = versions[-1]
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version} (versions: {versions})")
-        return self.load_metadata(self.root / name / str(version))
+        meta = self.load_metadata(self.root / name / str(version))
+        if (meta.name, meta.version) != (name, version):  # a copied directory would be served under a wrong id
+            raise ModelLoadError(
+                f"{meta.path}/metadata.json says {meta.name} version {meta.version}; it must match its directory"
+            )
+        return meta
 
     @staticmethod
     def load_metadata(path: Path) -> ModelMetadata:

@@ -1,12 +1,13 @@
-"""The protocol-agnostic data plane: liveness, readiness, metadata and inference.
+"""The protocol-agnostic data plane: liveness, readiness, metadata and inference over served models.
 
-# design: one ``InferenceService`` per worker process. ``resolve`` only reads files, so the gunicorn
-# master may call it to fail fast before forking; ``load`` imports the framework and must run in
-# the worker (post_worker_init, or lazily on the first request when gunicorn.conf.py is not used).
-# A model loaded in one process is never used in another: the owning pid is recorded and a forked
-# child that inherited a handle loads its own. In batched mode each model gets a ``MicroBatcher``
-# whose thread is the only caller of the backend; otherwise request threads call it directly, and a
-# backend that is not thread-safe gets a lock so even a misconfigured server serialises its calls.
+# design: one ``InferenceService`` per worker process serves a set of model versions: the default
+# model (``SERVING_MODEL`` / ``SERVING_MODEL_VERSION``, the one the native API uses) plus whatever
+# ``SERVING_MODELS`` selects. ``resolve`` only reads files, so the gunicorn master may call it to
+# fail fast before forking; ``load`` imports the frameworks and must run in the worker
+# (post_worker_init, or lazily on the first request when gunicorn.conf.py is not used). A model
+# loaded in one process is never used in another: the owning pid is recorded and a forked child that
+# inherited handles loads its own. Each version is a ``LoadedModel`` (its own backend, lock and, in
+# batched mode, batcher thread); a request without a version gets the latest *served* version.
 """
 
 from __future__ import annotations
@@ -15,98 +16,38 @@ import logging
 import os
 import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
 
 from serving.backends import Backend, backend_class, is_thread_safe
-from serving.batching import BatchStats, InFlight, MicroBatcher
+from serving.batching import InFlight, MicroBatcher
 from serving.config import Settings
-from serving.errors import ConfigError, InferenceError, ModelLoadError, ModelNotFound, ModelNotReady
+from serving.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
 from serving.inputs import CONTRACT, IMAGE_TYPES
+from serving.loaded_model import LoadedModel
 from serving.observability import metrics
 from serving.repository import ModelMetadata, ModelRepository
 
 log = logging.getLogger("serving")
 DEFAULT_MODEL = "digits-tf"
+Key = tuple[str, int]
 
-
-class LoadedModel:
-    """One model version loaded in this worker: its backend and, in batched mode, its batcher."""
-
-    def __init__(self, meta: ModelMetadata, backend_name: str, backend: Backend, settings: Settings,
-                 in_flight: InFlight | None = None) -> None:
-        self.meta = meta
-        self.backend_name = backend_name
-        self.backend = backend
-        self.load_seconds = 0.0
-        self._call_lock: AbstractContextManager[Any] = nullcontext() if backend.thread_safe else threading.Lock()
-        self._label = f"{meta.name}:{meta.version}"
-        self._latency = metrics.INFERENCE_LATENCY.labels(self._label)
-        self._batch_sizes = metrics.BATCH_SIZE.labels(self._label)
-        self._depth = metrics.QUEUE_DEPTH.labels(self._label)
-        self.batcher: MicroBatcher | None = None
-        if settings.mode == "batched":
-            self.batcher = MicroBatcher(
-                self.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, name=self._label,
-                on_batch=self._observe_batch, in_flight=in_flight,
-            )
-
-    def start(self) -> None:
-        if self.batcher is not None:
-            self.batcher.start()
-
-    @property
-    def ready(self) -> bool:
-        return self.batcher is None or self.batcher.running
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Call the backend once; InferenceError (500, details logged) if it fails or misbehaves."""
-        try:
-            with self._call_lock:
-                output = self.backend.predict(batch)
-        except Exception:
-            log.exception("inference failed for a batch of %d on %s", len(batch), self._label)
-            raise InferenceError("inference failed; the error is in the server log") from None
-        if output.shape != (len(batch), len(self.meta.labels)):
-            log.error("%s returned shape %s for a batch of %d", self._label, output.shape, len(batch))
-            raise InferenceError("the model returned an output of the wrong shape")
-        return output
-
-    def infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Probabilities for ``batch``: through the batcher in batched mode, else a direct timed call."""
-        if self.batcher is not None:
-            self._depth.set(self.batcher.depth() + 1)
-            try:
-                return self.batcher.submit(batch, timeout_s)
-            finally:
-                self._depth.set(self.batcher.depth())
-        started = time.perf_counter()
-        output = self.run(batch)
-        self._latency.observe(time.perf_counter() - started)
-        self._batch_sizes.observe(len(batch))
-        return output
-
-    def _observe_batch(self, stats: BatchStats) -> None:
-        self._latency.observe(stats.seconds)
-        self._batch_sizes.observe(stats.samples)
-
-    def close(self) -> None:
-        """Drain and stop the batcher (queued requests are answered first)."""
-        if self.batcher is not None:
-            self.batcher.stop()
+__all__ = ["DEFAULT_MODEL", "InferenceService", "LoadedModel"]
 
 
 class InferenceService:
-    """Serves the configured model version through the configured backend."""
+    """Serves the default model and the selected model versions through their backends."""
 
     def __init__(self, settings: Settings, repository: ModelRepository | None = None) -> None:
         self.settings = settings
         self.repository = repository or ModelRepository(settings.model_repository)
+        #: The default model (native API) and its backend, known once ``resolve`` ran.
         self.meta: ModelMetadata | None = None
         self.backend_name = ""
-        self._model: LoadedModel | None = None
+        #: Every served version: (name, version) -> (metadata, backend name), sorted.
+        self.served: dict[Key, tuple[ModelMetadata, str]] = {}
+        self._models: dict[Key, LoadedModel] = {}
         self._owner_pid = 0
         self._load_lock = threading.Lock()
         self._timeout_s = settings.request_timeout_ms / 1000.0
@@ -115,12 +56,37 @@ class InferenceService:
 
     # -- start-up -------------------------------------------------------------------------------
     def resolve(self) -> ModelMetadata:
-        """Find the model version and check its artifact (no framework import; master-safe)."""
-        name = self.settings.model or self._default_model_name()
+        """Find every served version and check its artifact (no framework import; master-safe).
+
+        Returns the default model's metadata.
+        """
+        selected: list[Key] = []
+        if self.settings.models:
+            try:
+                selected = self.repository.select(self.settings.models)
+            except ModelNotFound as exc:
+                raise ModelLoadError(f"SERVING_MODELS: {exc.message}") from None
+        if self.settings.model:
+            wanted: tuple[str, int | None] = (self.settings.model, self.settings.model_version or None)
+        else:
+            wanted = self._default_model(selected)
+        default, backend = self._check(self._find(*wanted))
+        served = {(default.name, default.version): (default, backend)}
+        for key in selected:
+            if key not in served:
+                served[key] = self._check(self._find(*key))
+        self.served = dict(sorted(served.items()))
+        self.meta, self.backend_name = default, backend
+        return default
+
+    def _find(self, name: str, version: int | None) -> ModelMetadata:
         try:
-            meta = self.repository.resolve(name, self.settings.model_version or None)
+            return self.repository.resolve(name, version)
         except ModelNotFound as exc:
             raise ModelLoadError(exc.message) from None
+
+    def _check(self, meta: ModelMetadata) -> tuple[ModelMetadata, str]:
+        """The backend for ``meta``, refusing contradictions with the settings; verifies the artifact."""
         backend = self.settings.backend or meta.framework
         backend_class(backend)  # refuses an unknown backend with a message naming the known ones
         if backend in ("tensorflow", "pytorch") and backend != meta.framework:
@@ -134,51 +100,64 @@ class InferenceService:
                 " thread), or SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
         meta.verify(backend_class(backend).artifact)
-        self.meta, self.backend_name = meta, backend
-        return meta
+        return meta, backend
 
-    def _default_model_name(self) -> str:
+    def _default_model(self, selected: list[Key]) -> tuple[str, int | None]:
+        """The native API's model when SERVING_MODEL is empty: digits-tf, else the first selected or only one."""
         models = self.repository.models()
         if not models:
             raise ModelLoadError(f"no model in {self.repository.root}/: run `python train.py`")
+        if selected:  # digits-tf's latest selected version if selected, else the first selected version
+            tf = [key for key in selected if key[0] == DEFAULT_MODEL]
+            return tf[-1] if tf else selected[0]
         if DEFAULT_MODEL in models:
-            return DEFAULT_MODEL
+            return DEFAULT_MODEL, self.settings.model_version or None
         if len(models) == 1:
-            return models[0]
+            return models[0], self.settings.model_version or None
         raise ModelLoadError(
             f"{self.repository.root}/ holds several models ({', '.join(models)}): choose one with SERVING_MODEL"
         )
 
     def load(self, workers: int | None = None) -> None:
-        """Load the backend in this process, capping its math threads (idempotent, thread-safe)."""
+        """Load every served version in this process, capping math threads (idempotent, thread-safe)."""
         with self._load_lock:
-            if self._model is not None and self._owner_pid == os.getpid():
+            if self._models and self._owner_pid == os.getpid():
                 return
-            meta = self.resolve()
+            self.resolve()
             workers = workers or self.settings.workers
             threads = self.settings.math_threads_for(workers)
             for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 os.environ[variable] = str(threads)
-            started = time.perf_counter()
-            backend = backend_class(self.backend_name)(meta, threads)
-            backend.load()
-            self._check_sample(backend, meta)
-            model = LoadedModel(meta, self.backend_name, backend, self.settings, self.in_flight)
-            model.load_seconds = time.perf_counter() - started
-            model.start()
-            self._model, self._owner_pid = model, os.getpid()
-            label = f"{meta.name}:{meta.version}"
-            metrics.MODEL_LOAD_SECONDS.labels(label).set(model.load_seconds)
-            metrics.MODEL_INFO.labels(meta.name, str(meta.version), self.backend_name, meta.framework,
-                                      self.settings.mode).set(1)
-            s = self.settings
-            log.info(
-                "loaded model %s version %d with %s (%s) in %.2fs; math threads %d (workers %d, cores %d)%s",
-                meta.name, meta.version, self.backend_name, backend.framework_version(), model.load_seconds,
-                threads, workers, os.cpu_count() or 0,
-                f"; batching: max_batch_size {s.max_batch_size}, max_delay_ms {s.max_delay_ms:g}, max_queue"
-                f" {s.max_queue}, request_timeout_ms {s.request_timeout_ms}" if model.batcher else "",
-            )
+            models: dict[Key, LoadedModel] = {}
+            try:
+                for key, (meta, backend_name) in self.served.items():
+                    models[key] = self._load_one(meta, backend_name, threads, workers)
+            except BaseException:
+                for model in models.values():
+                    model.close()
+                raise
+            self._models, self._owner_pid = models, os.getpid()
+
+    def _load_one(self, meta: ModelMetadata, backend_name: str, threads: int, workers: int) -> LoadedModel:
+        started = time.perf_counter()
+        backend = backend_class(backend_name)(meta, threads)
+        backend.load()
+        self._check_sample(backend, meta)
+        model = LoadedModel(meta, backend_name, backend, self.settings, self.in_flight)
+        model.load_seconds = time.perf_counter() - started
+        model.start()
+        metrics.MODEL_LOAD_SECONDS.labels(model.label).set(model.load_seconds)
+        metrics.MODEL_INFO.labels(meta.name, str(meta.version), backend_name, meta.framework,
+                                  self.settings.mode).set(1)
+        s = self.settings
+        log.info(
+            "loaded model %s version %d with %s (%s) in %.2fs; math threads %d (workers %d, cores %d)%s",
+            meta.name, meta.version, backend_name, backend.framework_version(), model.load_seconds,
+            threads, workers, os.cpu_count() or 0,
+            f"; batching: max_batch_size {s.max_batch_size}, max_delay_ms {s.max_delay_ms:g}, max_queue"
+            f" {s.max_queue}, request_timeout_ms {s.request_timeout_ms}" if model.batcher else "",
+        )
+        return model
 
     @staticmethod
     def _check_sample(backend: Backend, meta: ModelMetadata) -> None:
@@ -191,34 +170,98 @@ class InferenceService:
 
     def close(self) -> None:
         """Answer everything queued, then stop the model threads (worker exit)."""
-        if self._model is not None and self._owner_pid == os.getpid():
-            self._model.close()
+        if self._owner_pid == os.getpid():
+            for model in self._models.values():
+                model.close()
+
+    def batchers(self) -> list[MicroBatcher]:
+        """The batchers of every model loaded in this process (batched mode; empty otherwise)."""
+        if self._owner_pid != os.getpid():
+            return []
+        return [model.batcher for model in self._models.values() if model.batcher is not None]
+
+    def batcher(self) -> MicroBatcher | None:
+        """The default model's batcher in this process, if any (see ``batchers`` for all of them)."""
+        if self._owner_pid != os.getpid() or self.meta is None:
+            return None
+        model = self._models.get((self.meta.name, self.meta.version))
+        return model.batcher if model is not None else None
 
     # -- requests -------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """True when this process has its own loaded model (and its model thread runs)."""
-        return self._model is not None and self._owner_pid == os.getpid() and self._model.ready
+        """True when this process has loaded every served model (and their model threads run)."""
+        return bool(self._models) and self._owner_pid == os.getpid() and all(
+            model.ready for model in self._models.values()
+        )
 
-    def model(self) -> LoadedModel:
-        """This process's model, loading it on first use when no gunicorn hook did."""
-        if self._model is None or self._owner_pid != os.getpid():
+    def model_ready(self, name: str, version: int | None = None) -> bool:
+        """Whether one served version is loaded and running here; ModelNotFound when not served."""
+        key = self.key(name, version)
+        model = self._models.get(key) if self._owner_pid == os.getpid() else None
+        return model is not None and model.ready
+
+    def key(self, name: str, version: int | None = None) -> Key:
+        """The served (name, version) a request addresses (latest served when ``version`` is None)."""
+        if not self.served:
+            self._ensure_resolved()
+        versions = self.versions(name)
+        if not versions:
+            served = ", ".join(sorted({n for n, _ in self.served})) or "none"
+            raise ModelNotFound(f"no model {name!r} is served here (models: {served})")
+        if version is None:
+            return name, versions[-1]
+        if version not in versions:
+            raise ModelNotFound(f"model {name!r} has no version {version} served here (versions: {versions})")
+        return name, version
+
+    def versions(self, name: str) -> list[int]:
+        """The served versions of ``name``, ascending."""
+        return [version for model, version in self.served if model == name]
+
+    def _ensure_resolved(self) -> None:
+        try:
+            self.resolve()
+        except (ModelLoadError, ConfigError) as exc:
+            log.error("model not loaded: %s", exc)
+            raise ModelNotReady("the model is not loaded in this worker; see the server log") from None
+
+    def model(self, name: str | None = None, version: int | None = None) -> LoadedModel:
+        """A served model loaded in this process (default: the native API's), loading them on first use."""
+        if not self._models or self._owner_pid != os.getpid():
             try:
                 self.load()
             except (ModelLoadError, ConfigError) as exc:
                 log.error("model not loaded: %s", exc)
                 raise ModelNotReady("the model is not loaded in this worker; see the server log") from None
-        assert self._model is not None
-        return self._model
+        if name is None:
+            assert self.meta is not None
+            return self._models[(self.meta.name, self.meta.version)]
+        return self._models[self.key(name, version)]
 
-    def predict(self, batch: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+    def predict(self, batch: np.ndarray, timeout_s: float | None = None,
+                model: LoadedModel | None = None) -> np.ndarray:
         """Probabilities ``(N, classes)`` for a validated batch, within ``timeout_s`` (default setting)."""
-        return self.model().infer(batch, timeout_s or self._timeout_s)
+        return (model or self.model()).infer(batch, timeout_s or self._timeout_s)
 
     def labels_for(self, probabilities: np.ndarray) -> list[str]:
-        """The label of the most probable class for each row."""
-        labels = self.model().meta.labels
-        return [labels[i] for i in probabilities.argmax(axis=1).tolist()]
+        """The default model's label of the most probable class for each row."""
+        return self.model().labels_for(probabilities)
+
+    def index(self) -> list[dict[str, str]]:
+        """Every model version in the repository with its state here: READY, LOADING or UNAVAILABLE."""
+        if not self.served:
+            self._ensure_resolved()
+        entries = []
+        for name, version in self.repository.index():
+            entry = {"name": name, "version": str(version)}
+            if (name, version) not in self.served:
+                entry.update(state="UNAVAILABLE", reason="not selected by SERVING_MODELS")
+            else:
+                ready = self.model_ready(name, version)
+                entry.update(state="READY" if ready else "LOADING", reason="" if ready else "not loaded yet")
+            entries.append(entry)
+        return entries
 
     def metadata(self) -> dict[str, Any]:
         """Model metadata and the input contract, as served by ``GET /metadata``."""

@@ -1,0 +1,134 @@
+"""Open Inference Protocol (KServe v2) REST endpoints: decode, call the service, encode.
+
+    GET  /v2                                            server metadata and extensions
+    GET  /v2/health/live, /v2/health/ready              200 when live / every served model is loaded, else 503
+    GET  /v2/models/{name}[/versions/{version}]         model metadata (inputs/outputs, -1 = batch dimension)
+    GET  /v2/models/{name}[/versions/{version}]/ready   200 when that model is loaded in this worker, else 503
+    POST /v2/models/{name}[/versions/{version}]/infer   inference, JSON or binary tensors
+    GET|POST /v2/repository/index                       every model version on disk with its state
+
+Inference goes through the same service as the native API: the same batcher, limits, deadlines and
+metrics. Unknown models and versions are 404; protocol violations 400; values the model cannot take
+(out of range, NaN, too many samples) 422, as in the native API. Errors are ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from flask import Blueprint, Response, current_app, g, request
+
+from serving import __version__
+from serving.errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
+from serving.http import json_response, read_body, request_timeout
+from serving.protocol.v2.codec import HEADER_LENGTH, decode_request, encode_response
+from serving.protocol.v2.tensors import batch_from_request, check_outputs, model_metadata, output_tensors
+from serving.service import InferenceService
+
+v2 = Blueprint("v2", __name__)
+EXTENSIONS = ["binary_tensor_data"]
+VERSION_PATTERN = re.compile(r"^[0-9]{1,9}$")
+BODY_TYPES = ("", "application/json", "application/octet-stream")
+
+
+def _service() -> InferenceService:
+    service: InferenceService = current_app.extensions["serving"]
+    return service
+
+
+def _version(name: str, version: str | None) -> int | None:
+    """The version a path names (None: the latest served); 404 for anything but a number."""
+    if version is None:
+        return None
+    if not VERSION_PATTERN.match(version):
+        raise ModelNotFound(f"model {name!r} has no version {version[:32]!r}: versions are whole numbers")
+    return int(version)
+
+
+@v2.get("/v2")
+def server_metadata() -> Response:
+    return json_response({"name": "serving", "version": __version__, "extensions": EXTENSIONS})
+
+
+@v2.get("/v2/health/live")
+def live() -> Response:
+    return json_response({"live": True})
+
+
+@v2.get("/v2/health/ready")
+def ready() -> Response:
+    if _service().ready:
+        return json_response({"ready": True})
+    return json_response({"ready": False, "error": "the models are not loaded in this worker yet"}, 503)
+
+
+@v2.get("/v2/models/<name>")
+@v2.get("/v2/models/<name>/versions/<version>")
+def metadata(name: str, version: str | None = None) -> Response:
+    service = _service()
+    model = service.model(name, _version(name, version))
+    g.model = model.label
+    return json_response(model_metadata(model, service.versions(name)))
+
+
+@v2.get("/v2/models/<name>/ready")
+@v2.get("/v2/models/<name>/versions/<version>/ready")
+def model_ready(name: str, version: str | None = None) -> Response:
+    service = _service()
+    key = service.key(name, _version(name, version))
+    g.model = f"{key[0]}:{key[1]}"
+    body: dict[str, Any] = {"name": name, "version": str(key[1]), "ready": service.model_ready(*key)}
+    if body["ready"]:
+        return json_response(body)
+    return json_response({**body, "error": f"model {name} is not loaded in this worker yet"}, 503)
+
+
+@v2.post("/v2/models/<name>/infer")
+@v2.post("/v2/models/<name>/versions/<version>/infer")
+def infer(name: str, version: str | None = None) -> Response:
+    service = _service()
+    model = service.model(name, _version(name, version))
+    g.model = model.label
+    decoded = decode_request(_read_body(), request.headers.get(HEADER_LENGTH))
+    check_outputs(decoded, model.meta)
+    batch = batch_from_request(decoded, model.meta, service.settings.max_batch)
+    g.batch_size = len(batch)
+    probabilities = service.predict(batch, request_timeout() or decoded.timeout_s, model)
+    document = {"model_name": name, "model_version": str(model.meta.version), "id": decoded.id or g.request_id}
+    body, header_length = encode_response(document, output_tensors(decoded, model, probabilities))
+    if header_length is None:
+        return Response(body, content_type="application/json")
+    return Response(body, content_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+
+@v2.route("/v2/repository/index", methods=["GET", "POST"])
+def repository_index() -> Response:
+    """The index; a POST may filter with ``{"ready": true}`` (as Triton's does)."""
+    entries = _service().index()
+    body = read_body() if request.method == "POST" else b""
+    if body.strip():
+        try:
+            options = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"malformed JSON: {exc}") from None
+        if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+            raise InvalidRequest('the body must be a JSON object such as {"ready": true}')
+        if options.get("ready"):
+            entries = [entry for entry in entries if entry["state"] == "READY"]
+    return json_response(entries)
+
+
+def _read_body() -> bytes:
+    """The infer body: JSON, binary or with no Content-Type at all (v2 clients often send none)."""
+    mimetype = request.mimetype
+    if mimetype not in BODY_TYPES and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type {mimetype!r} is not accepted: send application/json, application/octet-stream (binary"
+            f" tensors with {HEADER_LENGTH}) or no Content-Type"
+        )
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding[:32]!r} is not supported: send the body uncompressed")
+    return read_body()
