@@ -36,6 +36,7 @@ def read_body() -> bytes:
 
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+MIN_TIMEOUT_MS = 1
 MAX_TIMEOUT_MS = 600_000
 
 
@@ -48,8 +49,8 @@ def request_timeout() -> float | None:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0 < value <= MAX_TIMEOUT_MS:
-        raise BadRequest(f"{TIMEOUT_HEADER} must be a number of milliseconds in (0, {MAX_TIMEOUT_MS}]")
+    if not MIN_TIMEOUT_MS <= value <= MAX_TIMEOUT_MS:  # under 1 ms no model call can make it
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a number of milliseconds in [{MIN_TIMEOUT_MS}, {MAX_TIMEOUT_MS}]")
     return value / 1000.0
 
 

@@ -93,8 +93,7 @@ class HangWatchdog(threading.Thread):
     def run(self) -> None:
         while True:
             time.sleep(min(1.0, self.limit_s / 4))
-            batcher = self.service.batcher()
-            if batcher is not None and batcher.busy_seconds() > self.limit_s:
+            if any(batcher.busy_seconds() > self.limit_s for batcher in self.service.batchers()):
                 self.log.error("worker %d: a model call has run for over %.0fs; restarting the worker",
                                os.getpid(), self.limit_s)
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -112,5 +111,5 @@ def load_in_worker(worker: Any) -> None:
     except (ModelLoadError, ConfigError) as exc:
         worker.log.error("worker %d cannot load the model: %s", worker.pid, exc)
         sys.exit(WORKER_BOOT_ERROR)
-    if service.batcher() is not None:
+    if service.batchers():
         HangWatchdog(service, float(worker.cfg.timeout), worker.log).start()

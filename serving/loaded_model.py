@@ -4,11 +4,15 @@
 # thread is its only caller; otherwise request threads call it directly, and a backend that is not
 # thread-safe gets a lock so even a misconfigured server serialises its calls. Metrics are labelled
 # ``name:version``, so every served model version has its own latency, batch size and queue depth.
+# A direct call made from the main thread (process mode: sync workers serve requests there) is bounded
+# by the request deadline with SIGALRM, so a model call that overruns returns 504 JSON as soon as
+# control comes back to Python; gunicorn's ``timeout`` stays the backstop for calls stuck in C code.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -19,7 +23,7 @@ import numpy as np
 from serving.backends import Backend
 from serving.batching import BatchStats, InFlight, MicroBatcher
 from serving.config import Settings
-from serving.errors import InferenceError
+from serving.errors import DeadlineExceeded, InferenceError, ServingError
 from serving.observability import metrics
 from serving.repository import ModelMetadata
 
@@ -60,6 +64,8 @@ class LoadedModel:
         try:
             with self._call_lock:
                 output = self.backend.predict(batch)
+        except ServingError:
+            raise
         except Exception:
             log.exception("inference failed for a batch of %d on %s", len(batch), self.label)
             raise InferenceError("inference failed; the error is in the server log") from None
@@ -77,7 +83,10 @@ class LoadedModel:
             finally:
                 self._depth.set(self.batcher.depth())
         started = time.perf_counter()
-        output = self.run(batch)
+        if threading.current_thread() is threading.main_thread():
+            output = _with_alarm(self.run, batch, timeout_s)
+        else:
+            output = self.run(batch)
         self._latency.observe(time.perf_counter() - started)
         self._batch_sizes.observe(len(batch))
         return output
@@ -95,3 +104,19 @@ class LoadedModel:
         """Drain and stop the batcher (queued requests are answered first)."""
         if self.batcher is not None:
             self.batcher.stop()
+
+
+def _raise_deadline(_signum: int, _frame: Any) -> None:
+    raise DeadlineExceeded("no answer within the request deadline; the model call was cut short")
+
+
+def _with_alarm(call: Any, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+    """Run ``call(batch)`` with SIGALRM set for the deadline (main thread only)."""
+    previous = signal.signal(signal.SIGALRM, _raise_deadline)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        result: np.ndarray = call(batch)
+        return result
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -122,7 +122,7 @@ def path_param(name: str, schema: Schema, description: str) -> Schema:
 NAME = path_param("name", {"type": "string", "pattern": NAME_PATTERN.pattern, "example": "digits-tf"}, "model name")
 VERSION = path_param("version", {"type": "string", "pattern": "^[0-9]{1,9}$", "example": "1"}, "model version")
 TIMEOUT = {"name": "X-Request-Timeout-Ms", "in": "header", "required": False, "description": "deadline (504 after)",
-           "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 600000}}
+           "schema": {"type": "number", "minimum": 1, "maximum": 600000}}
 HEADER = {"name": HEADER_LENGTH, "in": "header", "required": False, "description": "JSON header length (binary)",
           "schema": {"type": "integer", "minimum": 1}}
 PREDICT_BODY = {"application/json": ref("PredictRequest"), "image/png": BINARY, "image/jpeg": BINARY,

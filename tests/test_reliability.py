@@ -140,15 +140,33 @@ def test_faulty_model_in_process_mode_is_a_clean_500_and_the_worker_lives(server
     assert post(server.url).status_code == 200 and workers_of(server) == before
 
 
-def test_hung_inference_in_process_mode_is_replaced_by_gunicorn_timeout(server_factory: Any) -> None:
-    server = server_factory(model="digits-torch", backend=FAULTY, mode="process", workers=2, timeout=3).start()
+def test_hung_inference_in_process_mode_answers_504_at_the_deadline_and_the_worker_lives(
+        server_factory: Any) -> None:
+    server = server_factory(model="digits-torch", backend=FAULTY, mode="process", workers=2, timeout=10,
+                            request_timeout_ms=1000).start()
     before = workers_of(server)
     with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
         hung = pool.submit(post, server.url, [fakes.HANG] + [0.0] * 63, 20)
         time.sleep(0.3)
         assert post(server.url).status_code == 200, "the other worker keeps serving"
-        with pytest.raises(requests.ConnectionError):
-            hung.result()  # the worker was killed by gunicorn's timeout; no answer
+        answer = hung.result()
+        waited = time.monotonic() - started
+    assert answer.status_code == 504 and "deadline" in answer.json()["error"], answer.text
+    assert waited < 1.0 + 0.5, f"answered {waited:.2f}s after a 1 s deadline"
+    assert workers_of(server) == before, "the worker survived its hung call"
+    assert post(server.url).status_code == 200
+
+
+def test_gunicorn_timeout_replaces_a_worker_stuck_past_its_deadline(server_factory: Any) -> None:
+    """The backstop: a deadline longer than gunicorn's timeout (or a call stuck in C) gets the worker killed."""
+    server = server_factory(model="digits-torch", backend=FAULTY, mode="process", workers=2, timeout=2,
+                            request_timeout_ms=60_000).start()
+    before = workers_of(server)
+    with pytest.raises(requests.RequestException):
+        answer = post(server.url, [fakes.HANG] + [0.0] * 63, 20)
+        assert answer.status_code >= 500  # gunicorn's own answer when it aborts a worker mid-request
+        raise requests.ConnectionError("aborted")
     wait_until(lambda: len(workers_of(server)) == 2 and workers_of(server) != before, 15, "hung worker replaced")
     assert "WORKER TIMEOUT" in server.log()
     wait_until(lambda: post(server.url).status_code == 200, 15, "healthy again")

@@ -158,8 +158,8 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     value = parameters.get("timeout")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 600_000_000:
-        raise InvalidRequest("parameter 'timeout' must be a whole number of microseconds in (0, 600000000]")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1_000 <= value <= 600_000_000:
+        raise InvalidRequest("parameter 'timeout' must be a whole number of microseconds in [1000, 600000000]")
     return value / 1_000_000
 
 
