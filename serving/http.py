@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from flask import Response, request
+from flask import Response, current_app, request
 
 from serving.errors import BadRequest, InvalidInput, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from serving.service import InferenceService
 
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -15,6 +18,12 @@ _OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 def json_bytes(payload: Any) -> bytes:
     """``payload`` as JSON bytes (orjson, numpy arrays included): the one encoder."""
     return orjson.dumps(payload, option=_OPTIONS)
+
+
+def current_service() -> InferenceService:
+    """The InferenceService of the app serving this request (every blueprint reaches it this way)."""
+    service: InferenceService = current_app.extensions["serving"]
+    return service
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -12,48 +12,44 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 
 from serving.errors import BadRequest, InvalidInput, UnsupportedMediaType
-from serving.http import json_response, read_body, read_json_object, request_timeout
+from serving.http import current_service, json_response, read_body, read_json_object, request_timeout
 from serving.inputs import IMAGE_TYPES, batch_from_data, batch_from_image
 from serving.service import InferenceService
 
 native = Blueprint("native", __name__)
 
 
-def _service() -> InferenceService:
-    service: InferenceService = current_app.extensions["serving"]
-    return service
-
 
 @native.get("/metadata")
 def metadata() -> Response:
-    return json_response(_service().metadata())
+    return json_response(current_service().metadata())
 
 
 @native.get("/label")
 def labels() -> Response:
-    return json_response({"labels": _service().model().meta.labels})
+    return json_response({"labels": current_service().model().meta.labels})
 
 
 @native.post("/predict")
 def predict() -> Response:
-    service = _service()
+    service = current_service()
     batch, request_id, timeout_s = _decode(service)
     return json_response({"prediction": service.predict(batch, timeout_s), "id": request_id})
 
 
 @native.post("/predict/label")
 def predict_label() -> Response:
-    service = _service()
+    service = current_service()
     batch, request_id, timeout_s = _decode(service)
     return json_response({"prediction": service.labels_for(service.predict(batch, timeout_s)), "id": request_id})
 
 
 @native.get("/predict/test/label")
 def predict_test_label() -> Response:
-    service = _service()
+    service = current_service()
     meta = service.model().meta
     data, expected = meta.sample()
     height, width = meta.input_shape

@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
-from serving.http import json_response
+from serving.http import current_service, json_response
 from serving.observability.metrics import exposition
-from serving.service import InferenceService
 
 ops = Blueprint("ops", __name__)
 
 
-def _service() -> InferenceService:
-    service: InferenceService = current_app.extensions["serving"]
-    return service
-
 
 @ops.get("/health")
 def health() -> Response:
-    service = _service()
+    service = current_service()
     meta = service.meta
     return json_response({
         "status": "ok",
@@ -44,7 +39,7 @@ def live() -> Response:
 
 @ops.get("/health/ready")
 def ready() -> Response:
-    service = _service()
+    service = current_service()
     if service.ready:
         return json_response({"status": "ready", "pid": os.getpid()})
     return json_response({"status": "loading", "error": "the model is not loaded yet", "pid": os.getpid()}, 503)

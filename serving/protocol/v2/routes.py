@@ -18,24 +18,19 @@ import re
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 
 from serving import __version__
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
-from serving.http import json_response, read_body, request_timeout
+from serving.http import current_service, json_response, read_body, request_timeout
 from serving.protocol.v2.codec import HEADER_LENGTH, decode_request, encode_response
 from serving.protocol.v2.tensors import batch_from_request, check_outputs, model_metadata, output_tensors
-from serving.service import InferenceService
 
 v2 = Blueprint("v2", __name__)
 EXTENSIONS = ["binary_tensor_data"]
 VERSION_PATTERN = re.compile(r"^[0-9]{1,9}$")
 BODY_TYPES = ("", "application/json", "application/octet-stream")
 
-
-def _service() -> InferenceService:
-    service: InferenceService = current_app.extensions["serving"]
-    return service
 
 
 def _version(name: str, version: str | None) -> int | None:
@@ -59,7 +54,7 @@ def live() -> Response:
 
 @v2.get("/v2/health/ready")
 def ready() -> Response:
-    if _service().ready:
+    if current_service().ready:
         return json_response({"ready": True})
     return json_response({"ready": False, "error": "the models are not loaded in this worker yet"}, 503)
 
@@ -67,7 +62,7 @@ def ready() -> Response:
 @v2.get("/v2/models/<name>")
 @v2.get("/v2/models/<name>/versions/<version>")
 def metadata(name: str, version: str | None = None) -> Response:
-    service = _service()
+    service = current_service()
     model = service.model(name, _version(name, version))
     g.model = model.label
     return json_response(model_metadata(model, service.versions(name)))
@@ -76,7 +71,7 @@ def metadata(name: str, version: str | None = None) -> Response:
 @v2.get("/v2/models/<name>/ready")
 @v2.get("/v2/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None) -> Response:
-    service = _service()
+    service = current_service()
     key = service.key(name, _version(name, version))
     g.model = f"{key[0]}:{key[1]}"
     body: dict[str, Any] = {"name": name, "version": str(key[1]), "ready": service.model_ready(*key)}
@@ -88,7 +83,7 @@ def model_ready(name: str, version: str | None = None) -> Response:
 @v2.post("/v2/models/<name>/infer")
 @v2.post("/v2/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None) -> Response:
-    service = _service()
+    service = current_service()
     model = service.model(name, _version(name, version))
     g.model = model.label
     decoded = decode_request(_read_body(), request.headers.get(HEADER_LENGTH))
@@ -106,7 +101,7 @@ def infer(name: str, version: str | None = None) -> Response:
 @v2.route("/v2/repository/index", methods=["GET", "POST"])
 def repository_index() -> Response:
     """The index; a POST may filter with ``{"ready": true}`` (as Triton's does)."""
-    entries = _service().index()
+    entries = current_service().index()
     body = read_body() if request.method == "POST" else b""
     if body.strip():
         try:
