@@ -7,6 +7,7 @@ must therefore not import prometheus_client (nor anything that does).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -24,6 +25,10 @@ def prepare_metrics_dir(settings: Settings, environ: MutableMapping[str, str]) -
     directory = environ.get("PROMETHEUS_MULTIPROC_DIR") or settings.metrics_dir
     if not directory:
         directory = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        owner = os.getpid()
+        # Also removed when the master exits before gunicorn's on_exit hook (a failed start); forked
+        # workers inherit atexit handlers, hence the pid check.
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(directory, ignore_errors=True))
     Path(directory).mkdir(parents=True, exist_ok=True)
     environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     return directory
