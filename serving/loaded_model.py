@@ -111,12 +111,15 @@ def _raise_deadline(_signum: int, _frame: Any) -> None:
 
 
 def _with_alarm(call: Any, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-    """Run ``call(batch)`` with SIGALRM set for the deadline (main thread only)."""
-    previous = signal.signal(signal.SIGALRM, _raise_deadline)
+    """Run ``call(batch)`` with SIGALRM set for the deadline (main thread only).
+
+    The handler is installed once per process; each call only arms and disarms the timer.
+    """
+    if signal.getsignal(signal.SIGALRM) is not _raise_deadline:
+        signal.signal(signal.SIGALRM, _raise_deadline)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
         result: np.ndarray = call(batch)
         return result
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
