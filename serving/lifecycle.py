@@ -71,11 +71,14 @@ def worker_exited(worker: Any) -> None:
 
 
 def drain_worker(worker: Any) -> None:
-    """Worker, on its way out: answer everything still queued for the model thread."""
+    """Worker, on its way out: answer everything still queued for the model thread, then flush metrics."""
+    from serving.observability.metrics import TALLY
+
     app = getattr(worker, "wsgi", None)
     service: InferenceService | None = getattr(app, "extensions", {}).get("serving")
     if service is not None:
         service.close()
+    TALLY.flush()
 
 
 class HangWatchdog(threading.Thread):

@@ -189,6 +189,11 @@ class InferenceService:
 
     # -- requests -------------------------------------------------------------------------------
     @property
+    def default_label(self) -> str:
+        """The default model as logs label it, ``name:version`` ("-" until it is resolved)."""
+        return f"{self.meta.name}:{self.meta.version}" if self.meta is not None else "-"
+
+    @property
     def ready(self) -> bool:
         """True when this process has loaded every served model (and their model threads run)."""
         return bool(self._models) and self._owner_pid == os.getpid() and all(

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import requests
 
+from serving.observability.metrics import FLUSH_SECONDS
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
@@ -105,6 +107,11 @@ class GunicornServer:
                 pass
             time.sleep(0.1)
         raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def metrics(self) -> str:
+        """``/metrics`` once every worker has flushed what it counted so far (they flush once a second)."""
+        time.sleep(FLUSH_SECONDS * 1.5)
+        return requests.get(self.url + "/metrics", timeout=5).text
 
     def log(self) -> str:
         """Everything the server wrote so far."""

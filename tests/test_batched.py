@@ -69,7 +69,7 @@ def test_concurrent_clients_get_exactly_their_own_answers(batched: tuple[Gunicor
     for i, got in enumerate(results):
         want = expected[i:i + 1] if i % 3 else expected[i:i + 2]
         np.testing.assert_allclose(got, want, atol=1e-5)
-    metrics = requests.get(srv.url + "/metrics", timeout=5).text
+    metrics = srv.metrics()
     sizes = [line for line in metrics.splitlines() if line.startswith("serving_batch_size_sum")]
     counts = [line for line in metrics.splitlines() if line.startswith("serving_batch_size_count")]
     total_samples = sum(float(line.split()[-1]) for line in sizes)
@@ -147,7 +147,7 @@ def test_metrics_add_up_across_workers(server_factory: Any, digits: Any) -> None
     pids = {requests.get(server.url + "/health", timeout=5, headers={"Connection": "close"}).json()["pid"]
             for _ in range(20)}
     assert len(pids) == 2, "both workers answered"
-    text = requests.get(server.url + "/metrics", timeout=5).text
+    text = server.metrics()
     line = 'serving_requests_total{endpoint="/predict/label",method="POST",status="200"} 200.0'
     assert line in text, [x for x in text.splitlines() if x.startswith("serving_requests_total")]
     assert 'serving_model_info{backend="onnx"' in text and "serving_inference_latency_seconds_bucket" in text

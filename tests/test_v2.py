@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from serving.app import create_app, service_of
 from serving.config import Settings
 from serving.data import load_digits_dataset
+from serving.observability.metrics import TALLY
 from tests.v2_support import multi_repo
 
 HEADER = "Inference-Header-Content-Length"
@@ -235,6 +236,7 @@ def test_repository_index(client: FlaskClient) -> None:
 
 
 def sample(name: str, **labels: str) -> float:
+    TALLY.flush()  # what /metrics does first: add this process's pending observations
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 

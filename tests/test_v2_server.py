@@ -135,6 +135,6 @@ def test_raw_http_no_content_type_limits_and_metrics(server: GunicornServer, x: 
 
 def metric_values(server: GunicornServer, *lines: str) -> list[float]:
     """The values of the given exposition lines (0 when absent)."""
-    text = requests.get(server.url + "/metrics", timeout=5).text
+    text = server.metrics()
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     return [float(values.get(line, 0.0)) for line in lines]

@@ -13,16 +13,21 @@ import re
 import sys
 import threading
 import time
+from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
-from flask import g, has_request_context
 
 from serving.config import Settings
 
+if TYPE_CHECKING:
+    from serving.exchange import Exchange
+
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
+#: The exchange (request) this thread is serving, set by ``serving.wsgi``; log records take its id.
+CURRENT_EXCHANGE: ContextVar[Exchange | None] = ContextVar("serving_exchange", default=None)
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
 
 
@@ -81,7 +86,8 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            record.request_id = g.get("request_id", "-") if has_request_context() else "-"
+            exchange = CURRENT_EXCHANGE.get()
+            record.request_id = exchange.request_id if exchange is not None else "-"
         return True
 
 

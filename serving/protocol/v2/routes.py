@@ -18,13 +18,15 @@ import re
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, request
 
 from serving import __version__
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
-from serving.http import current_service, json_response, read_body, request_timeout
+from serving.exchange import Answer, Exchange, current_exchange
+from serving.http import current_service, json_response, read_body, respond
 from serving.protocol.v2.codec import HEADER_LENGTH, decode_request, encode_response
 from serving.protocol.v2.tensors import batch_from_request, check_outputs, model_metadata, output_tensors
+from serving.service import InferenceService
 
 v2 = Blueprint("v2", __name__)
 EXTENSIONS = ["binary_tensor_data"]
@@ -64,7 +66,7 @@ def ready() -> Response:
 def metadata(name: str, version: str | None = None) -> Response:
     service = current_service()
     model = service.model(name, _version(name, version))
-    g.model = model.label
+    current_exchange().model = model.label
     return json_response(model_metadata(model, service.versions(name)))
 
 
@@ -73,7 +75,7 @@ def metadata(name: str, version: str | None = None) -> Response:
 def model_ready(name: str, version: str | None = None) -> Response:
     service = current_service()
     key = service.key(name, _version(name, version))
-    g.model = f"{key[0]}:{key[1]}"
+    current_exchange().model = f"{key[0]}:{key[1]}"
     body: dict[str, Any] = {"name": name, "version": str(key[1]), "ready": service.model_ready(*key)}
     if body["ready"]:
         return json_response(body)
@@ -83,19 +85,23 @@ def model_ready(name: str, version: str | None = None) -> Response:
 @v2.post("/v2/models/<name>/infer")
 @v2.post("/v2/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None) -> Response:
-    service = current_service()
+    return respond(infer_answer(current_exchange(), current_service(), name, version))
+
+
+def infer_answer(exchange: Exchange, service: InferenceService, name: str, version: str | None) -> Answer:
+    """``POST /v2/models/{name}[/versions/{version}]/infer``, whichever dispatcher routed it."""
     model = service.model(name, _version(name, version))
-    g.model = model.label
-    decoded = decode_request(_read_body(), request.headers.get(HEADER_LENGTH))
+    exchange.model = model.label
+    decoded = decode_request(_infer_body(exchange, service), exchange.header(HEADER_LENGTH))
     check_outputs(decoded, model.meta)
     batch = batch_from_request(decoded, model.meta, service.settings.max_batch)
-    g.batch_size = len(batch)
-    probabilities = service.predict(batch, request_timeout() or decoded.timeout_s, model)
-    document = {"model_name": name, "model_version": str(model.meta.version), "id": decoded.id or g.request_id}
+    exchange.batch_size = len(batch)
+    probabilities = service.predict(batch, exchange.timeout() or decoded.timeout_s, model)
+    document = {"model_name": name, "model_version": str(model.meta.version), "id": decoded.id or exchange.request_id}
     body, header_length = encode_response(document, output_tensors(decoded, model, probabilities))
     if header_length is None:
-        return Response(body, content_type="application/json")
-    return Response(body, content_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+        return 200, body, "application/json", None
+    return 200, body, "application/octet-stream", {HEADER_LENGTH: str(header_length)}
 
 
 @v2.route("/v2/repository/index", methods=["GET", "POST"])
@@ -115,15 +121,15 @@ def repository_index() -> Response:
     return json_response(entries)
 
 
-def _read_body() -> bytes:
+def _infer_body(exchange: Exchange, service: InferenceService) -> bytes:
     """The infer body: JSON, binary or with no Content-Type at all (v2 clients often send none)."""
-    mimetype = request.mimetype
+    mimetype = exchange.mimetype
     if mimetype not in BODY_TYPES and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(
             f"Content-Type {mimetype!r} is not accepted: send application/json, application/octet-stream (binary"
             f" tensors with {HEADER_LENGTH}) or no Content-Type"
         )
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    encoding = (exchange.header("Content-Encoding") or "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:32]!r} is not supported: send the body uncompressed")
-    return read_body()
+    return exchange.body(service.settings.max_body_bytes)
