@@ -23,6 +23,7 @@ from serving.observability import multiprocess  # noqa: E402
 multiprocess.prepare_metrics_dir(settings, os.environ)
 
 from serving import lifecycle  # noqa: E402
+from serving.observability.logging import gunicorn_logger_class  # noqa: E402
 
 # Where and how many. Default: one worker per core, each with its share of the math threads.
 bind = [settings.bind]
@@ -52,6 +53,10 @@ errorlog = settings.log_file or "-"
 capture_output = bool(settings.log_file)
 accesslog = None
 proc_name = "serving"
+# With SERVING_LOG_FORMAT=json, gunicorn's own lines (start, workers, timeouts) are JSON objects too.
+json_logger = gunicorn_logger_class(settings)
+if json_logger is not None:
+    logger_class = json_logger
 
 # Servers started side by side (tests, benchmarks) must not share gunicorn's control socket.
 control_socket_disable = True

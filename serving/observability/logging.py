@@ -126,3 +126,22 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
     logger.addHandler(handler)
     logger.debug("logging configured in pid %d", os.getpid())
     return logger
+
+
+def gunicorn_logger_class(settings: Settings) -> type | None:
+    """A gunicorn ``logger_class`` writing gunicorn's own lines as JSON too, when the format is JSON.
+
+    gunicorn formats its master and worker lines ("Listening at", "Booting worker", timeouts) with its
+    own text formatter; with ``SERVING_LOG_FORMAT=json`` a log shipper should get one format only.
+    """
+    if settings.log_format != "json":
+        return None
+    from gunicorn.glogging import Logger
+
+    class JsonGunicornLogger(Logger):  # type: ignore[misc]
+        def setup(self, cfg: Any) -> None:
+            super().setup(cfg)
+            for handler in self.error_log.handlers:  # re-run on every reload, after gunicorn's own setup
+                handler.setFormatter(JsonFormatter())
+
+    return JsonGunicornLogger
