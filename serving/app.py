@@ -9,13 +9,12 @@ fork (``gunicorn.conf.py``'s post_worker_init, or the first request).
 from __future__ import annotations
 
 from flask import Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 
 from serving.config import Settings
 from serving.errors import ServingError
-from serving.exchange import current_exchange, drain, error_answer, finish, unexpected_answer
-from serving.http import json_response, respond
-from serving.observability import metrics
+from serving.exchange import current_exchange, error_answer, finish, http_error_answer, unexpected_answer
+from serving.http import respond
 from serving.observability.logging import AccessLog, configure_logging
 from serving.protocol.docs import docs
 from serving.protocol.native import native
@@ -70,20 +69,7 @@ def _render_serving_error(error: ServingError) -> Response:
 
 
 def _render_http_error(error: HTTPException) -> Response:
-    code = error.code or 500
-    if isinstance(error, RequestEntityTooLarge):
-        metrics.REJECTED.labels("invalid").inc()
-        drain(current_exchange())
-        message = f"the body is over the limit of {request.max_content_length} bytes"
-    elif code == 404:
-        message = f"no endpoint at {request.path}"
-    elif code == 405:
-        message = f"{request.method} is not allowed on {request.path}"
-    else:
-        message = error.description or error.name
-    allowed = getattr(error, "valid_methods", None)
-    headers = {"Allow": ", ".join(allowed)} if code == 405 and allowed else None
-    return json_response({"error": message}, code, headers)
+    return respond(http_error_answer(error, current_exchange(), request.max_content_length))
 
 
 def _render_unexpected(error: Exception) -> Response:

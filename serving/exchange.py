@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import orjson
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from serving.errors import BadRequest, PayloadTooLarge, ServingError
 from serving.observability import metrics
@@ -56,9 +57,15 @@ class Exchange:
         """The Content-Type without parameters, lower case ("" when absent)."""
         return str(self.environ.get("CONTENT_TYPE", "")).partition(";")[0].strip().lower()
 
+    @property
+    def path(self) -> str:
+        """The path as the client wrote it (WSGI hands it over as latin-1; decoded as UTF-8 here)."""
+        path: str = self.environ.get("PATH_INFO", "") or "/"
+        return path if path.isascii() else path.encode("latin-1").decode("utf-8", "replace")
+
     def content_length(self) -> int | None:
         raw = self.environ.get("CONTENT_LENGTH")
-        return int(raw) if raw and raw.isdigit() else None
+        return int(raw) if raw and raw.isascii() and raw.isdigit() else None
 
     def body(self, limit: int | None) -> bytes:
         """The whole body; 413 when it is over ``limit`` (checked before reading when declared)."""
@@ -109,18 +116,36 @@ def error_answer(error: ServingError, exchange: Exchange) -> Answer:
     """The JSON answer for a ``ServingError``; counts refusals and logs server-side failures."""
     if error.reason is not None:
         metrics.REJECTED.labels(error.reason).inc()
-    environ = exchange.environ
     if error.status_code >= 500:
-        log.error("%s %s -> %d: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), error.status_code,
+        log.error("%s %s -> %d: %s", exchange.environ.get("REQUEST_METHOD"), exchange.path, error.status_code,
                   error.message)
     if error.status_code == 413:
         drain(exchange)
     return error.status_code, json_bytes({"error": error.message}), "application/json", error.headers or None
 
 
+def http_error_answer(error: HTTPException, exchange: Exchange, limit: int | None) -> Answer:
+    """The JSON answer for one of werkzeug's HTTP errors (404, 405, a 413 while parsing, a body cut short)."""
+    code = error.code or 500
+    method = exchange.environ.get("REQUEST_METHOD", "-")
+    if isinstance(error, RequestEntityTooLarge):
+        metrics.REJECTED.labels("invalid").inc()
+        drain(exchange)
+        message = f"the body is over the limit of {limit} bytes"
+    elif code == 404:
+        message = f"no endpoint at {exchange.path}"
+    elif code == 405:
+        message = f"{method} is not allowed on {exchange.path}"
+    else:
+        message = error.description or error.name
+    allowed = getattr(error, "valid_methods", None)
+    headers = {"Allow": ", ".join(allowed)} if code == 405 and allowed else None
+    return code, json_bytes({"error": message}), "application/json", headers
+
+
 def unexpected_answer(exchange: Exchange) -> Answer:
     """The 500 for an exception nothing expected: logged with its traceback, never shown to the client."""
-    log.exception("unhandled error on %s %s", exchange.environ.get("REQUEST_METHOD"), exchange.environ.get("PATH_INFO"))
+    log.exception("unhandled error on %s %s", exchange.environ.get("REQUEST_METHOD"), exchange.path)
     return 500, b'{"error":"internal server error"}', "application/json", None
 
 
@@ -146,5 +171,5 @@ def finish(exchange: Exchange, endpoint: str, status: int, default_model: str, a
     method = environ.get("REQUEST_METHOD", "-")
     elapsed = time.perf_counter() - exchange.started
     metrics.observe_request(endpoint, method, status, elapsed)
-    access_log.write(exchange.request_id, method, environ.get("PATH_INFO", "-"), status, elapsed * 1000.0,
+    access_log.write(exchange.request_id, method, exchange.path, status, elapsed * 1000.0,
                      exchange.model or default_model, exchange.batch_size)

@@ -76,9 +76,11 @@ def drain_worker(worker: Any) -> None:
 
     app = getattr(worker, "wsgi", None)
     service: InferenceService | None = getattr(app, "extensions", {}).get("serving")
-    if service is not None:
-        service.close()
-    TALLY.flush()
+    try:
+        if service is not None:
+            service.close()
+    finally:
+        TALLY.flush()
 
 
 class HangWatchdog(threading.Thread):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import partial
-from http import HTTPStatus
 from typing import Any
 
+from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
+
 from serving.errors import ServingError
-from serving.exchange import Answer, Exchange, error_answer, finish, unexpected_answer
+from serving.exchange import Answer, Exchange, error_answer, finish, http_error_answer, unexpected_answer
 from serving.observability.logging import CURRENT_EXCHANGE, AccessLog
 from serving.protocol.native import predict_answer
 from serving.protocol.v2.routes import infer_answer
@@ -27,7 +29,7 @@ from serving.service import InferenceService
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 Handler = Callable[[Exchange, InferenceService], Answer]
-STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
+STATUS_LINES = {code: f"{code} {phrase}" for code, phrase in HTTP_STATUS_CODES.items()}  # as Flask writes them
 NATIVE_ROUTES: dict[str, tuple[str, Handler]] = {
     "/predict": ("/predict", partial(predict_answer, labels=False)),
     "/predict/label": ("/predict/label", partial(predict_answer, labels=True)),
@@ -67,6 +69,8 @@ class DirectRoutes:
             status, body, content_type, extra = handler(exchange, self.service)
         except ServingError as error:
             status, body, content_type, extra = error_answer(error, exchange)
+        except HTTPException as error:  # werkzeug's, e.g. a multipart body shorter than its Content-Length
+            status, body, content_type, extra = http_error_answer(error, exchange, self.service.settings.max_body_bytes)
         except Exception:
             status, body, content_type, extra = unexpected_answer(exchange)
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
@@ -80,7 +84,8 @@ class DirectRoutes:
 
 def _route(environ: dict[str, Any]) -> tuple[str, Handler] | None:
     """(metrics endpoint label, handler) for a direct route, or None to let Flask dispatch."""
-    if environ.get("REQUEST_METHOD") != "POST" or not str(environ.get("CONTENT_LENGTH", "")).isdigit():
+    length = str(environ.get("CONTENT_LENGTH", ""))
+    if environ.get("REQUEST_METHOD") != "POST" or not (length.isascii() and length.isdigit()):
         return None
     path: str = environ.get("PATH_INFO", "")
     native = NATIVE_ROUTES.get(path)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +108,21 @@ class GunicornServer:
             time.sleep(0.1)
         raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
 
-    def metrics(self) -> str:
-        """``/metrics`` once every worker has flushed what it counted so far (they flush once a second)."""
-        time.sleep(FLUSH_SECONDS * 1.5)
-        return requests.get(self.url + "/metrics", timeout=5).text
+    def metrics(self, until: Callable[[str], bool] | None = None, timeout: float = 10.0) -> str:
+        """``/metrics`` once ``until(text)`` holds (polled until ``timeout``), else after one flush period.
+
+        Workers add their counts into the shared files once every FLUSH_SECONDS, so a scrape right
+        after the requests may not include the other workers' last second yet.
+        """
+        if until is None:
+            time.sleep(FLUSH_SECONDS * 1.5)
+            return requests.get(self.url + "/metrics", timeout=5).text
+        deadline = time.monotonic() + timeout
+        while True:
+            text = requests.get(self.url + "/metrics", timeout=5).text
+            if until(text) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.2)
 
     def log(self) -> str:
         """Everything the server wrote so far."""

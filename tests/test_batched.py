@@ -69,11 +69,12 @@ def test_concurrent_clients_get_exactly_their_own_answers(batched: tuple[Gunicor
     for i, got in enumerate(results):
         want = expected[i:i + 1] if i % 3 else expected[i:i + 2]
         np.testing.assert_allclose(got, want, atol=1e-5)
-    metrics = srv.metrics()
-    sizes = [line for line in metrics.splitlines() if line.startswith("serving_batch_size_sum")]
-    counts = [line for line in metrics.splitlines() if line.startswith("serving_batch_size_count")]
-    total_samples = sum(float(line.split()[-1]) for line in sizes)
-    total_batches = sum(float(line.split()[-1]) for line in counts)
+    def total(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    metrics = srv.metrics(until=lambda text: total(text, "serving_batch_size_sum") >= 95 + 32)
+    total_samples = total(metrics, "serving_batch_size_sum")
+    total_batches = total(metrics, "serving_batch_size_count")
     assert total_samples >= 95 + 32 and total_batches < total_samples, "requests were batched together"
     meta = requests.get(srv.url + "/metadata", timeout=5).json()
     assert meta["mode"] == "batched" and meta["batching"]["max_batch_size"] == 16
@@ -147,8 +148,8 @@ def test_metrics_add_up_across_workers(server_factory: Any, digits: Any) -> None
     pids = {requests.get(server.url + "/health", timeout=5, headers={"Connection": "close"}).json()["pid"]
             for _ in range(20)}
     assert len(pids) == 2, "both workers answered"
-    text = server.metrics()
     line = 'serving_requests_total{endpoint="/predict/label",method="POST",status="200"} 200.0'
+    text = server.metrics(until=lambda text: line in text)
     assert line in text, [x for x in text.splitlines() if x.startswith("serving_requests_total")]
     assert 'serving_model_info{backend="onnx"' in text and "serving_inference_latency_seconds_bucket" in text
     assert "serving_model_load_seconds" in text and "serving_queue_depth" in text

@@ -126,15 +126,19 @@ def test_raw_http_no_content_type_limits_and_metrics(server: GunicornServer, x: 
     before = metric_values(server, requests_line, batches_line)
     for _ in range(4):
         assert post(server, "/v2/models/digits-torch/versions/2/infer", body, {HEADER: str(len(header))}).ok
-    after = metric_values(server, requests_line, batches_line)
+    expected = [before[0] + 4, before[1] + 4]
+    after = metric_values(server, requests_line, batches_line, until=expected)
     assert [b - a for a, b in zip(before, after, strict=True)] == [4, 4]  # summed over both workers
     info = [line for line in requests.get(server.url + "/metrics", timeout=5).text.splitlines()
             if line.startswith("serving_model_info{") and 'model="digits-torch"' in line and 'version="2"' in line]
     assert len(info) == 2, info  # one per live worker: every worker loaded every served version
 
 
-def metric_values(server: GunicornServer, *lines: str) -> list[float]:
-    """The values of the given exposition lines (0 when absent)."""
-    text = server.metrics()
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    return [float(values.get(line, 0.0)) for line in lines]
+def metric_values(server: GunicornServer, *lines: str, until: list[float] | None = None) -> list[float]:
+    """The values of the given exposition lines (0 when absent), once they equal ``until`` if given."""
+
+    def values(text: str) -> list[float]:
+        found = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        return [float(found.get(line, 0.0)) for line in lines]
+
+    return values(server.metrics(until=None if until is None else lambda text: values(text) == until))

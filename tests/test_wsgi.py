@@ -8,6 +8,7 @@ observable must match: these tests send each request both ways to one real gunic
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import requests
 
 from serving.data import load_digits_dataset
+from serving.wsgi import _route
 from tests import fakes
 from tests.conftest import GunicornServer
 
@@ -153,3 +155,47 @@ def counter(server: GunicornServer, line: str) -> float:
     text = requests.get(server.url + "/metrics", timeout=5).text
     values: dict[str, Any] = dict(entry.rsplit(" ", 1) for entry in text.splitlines() if entry and entry[0] != "#")
     return float(values.get(line, 0.0))
+
+
+@pytest.mark.parametrize(("method", "path", "length", "endpoint"), [
+    ("POST", "/predict", "10", "/predict"),
+    ("POST", "/predict/label", "0", "/predict/label"),
+    ("POST", "/v2/models/digits-torch/infer", "5", "/v2/models/<name>/infer"),
+    ("POST", "/v2/models/m/versions/3/infer", "5", "/v2/models/<name>/versions/<version>/infer"),
+    ("POST", "/predict/", "10", None),  # Flask's routing decides what a trailing slash means
+    ("POST", "/predict", None, None),  # chunked
+    ("POST", "/predict", "\u00b2", None),  # a digit to str.isdigit, not to int()
+    ("GET", "/predict", "10", None),
+    ("HEAD", "/predict", "10", None),
+    ("OPTIONS", "/v2/models/m/infer", "10", None),
+    ("POST", "/v2/models//infer", "5", None),
+    ("POST", "/v2/models/m/versions//infer", "5", None),
+    ("POST", "/v2/models/m/v/3/infer", "5", None),
+    ("POST", "/v2/models/caf\u00c3\u00a9/infer", "5", None),  # non-ASCII (UTF-8 seen as latin-1): Flask decodes it
+])
+def test_which_requests_take_the_direct_route(method: str, path: str, length: str | None,
+                                              endpoint: str | None) -> None:
+    environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": path}
+    if length is not None:
+        environ["CONTENT_LENGTH"] = length
+    route = _route(environ)
+    assert (route[0] if route else None) == endpoint
+
+
+def test_a_multipart_body_cut_short_is_a_400_not_a_500(server: GunicornServer) -> None:
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + b"\x89PNG" * 10
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: cut-short\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body) + 500}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        sock.shutdown(socket.SHUT_WR)  # the promised 500 more bytes never come
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.split()[1] == b"400", reply[:500]
+    assert b'{"error":' in rest and b"Traceback" not in reply
+    time.sleep(0.2)
+    assert "unhandled error" not in server.log()

@@ -77,8 +77,11 @@ class AccessLog:
             line = (f'[{self._timestamp(now)}] [{os.getpid()}] [INFO] [{request_id}] "{method} {path}" {status}'
                     f" {latency_ms:.2f}ms model={model} batch={'-' if batch_size is None else batch_size}\n")
         stream = self._stream or sys.stderr
-        with self._lock:
-            stream.write(line)
+        try:
+            with self._lock:
+                stream.write(line)
+        except (OSError, ValueError):  # a full disk or closed stream must not fail the request it describes
+            pass
 
 
 class RequestIdFilter(logging.Filter):

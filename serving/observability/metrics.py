@@ -17,6 +17,7 @@ answers. Without that variable (tests with Flask's client) the metrics are per p
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from bisect import bisect_left
@@ -62,30 +63,31 @@ MODEL_INFO = Gauge(
 )
 
 FLUSH_SECONDS = 1.0
+log = logging.getLogger("serving")
 
 
 class Tally:
     """Per-process sums of metric increments, added into the Prometheus values by ``flush``."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: dict[Any, float] = {}
-        self._flushing = False  # whether this process has its flush thread
+        self._forget()
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
-        """In a fresh child: the parent's lock may have been held at the fork, its sums and thread are its own."""
-        self._lock = threading.Lock()
-        self._pending = {}
-        self._flushing = False
+        """(Re)start empty: in a fresh child the parent's locks may have been held at the fork, and its sums
+        and flush thread are its own."""
+        self._lock = threading.Lock()  # guards _pending: held for a few dict operations per request
+        self._flush_lock = threading.Lock()  # one flush at a time, so a returned flush() has been applied
+        self._pending: dict[Any, float] = {}
+        self._flushing = False  # whether this process has started its flush thread
 
     def add(self, value: Any, amount: float) -> None:
         """Add ``amount`` to a Prometheus value (a counter's or one histogram bucket's) at the next flush."""
         with self._lock:
             pending = self._pending
             pending[value] = pending.get(value, 0.0) + amount
-            if not self._flushing:
-                self._start_flusher()
+        if not self._flushing:
+            self._start_flusher()
 
     def inc(self, counter: Any, amount: float = 1.0) -> None:
         """``counter.inc(amount)`` (a labelled Counter child), deferred."""
@@ -93,30 +95,42 @@ class Tally:
 
     def observe(self, histogram: Any, amount: float) -> None:
         """``histogram.observe(amount)`` (a labelled Histogram child), deferred: its bucket and its sum."""
+        index = bisect_left(histogram._upper_bounds, amount)  # the first bucket with amount <= bound
         with self._lock:
             pending = self._pending
-            bucket = histogram._buckets[bisect_left(histogram._upper_bounds, amount)]
-            pending[bucket] = pending.get(bucket, 0.0) + 1.0
+            if index < len(histogram._buckets):  # NaN fits no bucket, as in Histogram.observe
+                bucket = histogram._buckets[index]
+                pending[bucket] = pending.get(bucket, 0.0) + 1.0
             total = histogram._sum
             pending[total] = pending.get(total, 0.0) + amount
-            if not self._flushing:
-                self._start_flusher()
+        if not self._flushing:
+            self._start_flusher()
 
     def flush(self) -> None:
-        """Add every pending sum into its Prometheus value now."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for value, amount in pending.items():
-            value.inc(amount)
+        """Add every pending sum into its Prometheus value; when this returns, they are visible."""
+        with self._flush_lock:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            for value, amount in pending.items():
+                value.inc(amount)
 
-    def _start_flusher(self) -> None:  # called with the lock held, once per process
-        self._flushing = True
-        threading.Thread(target=self._flush_forever, name="metrics-flush", daemon=True).start()
+    def _start_flusher(self) -> None:
+        with self._lock:
+            if self._flushing:
+                return
+            self._flushing = True  # also when the thread cannot start: /metrics and worker exit still flush
+        try:
+            threading.Thread(target=self._flush_forever, name="metrics-flush", daemon=True).start()
+        except RuntimeError:
+            log.warning("cannot start the metrics flush thread; metrics are flushed by /metrics and at exit only")
 
     def _flush_forever(self) -> None:
         stop = threading.Event()
         while not stop.wait(FLUSH_SECONDS):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # never let the thread die: the next second retries with new sums
+                log.exception("flushing metrics failed")
 
 
 TALLY = Tally()
