@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -143,16 +144,19 @@ def draw_charts(results: list[Result], out_dir: Path, ramp_history: Path | None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=100)
+
     names = [r.name for r in results]
-    paths = []
+    paths: list[Path] = []
     fig, ax = plt.subplots(figsize=(9, 3.8))
     ax.barh(names, [r.rps for r in results], color="tab:blue")
     ax.set_xlabel("requests/s (locust, native API)")
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "throughput.png")
-    fig.savefig(paths[-1], dpi=100)
+    save(fig, "throughput.png")
     fig, ax = plt.subplots(figsize=(9, 3.8))
     height = 0.27
     for offset, (key, color) in enumerate((("p50", "tab:green"), ("p95", "tab:orange"), ("p99", "tab:red"))):
@@ -163,9 +167,7 @@ def draw_charts(results: list[Result], out_dir: Path, ramp_history: Path | None)
     ax.set_xlabel("latency (ms)")
     ax.legend()
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "latency.png")
-    fig.savefig(paths[-1], dpi=100)
+    save(fig, "latency.png")
     if ramp_history is not None and ramp_history.exists():
         users, rps, p99 = [], [], []
         with open(ramp_history, newline="") as handle:
@@ -182,9 +184,7 @@ def draw_charts(results: list[Result], out_dir: Path, ramp_history: Path | None)
         twin.plot(users, p99, ".", color="tab:red", label="p99 ms")
         twin.set_ylabel("p99 (ms)")
         fig.legend(loc="upper left")
-        fig.tight_layout()
-        paths.append(out_dir / "step-ramp.png")
-        fig.savefig(paths[-1], dpi=100)
+        save(fig, "step-ramp.png")
     plt.close("all")
     return paths
 

@@ -32,16 +32,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import ROOT  # noqa: E402
-from serving.data import MNIST_FILES, load_digits_dataset, load_mnist  # noqa: E402
+from serving.data import MNIST_FILES, load_digits_dataset, load_mnist, write_idx  # noqa: E402
 
 NAME = "mnist28-torch"
 SIDE = 28
 BOX = 20  # MNIST centres each digit's 20x20 box in the 28x28 image; so do we
 EPOCHS = 20  # the digits recipe (serving.training.DEFAULTS["small", "digits"]): same 1,437 training images
 BATCH_SIZE = 32
-# IDX header: two zero bytes, the type code 0x08 (unsigned byte), the number of dimensions; then each
-# dimension as a big-endian uint32 (http://yann.lecun.com/exdb/mnist/).
-IDX_UBYTE = 0x08
 
 
 def upscale(images: np.ndarray, side: int = SIDE, box: int = BOX) -> np.ndarray:
@@ -58,14 +55,6 @@ def upscale(images: np.ndarray, side: int = SIDE, box: int = BOX) -> np.ndarray:
             (box, box), Image.Resampling.BILINEAR)
         out[index, top:top + box, top:top + box] = np.clip(np.rint(np.asarray(resized)), 0, 255).astype(np.uint8)
     return out
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an unsigned-byte IDX file (MNIST's format, uncompressed)."""
-    if array.dtype != np.uint8 or not 1 <= array.ndim <= 255:
-        raise ValueError(f"IDX needs a uint8 array with 1-255 dimensions, got {array.dtype} {array.shape}")
-    header = bytes([0, 0, IDX_UBYTE, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    path.write_bytes(header + np.ascontiguousarray(array).tobytes())
 
 
 def write_mnist_shaped(data_dir: Path, side: int = SIDE, seed: int = 0) -> Path:

@@ -88,6 +88,16 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an unsigned-byte IDX file, gzipped when the name ends in ``.gz`` (``read_idx``'s
+    inverse: what makes MNIST-format files out of other data)."""
+    if array.dtype != np.uint8 or not 1 <= array.ndim <= 255:
+        raise ValueError(f"IDX needs a uint8 array with 1-255 dimensions, got {array.dtype} {array.shape}")
+    header = bytes([0, 0, IDX_UBYTE, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    payload = header + np.ascontiguousarray(array).tobytes()
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
 def _find_idx(data_dir: Path, stem: str) -> Path | None:
     for candidate in (data_dir / stem, data_dir / f"{stem}.gz"):
         if candidate.is_file():

@@ -67,12 +67,17 @@ class Exchange:
         raw = self.environ.get("CONTENT_LENGTH")
         return int(raw) if raw and raw.isascii() and raw.isdigit() else None
 
+    def declared_length(self, limit: int | None) -> int | None:
+        """The Content-Length (None when chunked); 413 before anything is read when it is over ``limit``."""
+        length = self.content_length()
+        if length is not None and limit is not None and length > limit:
+            raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
+        return length
+
     def body(self, limit: int | None) -> bytes:
         """The whole body; 413 when it is over ``limit`` (checked before reading when declared)."""
-        length = self.content_length()
+        length = self.declared_length(limit)
         if length is not None:
-            if limit is not None and length > limit:
-                raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
             data: bytes = self.environ["wsgi.input"].read(length)
             return data
         if not self.environ.get("wsgi.input_terminated"):  # no length, no end marker: nothing safe to read
@@ -146,7 +151,7 @@ def http_error_answer(error: HTTPException, exchange: Exchange, limit: int | Non
 def unexpected_answer(exchange: Exchange) -> Answer:
     """The 500 for an exception nothing expected: logged with its traceback, never shown to the client."""
     log.exception("unhandled error on %s %s", exchange.environ.get("REQUEST_METHOD"), exchange.path)
-    return 500, b'{"error":"internal server error"}', "application/json", None
+    return 500, json_bytes({"error": "internal server error"}), "application/json", None
 
 
 def drain(exchange: Exchange) -> None:

@@ -53,7 +53,7 @@ class DirectRoutes:
         if in_flight is not None:
             in_flight.enter()
         try:
-            route = _route(environ)
+            route = _route(exchange)
             if route is None:
                 return self.flask_app(environ, start_response)
             endpoint, handler = route
@@ -82,10 +82,10 @@ class DirectRoutes:
         return [body]
 
 
-def _route(environ: dict[str, Any]) -> tuple[str, Handler] | None:
+def _route(exchange: Exchange) -> tuple[str, Handler] | None:
     """(metrics endpoint label, handler) for a direct route, or None to let Flask dispatch."""
-    length = str(environ.get("CONTENT_LENGTH", ""))
-    if environ.get("REQUEST_METHOD") != "POST" or not (length.isascii() and length.isdigit()):
+    environ = exchange.environ
+    if environ.get("REQUEST_METHOD") != "POST" or exchange.content_length() is None:
         return None
     path: str = environ.get("PATH_INFO", "")
     native = NATIVE_ROUTES.get(path)
@@ -95,11 +95,8 @@ def _route(environ: dict[str, Any]) -> tuple[str, Handler] | None:
         return None
     parts = path.split("/")  # ["", "v2", "models", name, "infer"] or [..., name, "versions", version, "infer"]
     if len(parts) == 5 and parts[3]:
-        return "/v2/models/<name>/infer", partial(_infer, name=parts[3], version=None)
+        return "/v2/models/<name>/infer", partial(infer_answer, name=parts[3], version=None)
     if len(parts) == 7 and parts[3] and parts[4] == "versions" and parts[5]:
-        return "/v2/models/<name>/versions/<version>/infer", partial(_infer, name=parts[3], version=parts[5])
+        return "/v2/models/<name>/versions/<version>/infer", partial(infer_answer, name=parts[3], version=parts[5])
     return None
 
-
-def _infer(exchange: Exchange, service: InferenceService, name: str, version: str | None) -> Answer:
-    return infer_answer(exchange, service, name, version)

@@ -151,7 +151,11 @@ class GunicornServer:
         return self.proc.returncode
 
     def __enter__(self) -> GunicornServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # never ready: stop what started anyway, __exit__ will not run
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import gzip
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from serving.data import MNIST_FILES, DatasetError, load_dataset, load_digits_dataset, load_mnist, read_idx
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-    if path.suffix == ".gz":
-        payload = gzip.compress(payload)
-    path.write_bytes(payload)
+from serving.data import (
+    MNIST_FILES,
+    DatasetError,
+    load_dataset,
+    load_digits_dataset,
+    load_mnist,
+    read_idx,
+    write_idx,
+)
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -15,11 +15,10 @@ import numpy as np
 import orjson
 import pytest
 
-from serving.data import MNIST_FILES, load_digits_dataset
+from serving.data import MNIST_FILES, load_digits_dataset, write_idx
 from serving.repository import ModelRepository, sha256_file
 from serving.training import TrainingError, check_onnx
 from tests.conftest import ROOT, clean_env, train
-from tests.test_data import write_idx
 
 NAMES = {"digits-tf": "tensorflow", "digits-torch": "pytorch"}
 NATIVE = {"tensorflow": "model.keras", "pytorch": "model.pt"}

@@ -25,13 +25,9 @@ MAX_BODY = 64 * 1024
 @pytest.fixture(scope="module")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     repo = multi_repo(model_repo, tmp_path_factory.mktemp("v2-server") / "models")
-    srv = GunicornServer(repo, tmp_path_factory.mktemp("logs"), backend="onnx", models="*", max_batch=64,
-                         max_body_bytes=MAX_BODY)
-    srv.start()
-    try:
+    with GunicornServer(repo, tmp_path_factory.mktemp("logs"), backend="onnx", models="*", max_batch=64,
+                        max_body_bytes=MAX_BODY) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

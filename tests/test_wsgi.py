@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from serving.data import load_digits_dataset
+from serving.exchange import Exchange
 from serving.wsgi import _route
 from tests import fakes
 from tests.conftest import GunicornServer
@@ -30,14 +31,9 @@ MAX_BODY = 64 * 1024
 
 @pytest.fixture(scope="module")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
-    srv = GunicornServer(model_repo, tmp_path_factory.mktemp("wsgi"), model="digits-torch",
-                         backend="tests.fakes:FaultyOnnx",
-                         max_body_bytes=MAX_BODY, workers=1)
-    srv.start()
-    try:
+    with GunicornServer(model_repo, tmp_path_factory.mktemp("wsgi"), model="digits-torch",
+                        backend="tests.fakes:FaultyOnnx", max_body_bytes=MAX_BODY, workers=1) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +174,7 @@ def test_which_requests_take_the_direct_route(method: str, path: str, length: st
     environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": path}
     if length is not None:
         environ["CONTENT_LENGTH"] = length
-    route = _route(environ)
+    route = _route(Exchange(environ))
     assert (route[0] if route else None) == endpoint
 
 

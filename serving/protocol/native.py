@@ -95,9 +95,7 @@ def _decode(exchange: Exchange, service: InferenceService) -> tuple[np.ndarray, 
 
 def _uploaded_file(exchange: Exchange, limit: int) -> bytes:
     """The bytes of the multipart field ``file``."""
-    length = exchange.content_length()
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}")
+    exchange.declared_length(limit)
     try:
         _stream, _form, files = parse_form_data(
             exchange.environ, max_content_length=limit, max_form_memory_size=MAX_FORM_MEMORY,
