@@ -1,7 +1,10 @@
-# make serve   fresh machine: venv + requirements, trains default models if models/ is empty, starts gunicorn
-# make test    the whole test suite (what .ci/run runs)
-# make bench   the throughput benchmark (writes reports/bench-<date>.md); needs wrk (apt-get install wrk)
-# make loadtest  locust matrix of modes, updates the README comparison (LOADTEST_ARGS=--quick for ~2 min)
+# make serve       fresh machine: venv + requirements + the package, trains the default models if models/ is
+#                  empty, starts gunicorn with gunicorn.conf.py on 127.0.0.1:8000
+# make test        the whole suite, real servers included (what .ci/run runs); installs the system packages
+# make test-fast   the in-process layer only (Flask test client, unit tests): under a minute
+# make bench       the throughput benchmark (writes reports/bench-<date>.md); installs wrk
+# make loadtest    locust matrix of modes (LOADTEST_ARGS=--quick for ~2 min)
+# make docs        regenerate docs/settings.md and the endpoint table in docs/api.md
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -9,13 +12,17 @@ PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 LOADTEST_ARGS ?=
+# Debian packages (package[:command]) each target needs; scripts/system-packages.sh installs them as root.
+TEST_PACKAGES := nginx
+BENCH_PACKAGES := wrk
 
-.PHONY: venv train serve test bench bench-batching loadtest lint clean
+.PHONY: venv train serve test test-fast bench bench-batching loadtest docs lint clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps --no-build-isolation -e . >/dev/null
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,20 +35,29 @@ serve: venv
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py flask_server:app
 
 test: venv
+	scripts/system-packages.sh $(TEST_PACKAGES)
 	$(PY) -m pytest
 
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
 bench: venv
-	$(PY) bench/throughput.py
+	scripts/system-packages.sh $(BENCH_PACKAGES)
+	$(PY) -m bench.throughput
 
 bench-batching: venv
-	$(PY) bench/batching.py
+	scripts/system-packages.sh $(BENCH_PACKAGES)
+	$(PY) -m bench.batching
 
 loadtest: venv
 	@if [ -z "$$(ls -A models 2>/dev/null)" ]; then $(PY) train.py; fi
-	$(PY) bench/loadtest.py --step-ramp onnx-batched --update-readme $(LOADTEST_ARGS)
+	$(PY) -m bench.loadtest --step-ramp onnx-batched --update-docs $(LOADTEST_ARGS)
+
+docs: venv
+	$(VENV)/bin/serving docs
 
 lint: venv
-	$(VENV)/bin/ruff check serving tests bench train.py flask_server.py gunicorn.conf.py
+	$(VENV)/bin/ruff check serving tests bench train.py flask_server.py gunicorn.conf.py locustfile.py
 
 clean:
 	rm -rf .pytest_cache reports/*/ run/*.pid run/*.log

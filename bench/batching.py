@@ -1,6 +1,6 @@
 """Process vs threaded vs batched mode on the heavy ``large`` model, across client concurrency.
 
-    python bench/batching.py [--seconds 8] [--concurrency 1,8,32,64] [--backends pytorch,onnx,tensorflow]
+    python -m bench.batching [--seconds 8] [--concurrency 1,8,32,64] [--backends pytorch,onnx,tensorflow]
 
 Trains ``digits-large-tf`` / ``digits-large-torch`` with ``train.py --arch large`` if they are missing,
 then for each backend and mode starts gunicorn (-w 2, as shipped) and drives ``POST /predict`` (one
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.harness import ROOT, Server, WrkResult, run_wrk, wrk_script  # noqa: E402
-from serving.data import load_digits_dataset  # noqa: E402
+from bench.harness import ROOT, WrkResult, run_wrk, wrk_script
+from serving.data import load_digits_dataset
+from serving.testing import GunicornServer
 
 MODELS = {"pytorch": "digits-large-torch", "onnx": "digits-large-torch", "tensorflow": "digits-large-tf"}
 MODES = {"pytorch": ["process", "batched"], "onnx": ["process", "threaded", "batched"],
@@ -66,8 +65,8 @@ def main() -> None:
             if mode == "threaded":
                 env["SERVING_THREADS"] = str(args.threads)
             slug = f"{backend}-{mode}"
-            with Server("flask_server:app", "gunicorn.conf.py", env, ["--no-control-socket"],
-                        out_dir / f"{slug}.log") as server:
+            with GunicornServer(None, out_dir, ["--no-control-socket"], cwd=ROOT, env=env,
+                                log_file=out_dir / f"{slug}.log") as server:
                 for level in levels:
                     result = run_wrk(server.url + "/predict", script, level, args.seconds)
                     (out_dir / f"{slug}-c{level}.txt").write_text(result.raw)
@@ -101,7 +100,7 @@ def head_to_head(backends: list[str], args: argparse.Namespace, out_dir: Path, s
                        "SERVING_BACKEND": backend, "SERVING_MODE": mode, "SERVING_WORKERS": str(args.workers),
                        "TF_CPP_MIN_LOG_LEVEL": "2"}
                 log = out_dir / f"solo-{backend}-{mode}.log"
-                server = Server("flask_server:app", "gunicorn.conf.py", env, ["--no-control-socket"], log)
+                server = GunicornServer(None, out_dir, ["--no-control-socket"], cwd=ROOT, env=env, log_file=log)
                 servers[mode] = stack.enter_context(server)
             runs: dict[str, list[float]] = {"process": [], "batched": []}
             for _ in range(3):

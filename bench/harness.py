@@ -1,33 +1,17 @@
-"""Shared benchmark plumbing: start a gunicorn server, drive it with wrk, parse what wrk says.
+"""Shared benchmark plumbing: drive a server with wrk and parse what wrk says (servers: ``serving.testing``).
 
 Load only ever targets 127.0.0.1 and every run is bounded by wrk's ``-d`` duration.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -40,53 +24,6 @@ class WrkResult:
     requests: int
     errors: int  # non-2xx answers plus socket errors
     raw: str
-
-
-class Server:
-    """A gunicorn process group on a free loopback port, stopped by ``stop`` (or the with-block)."""
-
-    def __init__(self, app: str, config: str, env: dict[str, str], args: list[str], log_path: Path,
-                 ready_path: str = "/health") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [GUNICORN, "-c", config, "-b", f"127.0.0.1:{self.port}", *args, app]
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}, **env}
-        self.env["SERVING_BIND"] = f"127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.ready_path = ready_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Server:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: see {self.log_path}")
-            try:
-                answer = requests.request("GET" if self.ready_path != "/predict" else "POST",
-                                          self.url + self.ready_path, json={}, timeout=2)
-                if answer.status_code < 500:
-                    time.sleep(2)  # let every worker finish loading, not just the first to answer
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready in 120 s: see {self.log_path}")
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 def wrk_script(path: Path, body: bytes, content_type: str = "application/json") -> Path:

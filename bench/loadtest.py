@@ -1,15 +1,15 @@
 """Which mode should I run? A bounded matrix of real servers under locust, with a readable report.
 
     make loadtest                                   # the full matrix (about 5 minutes)
-    python bench/loadtest.py --quick                # three configurations, about two minutes
-    python bench/loadtest.py --configs tf-threaded,onnx-batched --users 32 --duration 30 --workers 2
-    python bench/loadtest.py --step-ramp onnx-batched   # also find that configuration's saturation point
+    python -m bench.loadtest --quick                # three configurations, about two minutes
+    python -m bench.loadtest --configs tf-threaded,onnx-batched --users 32 --duration 30 --workers 2
+    python -m bench.loadtest --step-ramp onnx-batched   # also find that configuration's saturation point
 
 For each configuration: start ``gunicorn -c gunicorn.conf.py flask_server:app`` on a free loopback
 port, wait until every worker is ready, run ``locust --headless`` (locustfile.py, tag ``native``) for
 a fixed time and user count while sampling CPU% and RSS of every worker process, stop the server,
 and collect locust's CSV stats. Writes ``reports/loadtest-<stamp>/`` (raw CSVs, ``summary.md``,
-PNG charts) and, with ``--update-readme``, the README's comparison section and ``docs/loadtest/``.
+PNG charts) and, with ``--update-docs``, the comparison section of docs/benchmarks.md and ``docs/loadtest/``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from typing import Any
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.harness import ROOT, Server  # noqa: E402
+from bench.harness import ROOT
+from serving.testing import GunicornServer
 
 LOCUST = str(Path(sys.executable).with_name("locust"))
 CONFIGS = {  # name: (label, model, backend, mode)
@@ -43,7 +42,7 @@ CONFIGS = {  # name: (label, model, backend, mode)
     "onnx-batched": ("ONNX batched", "digits-torch", "onnx", "batched"),
 }
 QUICK = ["tf-threaded", "torch-process", "onnx-batched"]
-README_START, README_END = "<!-- loadtest:start -->", "<!-- loadtest:end -->"
+SECTION_START, SECTION_END = "<!-- loadtest:start -->", "<!-- loadtest:end -->"
 
 
 @dataclass
@@ -93,8 +92,8 @@ def run_config(name: str, args: argparse.Namespace, out_dir: Path, step_ramp: bo
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     tag = f"{name}-ramp" if step_ramp else name
     result = Result(label + (" (step ramp)" if step_ramp else ""), f"{args.workers} x {threads}")
-    with Server("flask_server:app", "gunicorn.conf.py", env, ["--no-control-socket"], out_dir / f"{tag}.log",
-                ready_path="/health/ready") as server:
+    with GunicornServer(None, out_dir, ["--no-control-socket"], cwd=ROOT, env=env,
+                        log_file=out_dir / f"{tag}.log") as server:
         assert server.proc is not None
         sampler = ResourceSampler(server.proc.pid)
         command = [LOCUST, "-f", str(ROOT / "locustfile.py"), "--host", server.url, "--headless", "--only-summary",
@@ -202,7 +201,7 @@ def main() -> None:
     parser.add_argument("--ramp-max-users", type=int, default=96)
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--out", type=Path, default=None, help="report directory (default reports/loadtest-<stamp>)")
-    parser.add_argument("--update-readme", action="store_true", help="write the README's comparison section")
+    parser.add_argument("--update-docs", action="store_true", help="write the comparison section of docs/benchmarks.md")
     args = parser.parse_args()
     names = QUICK if args.quick else [n.strip() for n in args.configs.split(",") if n.strip()]
     if args.quick:
@@ -239,23 +238,24 @@ def main() -> None:
     charts_md = "\n".join(f"![{p.stem}]({p.name})" for p in charts)
     (out_dir / "summary.md").write_text(header + table + "\n\n" + charts_md + "\n")
     print("\n" + table + f"\n\nreport: {out_dir / 'summary.md'}")
-    if args.update_readme:
-        update_readme(header, table, charts, out_dir)
+    if args.update_docs:
+        update_docs(header, table, charts, out_dir)
 
 
-def update_readme(header: str, table: str, charts: list[Path], out_dir: Path) -> None:
-    """Replace the README's comparison section with this run's table and charts (copied to docs/)."""
+def update_docs(header: str, table: str, charts: list[Path], out_dir: Path) -> None:
+    """Replace the comparison section of docs/benchmarks.md with this run's table and charts (copied to docs/)."""
     docs = ROOT / "docs" / "loadtest"
     docs.mkdir(parents=True, exist_ok=True)
     for chart in charts:
         shutil.copy(chart, docs / chart.name)
-    images = "\n".join(f"![{c.stem}](docs/loadtest/{c.name})" for c in charts)
+    images = "\n".join(f"![{c.stem}](loadtest/{c.name})" for c in charts)
     body = header.split("\n", 2)[2].strip()
-    section = f"{README_START}\n{body}\n\n{table}\n\n{images}\n{README_END}"
-    readme = (ROOT / "README.md").read_text()
-    start, end = readme.index(README_START), readme.index(README_END) + len(README_END)
-    (ROOT / "README.md").write_text(readme[:start] + section + readme[end:])
-    print(f"README comparison section updated from {out_dir.name}")
+    section = f"{SECTION_START}\n{body}\n\n{table}\n\n{images}\n{SECTION_END}"
+    page = ROOT / "docs" / "benchmarks.md"
+    text = page.read_text()
+    start, end = text.index(SECTION_START), text.index(SECTION_END) + len(SECTION_END)
+    page.write_text(text[:start] + section + text[end:])
+    print(f"docs/benchmarks.md comparison section updated from {out_dir.name}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """An MNIST-shaped (28x28) model made locally, without downloading anything.
 
-    python bench/mnist_shaped.py [--data-dir DIR] [--repo models] [--name mnist28-torch] [--side 28]
+    python -m bench.mnist_shaped [--data-dir DIR] [--repo models] [--name mnist28-torch] [--side 28]
 
 The product serves MNIST-style classifiers, whose inputs are 28x28, but MNIST itself cannot be
 downloaded here. This stands in for it honestly: it takes scikit-learn's bundled 8x8 digits (1,797
@@ -29,10 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.harness import ROOT  # noqa: E402
-from serving.data import MNIST_FILES, load_digits_dataset, load_mnist, write_idx  # noqa: E402
+from bench.harness import ROOT
+from serving.data import MNIST_FILES, load_digits_dataset, load_mnist, write_idx
 
 NAME = "mnist28-torch"
 SIDE = 28

@@ -1,6 +1,6 @@
 """Soak: minutes of mixed load on one server, recording memory per worker, failures and latency drift.
 
-    python bench/soak.py [--minutes 10] [--users 16] [--mode batched] [--backend onnx]
+    python -m bench.soak [--minutes 10] [--users 16] [--mode batched] [--backend onnx]
 
 Starts gunicorn (gunicorn.conf.py, -w 2), runs locust headless with every native task (JSON,
 probabilities, PNG uploads; answers checked) for ``--minutes``, samples each worker's RSS every
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -21,10 +20,9 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.harness import ROOT, Server  # noqa: E402
-from bench.loadtest import LOCUST  # noqa: E402
+from bench.harness import ROOT
+from bench.loadtest import LOCUST
+from serving.testing import GunicornServer
 
 
 def main() -> None:
@@ -44,8 +42,8 @@ def main() -> None:
     env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": args.model, "SERVING_BACKEND": args.backend,
            "SERVING_MODE": args.mode, "SERVING_WORKERS": str(args.workers), "TF_CPP_MIN_LOG_LEVEL": "2"}
     samples: list[tuple[float, int, float]] = []  # (seconds since start, pid, rss MB)
-    with Server("flask_server:app", "gunicorn.conf.py", env, ["--no-control-socket"], out_dir / "server.log",
-                ready_path="/health/ready") as server:
+    with GunicornServer(None, out_dir, ["--no-control-socket"], cwd=ROOT, env=env,
+                        log_file=out_dir / "server.log") as server:
         assert server.proc is not None
         master = psutil.Process(server.proc.pid)
         stop = threading.Event()

@@ -1,6 +1,6 @@
 """Throughput of each backend x mode against a no-op Flask floor, under the same gunicorn settings.
 
-    python bench/throughput.py [--seconds 10] [--connections 32] [--workers 2] [--repo models]
+    python -m bench.throughput [--seconds 10] [--connections 32] [--workers 2] [--repo models]
 
 Starts each server in turn (nothing else should be running), drives ``POST /predict`` with one
 digits sample per request using wrk on 127.0.0.1, and writes ``reports/bench-<date>.md`` plus the
@@ -13,16 +13,14 @@ The model server runs as shipped: request ids, access logging and input validati
 from __future__ import annotations
 
 import argparse
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.harness import ROOT, Server, WrkResult, run_wrk, wrk_script  # noqa: E402
-from serving.data import load_digits_dataset  # noqa: E402
+from bench.harness import ROOT, WrkResult, run_wrk, wrk_script
+from serving.data import load_digits_dataset
+from serving.testing import GunicornServer
 
 CONFIGS = [  # (label, model, backend, mode, target ratio to the floor)
     ("onnx / process", "digits-torch", "onnx", "process", 0.85),
@@ -54,8 +52,9 @@ def main() -> None:
 
     def floor(tag: str) -> WrkResult:
         print(f"no-op floor ({tag}) ...", flush=True)
-        with Server("bench.noop_app:app", "bench/noop.conf.py", {}, [*common, "-k", "sync"],
-                    out_dir / f"noop-{tag}.log", ready_path="/predict") as server:
+        with GunicornServer(None, out_dir, [*common, "-k", "sync"], cwd=ROOT, app="bench.noop_app:app",
+                            config="bench/noop.conf.py", ready="answer", ready_path="/predict",
+                            log_file=out_dir / f"noop-{tag}.log") as server:
             result = run_wrk(server.url + "/predict", script, args.connections, args.seconds)
         (out_dir / f"noop-{tag}.txt").write_text(result.raw)
         print(f"  {result.requests_per_s:,.0f} req/s", flush=True)
@@ -72,7 +71,7 @@ def main() -> None:
                    "SERVING_MODE": mode, "SERVING_THREADS": str(args.threads), "SERVING_WORKERS": str(args.workers),
                    "TF_CPP_MIN_LOG_LEVEL": "2"}
             slug = f"{label.replace(' / ', '-')}-r{round_number}"
-            with Server("flask_server:app", "gunicorn.conf.py", env, [*common], out_dir / f"{slug}.log") as server:
+            with GunicornServer(None, out_dir, common, cwd=ROOT, env=env, log_file=out_dir / f"{slug}.log") as server:
                 result = run_wrk(server.url + "/predict", script, args.connections, args.seconds)
             (out_dir / f"{slug}.txt").write_text(result.raw)
             round_results.append((label, result))

@@ -1,6 +1,6 @@
 """Native JSON vs v2 JSON vs v2 binary tensors, with 1 and 64 samples per request, in samples/s.
 
-    python bench/v2.py [--seconds 8] [--connections 16] [--workers 2] [--models digits-torch,mnist28-torch]
+    python -m bench.v2 [--seconds 8] [--connections 16] [--workers 2] [--models digits-torch,mnist28-torch]
                        [--backend onnx]
 
 For each model (by default the bundled 8x8 ``digits-torch`` and the 28x28 ``mnist28-torch``, which
@@ -18,7 +18,6 @@ request, v2 binary serves >= 3x the samples/s of native JSON. ``--model NAME`` b
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,17 +30,16 @@ import numpy as np
 import orjson
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import mnist_shaped  # noqa: E402
-from bench.harness import ROOT, Server, WrkResult, run_wrk, wrk_script  # noqa: E402
-from serving.backends import backend_class  # noqa: E402
-from serving.data import load_digits_dataset  # noqa: E402
-from serving.http import json_bytes  # noqa: E402
-from serving.inputs import batch_from_data  # noqa: E402
-from serving.protocol.v2.codec import InferenceRequest, decode_request, encode_response  # noqa: E402
-from serving.protocol.v2.tensors import batch_from_request, output_tensors  # noqa: E402
-from serving.repository import ModelMetadata, ModelRepository  # noqa: E402
+from bench import mnist_shaped
+from bench.harness import ROOT, WrkResult, run_wrk, wrk_script
+from serving.backends import backend_class
+from serving.data import load_digits_dataset
+from serving.encoding import json_bytes
+from serving.inputs import batch_from_data
+from serving.protocol.v2.codec import InferenceRequest, decode_request, encode_response
+from serving.protocol.v2.tensors import batch_from_request, output_tensors
+from serving.repository import ModelMetadata, ModelRepository
+from serving.testing import GunicornServer
 
 HEADER = "Inference-Header-Content-Length"
 TARGET = 3.0
@@ -173,7 +171,8 @@ def bench_model(model: str, args: argparse.Namespace, out_dir: Path) -> ModelRun
     paths = {"native": "/predict", "v2": f"/v2/models/{model}/infer"}
     results: dict[str, WrkResult] = {}
     print(f"== {model} ({'x'.join(map(str, meta.input_shape))} inputs) on {args.backend}", flush=True)
-    with Server("flask_server:app", "gunicorn.conf.py", env, ["--no-control-socket"], out_dir / "server.log") as srv:
+    with GunicornServer(None, out_dir, ["--no-control-socket"], cwd=ROOT, env=env,
+                        log_file=out_dir / "server.log") as srv:
         reference: dict[int, np.ndarray] = {}
         for label, (kind, body, headers) in cases.items():  # every body is correct before it is timed
             answer = requests.post(srv.url + paths[kind], data=body, headers=headers, timeout=10)

@@ -1,49 +1,46 @@
 """``create_app()``: the Flask application behind gunicorn.
 
-Registers the blueprints, one error renderer for every failure (``{"error": message}``), request
-ids and access logging, and installs ``DirectRoutes`` in front of Flask for the inference POSTs.
-Creating the app reads settings and sets up logging only; the model is loaded in each worker after
-fork (``gunicorn.conf.py``'s post_worker_init, or the first request).
+Generates one Flask URL rule per entry of the endpoint table, renders every failure with the one
+error renderer (``{"error": message}``), counts and logs every answer, and installs the
+``Dispatcher`` in front of Flask (request state for every request; the direct routes). Creating the
+app reads settings and sets up logging only; the model is loaded in each worker after fork
+(``gunicorn.conf.py``'s post_worker_init, or the first request).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 from flask import Flask, Response, current_app, request
-from werkzeug.exceptions import HTTPException
 
+from serving.answers import Answer, answer_for_exception
 from serving.config import Settings
-from serving.errors import ServingError
-from serving.exchange import current_exchange, error_answer, finish, http_error_answer, unexpected_answer
-from serving.http import respond
+from serving.dispatch import Dispatcher, finish
+from serving.endpoints import ENDPOINTS
 from serving.observability.logging import AccessLog, configure_logging
-from serving.protocol.docs import docs
-from serving.protocol.native import native
-from serving.protocol.ops import ops
-from serving.protocol.v2 import v2
+from serving.request import current_request
+from serving.routing import Endpoint, Router
 from serving.service import InferenceService
-from serving.wsgi import DirectRoutes
-
-BLUEPRINTS = [ops, native, v2, docs]
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the WSGI app for ``settings`` (default: from the environment)."""
+def create_app(settings: Settings | None = None, endpoints: Iterable[Endpoint] = ENDPOINTS) -> Flask:
+    """Build the WSGI app for ``settings`` (default: from the environment) routing ``endpoints``."""
     settings = settings or Settings.from_env()
     configure_logging(settings)
     app = Flask("serving")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     service = InferenceService(settings)
     access_log = AccessLog(settings)
+    router = Router(endpoints)
     app.extensions["serving"] = service
     app.extensions["serving.settings"] = settings
     app.extensions["serving.access_log"] = access_log
-    for blueprint in BLUEPRINTS:
-        app.register_blueprint(blueprint)
+    app.extensions["serving.router"] = router
+    router.register(app, _view)
     app.after_request(_finish_request)
-    app.register_error_handler(ServingError, _render_serving_error)
-    app.register_error_handler(HTTPException, _render_http_error)
-    app.register_error_handler(Exception, _render_unexpected)
-    app.wsgi_app = DirectRoutes(app.wsgi_app, service, access_log)  # type: ignore[method-assign]
+    app.register_error_handler(Exception, _render_error)  # Flask sends werkzeug's HTTP errors here too
+    app.wsgi_app = Dispatcher(app.wsgi_app, router, service, access_log)  # type: ignore[method-assign]
     return app
 
 
@@ -53,24 +50,32 @@ def service_of(app: Flask) -> InferenceService:
     return service
 
 
+def _respond(answer: Answer) -> Response:
+    status, body, content_type, headers = answer
+    return Response(body, status=status, headers=headers, content_type=content_type)
+
+
+def _view(endpoint: Endpoint) -> Callable[..., Response]:
+    """The Flask view for one endpoint: its handler with this request's state and the app's service."""
+
+    def view(**params: Any) -> Response:
+        return _respond(endpoint.handler(current_request(), service_of(current_app), **params))  # type: ignore[arg-type]
+
+    view.__name__ = view.__qualname__ = f"view_{endpoint.handler.__name__}"
+    return view
+
+
 def _finish_request(response: Response) -> Response:
     """Tag the response with its request id, count it, and write the access line."""
-    exchange = current_exchange()
-    response.headers["X-Request-ID"] = exchange.request_id
-    rule = request.url_rule
+    state = current_request()
+    response.headers["X-Request-ID"] = state.request_id
     extensions = current_app.extensions
-    finish(exchange, rule.rule if rule is not None else "unmatched", response.status_code,
+    rule = request.url_rule
+    endpoint = extensions["serving.router"].by_name(rule.endpoint) if rule is not None else None
+    finish(state, endpoint.metric_label if endpoint is not None else "unmatched", response.status_code,
            extensions["serving"].default_label, extensions["serving.access_log"])
     return response
 
 
-def _render_serving_error(error: ServingError) -> Response:
-    return respond(error_answer(error, current_exchange()))
-
-
-def _render_http_error(error: HTTPException) -> Response:
-    return respond(http_error_answer(error, current_exchange(), request.max_content_length))
-
-
-def _render_unexpected(error: Exception) -> Response:
-    return respond(unexpected_answer(current_exchange()))
+def _render_error(error: Exception) -> Response:
+    return _respond(answer_for_exception(error, current_request(), request.max_content_length))

@@ -13,10 +13,11 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from serving.errors import ConfigError
 
@@ -41,82 +42,69 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
+def setting(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None,
+            minimum: float | None = None, maximum: float | None = None, pattern: re.Pattern[str] | None = None,
+            hint: str = "", default_doc: str = "", accepts: str = "") -> Any:
+    """Declare one setting: its default, a one-line doc, and the bounds ``Settings`` enforces.
+
+    ``pattern`` must match a non-empty string value; ``hint`` completes the refusal message of a
+    pattern or a maximum ("is not HOST:PORT ..."); ``default_doc`` describes a computed default and
+    ``accepts`` the accepted values, for the docs, where a pattern alone would not say it.
+    """
+    metadata = {"doc": doc, "minimum": minimum, "maximum": maximum, "pattern": pattern, "hint": hint,
+                "default_doc": default_doc, "accepts": accepts}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Settings:
     """Validated server settings. Construct with ``Settings.from_env()`` or directly in tests."""
 
-    bind: str = field(default="127.0.0.1:8000", metadata=_doc("address:port (or unix:PATH) to listen on"))
-    workers: int = field(default_factory=available_cores, metadata=_doc("gunicorn worker processes (default: cores)"))
-    threads: int = field(
-        default=0, metadata=_doc("request threads per worker (threaded, batched); 0 = 4 threaded, 16 batched")
-    )
-    mode: Mode = field(
-        default="process", metadata=_doc("process (sync), threaded (gthread, shared model) or batched (micro-batching)")
-    )
-    math_threads: int = field(
-        default=0, metadata=_doc("intra-op threads per worker for the framework; 0 = cores // workers, at least 1")
-    )
-    model_repository: Path = field(default=Path("models"), metadata=_doc("model repository root directory"))
-    model: str = field(default="", metadata=_doc("model to serve; empty = digits-tf, else the only model present"))
-    model_version: int = field(default=0, metadata=_doc("version to serve; 0 = the latest"))
-    models: str = field(
-        default="", metadata=_doc("also serve (v2 API): * = every model and version, or e.g. digits-torch,x:1,y:*")
-    )
-    backend: str = field(
-        default="", metadata=_doc("tensorflow, pytorch, onnx or module:Class; empty = the model's own framework")
-    )
-    timeout: int = field(default=30, metadata=_doc("seconds before a silent worker is killed and replaced"))
-    graceful_timeout: int = field(default=30, metadata=_doc("seconds in-flight requests get on reload/shutdown"))
-    keepalive: int = field(default=5, metadata=_doc("seconds to hold an idle keep-alive connection (threaded)"))
-    max_requests: int = field(default=0, metadata=_doc("recycle a worker after this many requests; 0 = never"))
-    max_requests_jitter: int = field(default=0, metadata=_doc("random extra requests before recycling"))
-    backlog: int = field(default=2048, metadata=_doc("pending connections the listen socket queues"))
-    log_level: LogLevel = field(default="info", metadata=_doc("debug, info, warning, error or critical"))
-    log_format: LogFormat = field(default="text", metadata=_doc("text, or json for one JSON object per line"))
-    log_file: str = field(default="", metadata=_doc("error/access log path; empty = stderr (run/server.log as daemon)"))
-    access_log: bool = field(default=True, metadata=_doc("log one line per request"))
-    max_body_bytes: int = field(default=2 * 1024 * 1024, metadata=_doc("largest request body accepted (413 beyond)"))
-    max_batch: int = field(default=64, metadata=_doc("most samples in one request (422 beyond)"))
-    max_image_pixels: int = field(default=4_000_000, metadata=_doc("largest uploaded image, width x height (413)"))
-    max_batch_size: int = field(default=32, metadata=_doc("batched: most samples the model runs at once"))
-    max_delay_ms: float = field(
-        default=5.0, metadata=_doc("batched: longest wait for more requests, from a batch's first request")
-    )
-    max_queue: int = field(default=64, metadata=_doc("batched: requests waiting per model before 503"))
-    request_timeout_ms: int = field(
-        default=5000, metadata=_doc("deadline per request (504 after); header X-Request-Timeout-Ms overrides")
-    )
-    metrics_dir: str = field(
-        default="", metadata=_doc("prometheus multiprocess directory; empty = a fresh temporary one per server")
-    )
+    bind: str = setting("127.0.0.1:8000", "address:port (or unix:PATH) to listen on", pattern=BIND_PATTERN,
+                        hint="is not HOST:PORT or unix:PATH; e.g. 127.0.0.1:8000", accepts="HOST:PORT or unix:PATH")
+    workers: int = setting(doc="gunicorn worker processes", factory=available_cores, minimum=1,
+                           default_doc="the number of cores")
+    threads: int = setting(0, "request threads per worker (threaded, batched); 0 = 4 threaded, 16 batched", minimum=0)
+    mode: Mode = setting("process", "process (sync), threaded (gthread, shared model) or batched (micro-batching)")
+    math_threads: int = setting(0, "intra-op threads per worker for the framework; 0 = cores // workers, at least 1",
+                                minimum=0)
+    model_repository: Path = setting(Path("models"), "model repository root directory")
+    model: str = setting("", "model to serve; empty = digits-tf, else the only model present")
+    model_version: int = setting(0, "version to serve; 0 = the latest", minimum=0)
+    models: str = setting("", "also serve (v2 API): * = every model and version, or e.g. digits-torch,x:1,y:*",
+                          pattern=MODELS_PATTERN, accepts="*, or a comma-separated list of name, name:N, name:*",
+                          hint="is not * or a comma-separated list of name, name:version or name:*;"
+                               " e.g. SERVING_MODELS=digits-tf,digits-torch:1")
+    backend: str = setting("", "tensorflow, pytorch, onnx or module:Class; empty = the model's own framework",
+                           pattern=BACKEND_PATTERN, hint="is not one of: tensorflow, pytorch, onnx (or a module:Class)",
+                           accepts="tensorflow | pytorch | onnx | module:Class")
+    timeout: int = setting(30, "seconds before a silent worker is killed and replaced", minimum=1)
+    graceful_timeout: int = setting(30, "seconds in-flight requests get on reload/shutdown", minimum=0)
+    keepalive: int = setting(5, "seconds to hold an idle keep-alive connection (threaded, batched)", minimum=0)
+    max_requests: int = setting(0, "recycle a worker after this many requests; 0 = never", minimum=0)
+    max_requests_jitter: int = setting(0, "random extra requests before recycling", minimum=0)
+    backlog: int = setting(2048, "pending connections the listen socket queues", minimum=1)
+    log_level: LogLevel = setting("info", "debug, info, warning, error or critical")
+    log_format: LogFormat = setting("text", "text, or json for one JSON object per line (alias: LOG_FORMAT)")
+    log_file: str = setting("", "error/access log path; empty = stderr (run/server.log as daemon)")
+    access_log: bool = setting(True, "log one line per request")
+    max_body_bytes: int = setting(2 * 1024 * 1024, "largest request body accepted (413 beyond)", minimum=1024)
+    max_batch: int = setting(64, "most samples in one request (422 beyond)", minimum=1)
+    max_image_pixels: int = setting(4_000_000, "largest uploaded image, width x height (413 beyond)", minimum=1)
+    max_batch_size: int = setting(32, "batched: most samples the model runs at once", minimum=1)
+    max_delay_ms: float = setting(5.0, "batched: longest wait for more requests, from a batch's first request",
+                                  minimum=0, maximum=1000, hint="; batching waits are ~1-10 ms")
+    max_queue: int = setting(64, "batched: requests waiting per model before 503", minimum=1)
+    request_timeout_ms: int = setting(5000, "deadline per request (504 after); header X-Request-Timeout-Ms overrides",
+                                      minimum=1)
+    metrics_dir: str = setting("", "prometheus multiprocess directory; empty = a fresh temporary one per server")
 
     def __post_init__(self) -> None:
-        if self.backend and not BACKEND_PATTERN.match(self.backend):
-            raise ConfigError(
-                f"SERVING_BACKEND={self.backend!r} is not one of: tensorflow, pytorch, onnx (or a module:Class)"
-            )
-        if self.models and not MODELS_PATTERN.match(self.models):
-            raise ConfigError(
-                f"SERVING_MODELS={self.models!r} is not * or a comma-separated list of name, name:version or name:*;"
-                " e.g. SERVING_MODELS=digits-tf,digits-torch:1"
-            )
-        if not BIND_PATTERN.match(self.bind):
-            raise ConfigError(f"SERVING_BIND={self.bind!r} is not HOST:PORT or unix:PATH; e.g. 127.0.0.1:8000")
-        for name in ("workers", "timeout", "backlog", "max_body_bytes", "max_batch", "max_image_pixels",
-                     "max_batch_size", "max_queue", "request_timeout_ms"):
-            _require(name, getattr(self, name), minimum=1)
-        for name in ("threads", "math_threads", "model_version", "graceful_timeout", "keepalive", "max_requests",
-                     "max_delay_ms"):
-            _require(name, getattr(self, name), minimum=0)
-        if self.max_delay_ms > 1000:
-            raise ConfigError(f"SERVING_MAX_DELAY_MS={self.max_delay_ms:g} is over 1000; batching waits are ~1-10 ms")
-        _require("max_requests_jitter", self.max_requests_jitter, minimum=0)
-        if self.max_body_bytes < 1024:
-            raise ConfigError(f"SERVING_MAX_BODY_BYTES={self.max_body_bytes} is too small for one sample; use >= 1024")
+        hints = _hints(type(self))
+        for item in fields(self):
+            _validate(PREFIX + item.name.upper(), getattr(self, item.name), item.metadata, hints[item.name])
 
     @property
     def threads_per_worker(self) -> int:
@@ -136,7 +124,7 @@ class Settings:
         """Read ``SERVING_*`` variables (empty values mean the default), then apply ``overrides``."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         for item in fields(cls):
             key = PREFIX + item.name.upper()
             raw = env.get(key, "").strip() or env.get(ALIASES.get(key, ""), "").strip()
@@ -146,18 +134,62 @@ class Settings:
         return cls(**values)
 
     @classmethod
-    def describe(cls) -> list[tuple[str, str, str]]:
-        """(variable, default, description) for every setting, for docs and ``--help`` output."""
+    def describe(cls) -> list[SettingDoc]:
+        """Every setting as documented: the variable, its default, what it does and its bounds."""
         rows = []
+        hints = _hints(cls)
         for item in fields(cls):
-            default = item.default_factory() if callable(item.default_factory) else item.default
-            rows.append((PREFIX + item.name.upper(), "" if default is None else str(default), item.metadata["doc"]))
+            meta = item.metadata
+            if meta["default_doc"]:
+                default = meta["default_doc"]
+            else:
+                default = "" if item.default in (None, "") else str(item.default)
+                default = default.lower() if isinstance(item.default, bool) else default
+            rows.append(SettingDoc(PREFIX + item.name.upper(), default, meta["doc"], _bounds(meta, hints[item.name])))
         return rows
 
 
-def _require(name: str, value: float, minimum: int) -> None:
-    if value < minimum:
-        raise ConfigError(f"{PREFIX}{name.upper()}={value} must be >= {minimum}")
+class SettingDoc(NamedTuple):
+    """One row of the settings reference."""
+
+    variable: str
+    default: str
+    doc: str
+    accepts: str
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _bounds(meta: Mapping[str, Any], hint: Any) -> str:
+    """What values a setting accepts, in words, for the docs."""
+    if meta["accepts"]:
+        return str(meta["accepts"])
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(typing.get_args(hint))
+    kind = {int: "integer", float: "number", bool: "true | false", Path: "path"}.get(hint, "text")
+    low, high = meta["minimum"], meta["maximum"]
+    if low is not None and high is not None:
+        return f"{kind}, {low:g} to {high:g}"
+    if low is not None:
+        return f"{kind} >= {low:g}"
+    return meta["accepts"] or kind
+
+
+def _validate(key: str, value: Any, meta: Mapping[str, Any], hint: Any) -> None:
+    """Refuse a value outside its declared bounds with a message that says how to fix it."""
+    if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(typing.get_args(hint))}")
+    low, high = meta["minimum"], meta["maximum"]
+    if low is not None and value < low:
+        raise ConfigError(f"{key}={value:g} must be >= {low:g}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}={value:g} must be <= {high:g}{meta['hint']}")
+    pattern = meta["pattern"]
+    if pattern is not None and value and not pattern.match(value):
+        raise ConfigError(f"{key}={value!r} {meta['hint']}")
 
 
 def _convert(key: str, raw: str, hint: Any) -> Any:
@@ -193,17 +225,18 @@ def _convert(key: str, raw: str, hint: Any) -> Any:
     return raw
 
 
-def main() -> None:
-    """Print every setting, its environment variable and its current value."""
+def main(argv: list[str] | None = None) -> int:
+    """``serving config``: print every setting, its environment variable and its current value."""
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    for variable, default, doc in Settings.describe():
-        current = getattr(settings, variable[len(PREFIX) :].lower())
-        print(f"{variable:<28} = {current!s:<18} (default {default or '-'}): {doc}")
+        return 2
+    for row in Settings.describe():
+        current = getattr(settings, row.variable[len(PREFIX):].lower())
+        print(f"{row.variable:<28} = {current!s:<18} (default {row.default or '-'}): {row.doc}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

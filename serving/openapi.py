@@ -1,18 +1,24 @@
-"""The OpenAPI 3 document for every endpoint, native and v2, served at ``GET /openapi.json``.
+"""The OpenAPI 3 document, generated from the endpoint table and served at ``GET /openapi.json``.
 
-Built once from the small helpers below: each operation lists its success response with a schema and
-every error status it can answer with (all ``{"error": "..."}``), so the document can be validated
-(openapi-spec-validator) and a fuzzer can check the running server against it (schemathesis).
+Each ``Endpoint`` carries its operation fragment, made with ``operation`` below: its success response
+with a schema and every error status it can answer with (all ``{"error": "..."}``). ``document``
+adds the summary, tag, scope and path parameters from the endpoint itself, so the document can be
+validated (openapi-spec-validator) and a fuzzer can check the running server against it
+(schemathesis), and a route can never be missing from it.
 """
 
 from __future__ import annotations
 
-from functools import cache
-from typing import Any
+from collections.abc import Iterable
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from serving import __version__
 from serving.protocol.v2.codec import DATATYPES, HEADER_LENGTH
 from serving.repository import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from serving.routing import Endpoint
 
 Schema = dict[str, Any]
 ERRORS = {
@@ -95,93 +101,60 @@ BINARY_DESCRIPTION = (
 )
 
 
-def op(summary: str, ok: Schema | dict[str, Schema], errors: tuple[int, ...] = (), *, tag: str,
-       body: dict[str, Schema] | None = None, body_required: bool = True, params: tuple[Schema, ...] = (),
-       ok_headers: Schema | None = None, description: str = "") -> Schema:
-    """One operation: ``ok`` is the 200 JSON schema or a {media type: schema} map."""
+def operation(ok: Schema | dict[str, Schema], errors: tuple[int, ...] = (), *, body: dict[str, Schema] | None = None,
+              body_required: bool = True, params: tuple[Schema, ...] = (), ok_headers: Schema | None = None,
+              description: str = "") -> Schema:
+    """An endpoint's operation fragment: ``ok`` is the 200 JSON schema or a {media type: schema} map."""
     content = ok if "type" not in ok and "$ref" not in ok else {"application/json": ok}
     success: Schema = {"description": "success", "content": {media: {"schema": s} for media, s in content.items()}}
     if ok_headers:
         success["headers"] = ok_headers
-    operation: Schema = {"summary": summary, "tags": [tag], "responses": {"200": success}}
+    fragment: Schema = {"responses": {"200": success}}
     if description:
-        operation["description"] = description
+        fragment["description"] = description
     for status in errors:
-        operation["responses"][str(status)] = {"$ref": f"#/components/responses/E{status}"}
+        fragment["responses"][str(status)] = {"$ref": f"#/components/responses/E{status}"}
     if body:
-        operation["requestBody"] = {"required": body_required, "content": {m: {"schema": s} for m, s in body.items()}}
+        fragment["requestBody"] = {"required": body_required, "content": {m: {"schema": s} for m, s in body.items()}}
     if params:
-        operation["parameters"] = list(params)
-    return operation
+        fragment["parameters"] = list(params)
+    return fragment
 
 
 def path_param(name: str, schema: Schema, description: str) -> Schema:
     return {"name": name, "in": "path", "required": True, "schema": schema, "description": description}
 
 
-NAME = path_param("name", {"type": "string", "pattern": NAME_PATTERN.pattern, "example": "digits-tf"}, "model name")
-VERSION = path_param("version", {"type": "string", "pattern": "^[0-9]{1,9}$", "example": "1"}, "model version")
+#: Every path variable an endpoint may use, documented once.
+PATH_PARAMETERS = {
+    "name": path_param("name", {"type": "string", "pattern": NAME_PATTERN.pattern, "example": "digits-tf"},
+                       "model name"),
+    "version": path_param("version", {"type": "string", "pattern": "^[0-9]{1,9}$", "example": "1"}, "model version"),
+}
 TIMEOUT = {"name": "X-Request-Timeout-Ms", "in": "header", "required": False, "description": "deadline (504 after)",
            "schema": {"type": "number", "minimum": 1, "maximum": 600000}}
 HEADER = {"name": HEADER_LENGTH, "in": "header", "required": False, "description": "JSON header length (binary)",
           "schema": {"type": "integer", "minimum": 1}}
-PREDICT_BODY = {"application/json": ref("PredictRequest"), "image/png": BINARY, "image/jpeg": BINARY,
-                "multipart/form-data": obj(["file"], file=BINARY)}
-PREDICT_ERRORS = (400, 413, 415, 422, 500, 503, 504)
 
 
-def _model_paths(suffix: str, method: str, make: Any) -> dict[str, Schema]:
-    """The same operation with and without ``/versions/{version}``."""
-    return {
-        f"/v2/models/{{name}}{suffix}": {method: make((NAME,))},
-        f"/v2/models/{{name}}/versions/{{version}}{suffix}": {method: make((NAME, VERSION))},
-    }
+def _operation(endpoint: Endpoint) -> Schema:
+    missing = [name for name in endpoint.variables if name not in PATH_PARAMETERS]
+    if missing:
+        raise ValueError(f"{endpoint.name}: document the path variable {missing[0]!r} in PATH_PARAMETERS")
+    fragment = dict(endpoint.doc or operation({"type": "object"}))
+    parameters = [PATH_PARAMETERS[name] for name in endpoint.variables] + fragment.pop("parameters", [])
+    result: Schema = {"summary": endpoint.summary, "tags": [endpoint.tag], "x-scope": endpoint.scope, **fragment}
+    if parameters:
+        result["parameters"] = parameters
+    return result
 
 
-def _paths() -> dict[str, Schema]:
-    native, ops, v2, docs = "native", "operations", "v2 (Open Inference Protocol)", "documentation"
-    infer = {"application/json": ref("InferenceRequest"), "application/octet-stream": BINARY}
-    paths: dict[str, Schema] = {
-        "/health": {"get": op("liveness and whether this worker's model is loaded", ref("Health"), tag=ops)},
-        "/health/live": {"get": op("200 while the worker answers", ref("Status"), tag=ops)},
-        "/health/ready": {"get": op("200 once this worker's models are loaded", ref("Status"), (503,), tag=ops)},
-        "/metrics": {"get": op("Prometheus text, merged across workers", {"text/plain": STRING}, tag=ops)},
-        "/metadata": {"get": op("default model metadata and input contract", ref("Metadata"), (503,), tag=native)},
-        "/label": {"get": op("the default model's labels", ref("LabelList"), (503,), tag=native)},
-        "/predict": {"post": op("class probabilities per sample", ref("Probabilities"), PREDICT_ERRORS, tag=native,
-                                body=PREDICT_BODY, params=(TIMEOUT,))},
-        "/predict/label": {"post": op("most probable label per sample", ref("Labels"), PREDICT_ERRORS, tag=native,
-                                      body=PREDICT_BODY, params=(TIMEOUT,))},
-        "/predict/test/label": {"get": op("run the model's stored sample (smoke test)", ref("TestLabel"),
-                                          (500, 503, 504), tag=native)},
-        "/v2": {"get": op("server metadata", ref("ServerMetadata"), tag=v2)},
-        "/v2/health/live": {"get": op("server liveness", ref("Live"), tag=v2)},
-        "/v2/health/ready": {"get": op("every served model loaded in this worker", ref("Ready"), (503,), tag=v2)},
-        "/v2/repository/index": {
-            "get": op("every model version on disk with its state", ref("RepositoryIndex"), (503,), tag=v2),
-            "post": op("the index, optionally only ready versions (Triton style)", ref("RepositoryIndex"),
-                       (400, 413, 503), tag=v2, body={"application/json": obj([], ready=BOOLEAN)}, body_required=False),
-        },
-        "/openapi.json": {"get": op("this document", {"type": "object"}, tag=docs)},
-        "/docs": {"get": op("this document as HTML", {"text/html": STRING}, tag=docs)},
-    }
-    paths.update(_model_paths("", "get", lambda p: op("model metadata", ref("ModelMetadata"), (404, 503), tag=v2,
-                                                       params=p)))
-    paths.update(_model_paths("/ready", "get", lambda p: op("model readiness in this worker", ref("ModelReady"),
-                                                            (404, 503), tag=v2, params=p)))
-    paths.update(_model_paths("/infer", "post", lambda p: op(
-        "inference", {"application/json": ref("InferenceResponse"), "application/octet-stream": BINARY},
-        (400, 404, 413, 415, 422, 500, 503, 504), tag=v2, body=infer, params=(*p, HEADER, TIMEOUT),
-        ok_headers={HEADER_LENGTH: {"description": "JSON header length of a binary response",
-                                    "schema": INTEGER}},
-        description=f"JSON or {BINARY_DESCRIPTION}; the body may come with no Content-Type.",
-    )))
-    return paths
-
-
-@cache
-def document() -> dict[str, Any]:
-    """The whole OpenAPI 3.0 document (built once per process)."""
+@lru_cache(maxsize=8)
+def document(endpoints: Iterable[Endpoint]) -> dict[str, Any]:
+    """The whole OpenAPI 3.0 document for a (hashable) endpoint table; built once per table and process."""
+    paths: dict[str, Schema] = {}
+    for endpoint in endpoints:
+        paths.setdefault(endpoint.openapi_path, {})[endpoint.method.lower()] = _operation(endpoint)
     responses = {f"E{status}": {"description": text, "content": {"application/json": {"schema": ref("Error")}}}
                  for status, text in ERRORS.items()}
     return {
@@ -189,6 +162,6 @@ def document() -> dict[str, Any]:
         "info": {"title": "serving", "version": __version__,
                  "description": "Image classifiers behind a native JSON API and the Open Inference Protocol (v2)."
                                 " Every error is {\"error\": \"...\"}; every response carries X-Request-ID."},
-        "paths": _paths(),
+        "paths": paths,
         "components": {"schemas": SCHEMAS, "responses": responses},
     }

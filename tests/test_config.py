@@ -36,7 +36,9 @@ def test_environment_values_are_typed() -> None:
     ({"SERVING_BACKEND": "os:system; rm"}, "is not one of: tensorflow, pytorch, onnx"),
     ({"SERVING_ACCESS_LOG": "maybe"}, "is not a boolean"),
     ({"SERVING_BIND": "localhost"}, "is not HOST:PORT"),
-    ({"SERVING_MAX_BODY_BYTES": "10"}, "too small"),
+    ({"SERVING_MAX_BODY_BYTES": "10"}, "SERVING_MAX_BODY_BYTES=10 must be >= 1024"),
+    ({"SERVING_MAX_DELAY_MS": "5000"}, "SERVING_MAX_DELAY_MS=5000 must be <= 1000; batching waits are ~1-10 ms"),
+    ({"SERVING_MODELS": "a b"}, "or a comma-separated list of name, name:version"),
     ({"SERVING_MAX_REQUESTS": "-1"}, "must be >= 0"),
 ])
 def test_invalid_values_explain_the_fix(env: dict[str, str], message: str) -> None:
@@ -63,4 +65,11 @@ def test_describe_lists_every_setting() -> None:
                      "SERVING_GRACEFUL_TIMEOUT", "SERVING_MAX_REQUESTS", "SERVING_MAX_REQUESTS_JITTER",
                      "SERVING_BACKLOG", "SERVING_LOG_LEVEL", "SERVING_MAX_BODY_BYTES", "SERVING_MAX_BATCH"):
         assert expected in names
-    assert all(doc for _, _, doc in Settings.describe())
+    assert all(row.doc and row.accepts for row in Settings.describe())
+
+
+def test_direct_construction_is_validated_too() -> None:
+    with pytest.raises(ConfigError, match="SERVING_MODE='fast' is not one of: process, threaded, batched"):
+        Settings(mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="SERVING_MAX_QUEUE=0 must be >= 1"):
+        Settings(max_queue=0)

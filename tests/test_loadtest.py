@@ -37,7 +37,7 @@ def test_locust_headless_checks_answers_and_sets_the_exit_code(server_factory: A
 def test_loadtest_runner_produces_csv_and_summary(model_repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "bench/loadtest.py", "--configs", "onnx-threaded", "--duration", "4", "--users", "4",
+        [sys.executable, "-m", "bench.loadtest", "--configs", "onnx-threaded", "--duration", "4", "--users", "4",
          "--workers", "1", "--repo", str(model_repo), "--out", str(out)],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=180, check=False,
     )

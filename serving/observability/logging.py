@@ -9,33 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import threading
 import time
-from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import orjson
 
 from serving.config import Settings
+from serving.request import CURRENT_REQUEST
 
-if TYPE_CHECKING:
-    from serving.exchange import Exchange
-
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
-#: The exchange (request) this thread is serving, set by ``serving.wsgi``; log records take its id.
-CURRENT_EXCHANGE: ContextVar[Exchange | None] = ContextVar("serving_exchange", default=None)
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
-
-
-def sanitize_request_id(candidate: str | None) -> str:
-    """The client's id when it is short and plain (<= 128 of [A-Za-z0-9._:/+=-]), else a new one."""
-    if candidate and REQUEST_ID_PATTERN.match(candidate):
-        return candidate
-    return os.urandom(16).hex()
 
 
 class AccessLog:
@@ -89,8 +75,8 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            exchange = CURRENT_EXCHANGE.get()
-            record.request_id = exchange.request_id if exchange is not None else "-"
+            request = CURRENT_REQUEST.get()
+            record.request_id = request.request_id if request is not None else "-"
         return True
 
 

@@ -1,4 +1,4 @@
-"""API documentation: ``GET /openapi.json`` (the OpenAPI 3 document) and ``GET /docs`` (it, as plain HTML).
+"""API documentation handlers: ``GET /openapi.json`` (the OpenAPI 3 document) and ``GET /docs`` (it, as HTML).
 
 ``/docs`` is rendered on the server from the same document, with no script and no external asset, so
 it works on a machine without network access.
@@ -6,17 +6,20 @@ it works on a machine without network access.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import lru_cache
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from flask import Blueprint, Response
 
-from serving.http import json_response
+from serving.answers import Answer, json_answer
 from serving.openapi import document
+from serving.request import RequestState
 
-docs = Blueprint("docs", __name__)
+if TYPE_CHECKING:
+    from serving.routing import Endpoint
+    from serving.service import InferenceService
+
 STYLE = (
     "body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
     "h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}"
@@ -28,20 +31,26 @@ STYLE = (
 )
 
 
-@docs.get("/openapi.json")
-def openapi() -> Response:
-    return json_response(document())
+def _endpoints(request: RequestState) -> tuple[Endpoint, ...]:
+    if request.router is None:
+        raise RuntimeError("the API documents are built from the router serving the request")
+    return request.router.endpoints
 
 
-@docs.get("/docs")
-def html_docs() -> Response:
-    return Response(render(), content_type="text/html; charset=utf-8")
+def openapi(request: RequestState, service: InferenceService) -> Answer:
+    """``GET /openapi.json``: the document for every endpoint this app routes."""
+    return json_answer(document(_endpoints(request)))
 
 
-@cache
-def render() -> str:
+def html_docs(request: RequestState, service: InferenceService) -> Answer:
+    """``GET /docs``: the same document as one HTML page."""
+    return Answer(200, render(_endpoints(request)).encode(), "text/html; charset=utf-8")
+
+
+@lru_cache(maxsize=8)
+def render(endpoints: tuple[Endpoint, ...]) -> str:
     """The whole document as one HTML page: operations by tag, then the schemas."""
-    doc = document()
+    doc = document(endpoints)
     tags: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
     for path, methods in doc["paths"].items():
         for method, operation in methods.items():

@@ -1,29 +1,19 @@
-"""Operational endpoints: liveness, readiness and Prometheus metrics.
-
-    GET /health         liveness plus whether this worker's model is loaded (always 200 while alive)
-    GET /health/live    200 while the process answers
-    GET /health/ready   200 when this worker's model is loaded (and its model thread runs), else 503
-    GET /metrics        Prometheus text, merged across every gunicorn worker
-"""
+"""Operational handlers: liveness, readiness and Prometheus metrics (routes in ``serving.endpoints``)."""
 
 from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response
-
-from serving.http import current_service, json_response
+from serving.answers import Answer, json_answer
 from serving.observability.metrics import exposition
+from serving.request import RequestState
+from serving.service import InferenceService
 
-ops = Blueprint("ops", __name__)
 
-
-
-@ops.get("/health")
-def health() -> Response:
-    service = current_service()
+def health(request: RequestState, service: InferenceService) -> Answer:
+    """``GET /health``: liveness plus whether this worker's model is loaded (200 while alive)."""
     meta = service.meta
-    return json_response({
+    return json_answer({
         "status": "ok",
         "model_loaded": service.ready,
         "model": meta.name if meta else None,
@@ -32,20 +22,19 @@ def health() -> Response:
     })
 
 
-@ops.get("/health/live")
-def live() -> Response:
-    return json_response({"status": "alive", "pid": os.getpid()})
+def live(request: RequestState, service: InferenceService) -> Answer:
+    """``GET /health/live``: 200 while the process answers."""
+    return json_answer({"status": "alive", "pid": os.getpid()})
 
 
-@ops.get("/health/ready")
-def ready() -> Response:
-    service = current_service()
+def ready(request: RequestState, service: InferenceService) -> Answer:
+    """``GET /health/ready``: 200 when this worker's models are loaded (and model threads run), else 503."""
     if service.ready:
-        return json_response({"status": "ready", "pid": os.getpid()})
-    return json_response({"status": "loading", "error": "the model is not loaded yet", "pid": os.getpid()}, 503)
+        return json_answer({"status": "ready", "pid": os.getpid()})
+    return json_answer({"status": "loading", "error": "the model is not loaded yet", "pid": os.getpid()}, 503)
 
 
-@ops.get("/metrics")
-def metrics() -> Response:
+def metrics(request: RequestState, service: InferenceService) -> Answer:
+    """``GET /metrics``: Prometheus text, merged across every gunicorn worker."""
     body, content_type = exposition()
-    return Response(body, content_type=content_type)
+    return Answer(200, body, content_type)

@@ -1,5 +1,2 @@
-"""The Open Inference Protocol (KServe v2): ``routes`` (the blueprint), ``codec`` (wire format), ``tensors``."""
-
-from serving.protocol.v2.routes import v2
-
-__all__ = ["v2"]
+"""The Open Inference Protocol (KServe v2): ``codec`` (wire format, usable on its own), ``tensors`` (binding
+tensors to a served model) and ``routes`` (the handlers ``serving.endpoints`` routes to)."""

@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe v2) REST endpoints: decode, call the service, encode.
+"""Open Inference Protocol (KServe v2) handlers: decode, call the service, encode.
 
     GET  /v2                                            server metadata and extensions
     GET  /v2/health/live, /v2/health/ready              200 when live / every served model is loaded, else 503
@@ -7,9 +7,10 @@
     POST /v2/models/{name}[/versions/{version}]/infer   inference, JSON or binary tensors
     GET|POST /v2/repository/index                       every model version on disk with its state
 
-Inference goes through the same service as the native API: the same batcher, limits, deadlines and
-metrics. Unknown models and versions are 404; protocol violations 400; values the model cannot take
-(out of range, NaN, too many samples) 422, as in the native API. Errors are ``{"error": "..."}``.
+The routes are declared in ``serving.endpoints``. Inference goes through the same service as the
+native API: the same batcher, limits, deadlines and metrics. Unknown models and versions are 404;
+protocol violations 400; values the model cannot take (out of range, NaN, too many samples) 422, as
+in the native API. Errors are ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -18,21 +19,18 @@ import re
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, request
 
 from serving import __version__
+from serving.answers import Answer, json_answer
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
-from serving.exchange import Answer, Exchange, current_exchange
-from serving.http import current_service, json_response, read_body, respond
 from serving.protocol.v2.codec import HEADER_LENGTH, decode_request, encode_response
 from serving.protocol.v2.tensors import batch_from_request, check_outputs, model_metadata, output_tensors
+from serving.request import RequestState
 from serving.service import InferenceService
 
-v2 = Blueprint("v2", __name__)
 EXTENSIONS = ["binary_tensor_data"]
 VERSION_PATTERN = re.compile(r"^[0-9]{1,9}$")
 BODY_TYPES = ("", "application/json", "application/octet-stream")
-
 
 
 def _version(name: str, version: str | None) -> int | None:
@@ -44,71 +42,55 @@ def _version(name: str, version: str | None) -> int | None:
     return int(version)
 
 
-@v2.get("/v2")
-def server_metadata() -> Response:
-    return json_response({"name": "serving", "version": __version__, "extensions": EXTENSIONS})
+def server_metadata(request: RequestState, service: InferenceService) -> Answer:
+    return json_answer({"name": "serving", "version": __version__, "extensions": EXTENSIONS})
 
 
-@v2.get("/v2/health/live")
-def live() -> Response:
-    return json_response({"live": True})
+def live(request: RequestState, service: InferenceService) -> Answer:
+    return json_answer({"live": True})
 
 
-@v2.get("/v2/health/ready")
-def ready() -> Response:
-    if current_service().ready:
-        return json_response({"ready": True})
-    return json_response({"ready": False, "error": "the models are not loaded in this worker yet"}, 503)
+def ready(request: RequestState, service: InferenceService) -> Answer:
+    if service.ready:
+        return json_answer({"ready": True})
+    return json_answer({"ready": False, "error": "the models are not loaded in this worker yet"}, 503)
 
 
-@v2.get("/v2/models/<name>")
-@v2.get("/v2/models/<name>/versions/<version>")
-def metadata(name: str, version: str | None = None) -> Response:
-    service = current_service()
+def metadata(request: RequestState, service: InferenceService, name: str, version: str | None = None) -> Answer:
     model = service.model(name, _version(name, version))
-    current_exchange().model = model.label
-    return json_response(model_metadata(model, service.versions(name)))
+    request.model = model.label
+    return json_answer(model_metadata(model, service.versions(name)))
 
 
-@v2.get("/v2/models/<name>/ready")
-@v2.get("/v2/models/<name>/versions/<version>/ready")
-def model_ready(name: str, version: str | None = None) -> Response:
-    service = current_service()
+def model_ready(request: RequestState, service: InferenceService, name: str, version: str | None = None) -> Answer:
     key = service.key(name, _version(name, version))
-    current_exchange().model = f"{key[0]}:{key[1]}"
+    request.model = f"{key[0]}:{key[1]}"
     body: dict[str, Any] = {"name": name, "version": str(key[1]), "ready": service.model_ready(*key)}
     if body["ready"]:
-        return json_response(body)
-    return json_response({**body, "error": f"model {name} is not loaded in this worker yet"}, 503)
+        return json_answer(body)
+    return json_answer({**body, "error": f"model {name} is not loaded in this worker yet"}, 503)
 
 
-@v2.post("/v2/models/<name>/infer")
-@v2.post("/v2/models/<name>/versions/<version>/infer")
-def infer(name: str, version: str | None = None) -> Response:
-    return respond(infer_answer(current_exchange(), current_service(), name, version))
-
-
-def infer_answer(exchange: Exchange, service: InferenceService, name: str, version: str | None) -> Answer:
-    """``POST /v2/models/{name}[/versions/{version}]/infer``, whichever dispatcher routed it."""
+def infer(request: RequestState, service: InferenceService, name: str, version: str | None = None) -> Answer:
+    """``POST /v2/models/{name}[/versions/{version}]/infer``."""
     model = service.model(name, _version(name, version))
-    exchange.model = model.label
-    decoded = decode_request(_infer_body(exchange, service), exchange.header(HEADER_LENGTH))
+    request.model = model.label
+    decoded = decode_request(_infer_body(request, service), request.header(HEADER_LENGTH))
     check_outputs(decoded, model.meta)
     batch = batch_from_request(decoded, model.meta, service.settings.max_batch)
-    exchange.batch_size = len(batch)
-    probabilities = service.predict(batch, exchange.timeout() or decoded.timeout_s, model)
-    document = {"model_name": name, "model_version": str(model.meta.version), "id": decoded.id or exchange.request_id}
+    request.batch_size = len(batch)
+    probabilities = service.predict(batch, request.timeout() or decoded.timeout_s, model)
+    document = {"model_name": name, "model_version": str(model.meta.version), "id": decoded.id or request.request_id}
     body, header_length = encode_response(document, output_tensors(decoded, model, probabilities))
     if header_length is None:
-        return 200, body, "application/json", None
-    return 200, body, "application/octet-stream", {HEADER_LENGTH: str(header_length)}
+        return Answer(200, body)
+    return Answer(200, body, "application/octet-stream", {HEADER_LENGTH: str(header_length)})
 
 
-@v2.route("/v2/repository/index", methods=["GET", "POST"])
-def repository_index() -> Response:
+def repository_index(request: RequestState, service: InferenceService) -> Answer:
     """The index; a POST may filter with ``{"ready": true}`` (as Triton's does)."""
-    entries = current_service().index()
-    body = read_body() if request.method == "POST" else b""
+    entries = service.index()
+    body = request.body(service.settings.max_body_bytes) if request.method == "POST" else b""
     if body.strip():
         try:
             options = orjson.loads(body)
@@ -118,18 +100,18 @@ def repository_index() -> Response:
             raise InvalidRequest('the body must be a JSON object such as {"ready": true}')
         if options.get("ready"):
             entries = [entry for entry in entries if entry["state"] == "READY"]
-    return json_response(entries)
+    return json_answer(entries)
 
 
-def _infer_body(exchange: Exchange, service: InferenceService) -> bytes:
+def _infer_body(request: RequestState, service: InferenceService) -> bytes:
     """The infer body: JSON, binary or with no Content-Type at all (v2 clients often send none)."""
-    mimetype = exchange.mimetype
+    mimetype = request.mimetype
     if mimetype not in BODY_TYPES and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(
             f"Content-Type {mimetype!r} is not accepted: send application/json, application/octet-stream (binary"
             f" tensors with {HEADER_LENGTH}) or no Content-Type"
         )
-    encoding = (exchange.header("Content-Encoding") or "identity").strip().lower()
+    encoding = (request.header("Content-Encoding") or "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:32]!r} is not supported: send the body uncompressed")
-    return exchange.body(service.settings.max_body_bytes)
+    return request.body(service.settings.max_body_bytes)

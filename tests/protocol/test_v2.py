@@ -19,6 +19,7 @@ from serving.app import create_app, service_of
 from serving.config import Settings
 from serving.data import load_digits_dataset
 from serving.observability.metrics import TALLY
+from tests.protocol.conftest import serve_in_process
 from tests.v2_support import multi_repo
 
 HEADER = "Inference-Header-Content-Length"
@@ -30,22 +31,18 @@ def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return multi_repo(model_repo, tmp_path_factory.mktemp("v2") / "models")
 
 
+def settings_for(repo: Path, **overrides: Any) -> Settings:
+    return Settings.from_env({}, model_repository=repo, backend="onnx", models="*", workers=1, max_batch=8,
+                             max_body_bytes=MAX_BODY, access_log=False, **overrides)
+
+
 def make_app(repo: Path, **overrides: Any) -> Flask:
-    settings = Settings.from_env({}, model_repository=repo, backend="onnx", models="*", workers=1, max_batch=8,
-                                 max_body_bytes=MAX_BODY, access_log=False, **overrides)
-    return create_app(settings)
+    return create_app(settings_for(repo, **overrides))
 
 
 @pytest.fixture(scope="module")
 def app(repo: Path) -> Iterator[Flask]:
-    app = make_app(repo)
-    yield app
-    service_of(app).close()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+    yield from serve_in_process(settings_for(repo))
 
 
 @pytest.fixture(scope="module")

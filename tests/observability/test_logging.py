@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 import requests
 
 from tests import fakes
+
+pytestmark = pytest.mark.slow
 
 
 def test_json_format_covers_gunicorn_app_and_access_lines(server_factory: Any, tmp_path: Any) -> None:

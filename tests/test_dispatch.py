@@ -1,6 +1,6 @@
 """Direct routes vs Flask's routing: the same answers, errors, ids, metrics and log lines either way.
 
-An inference POST with a Content-Length is answered by ``serving.wsgi.DirectRoutes``; the same POST
+An inference POST with a Content-Length is answered by ``serving.dispatch.Dispatcher`` itself; the same POST
 sent chunked (no Content-Length) goes through Flask's views. Both run the same handlers, so every
 observable must match: these tests send each request both ways to one real gunicorn server.
 """
@@ -20,13 +20,12 @@ import pytest
 import requests
 
 from serving.data import load_digits_dataset
-from serving.exchange import Exchange
-from serving.wsgi import _route
 from tests import fakes
 from tests.conftest import GunicornServer
 
 HEADER = "Inference-Header-Content-Length"
 MAX_BODY = 64 * 1024
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -151,31 +150,6 @@ def counter(server: GunicornServer, line: str) -> float:
     text = requests.get(server.url + "/metrics", timeout=5).text
     values: dict[str, Any] = dict(entry.rsplit(" ", 1) for entry in text.splitlines() if entry and entry[0] != "#")
     return float(values.get(line, 0.0))
-
-
-@pytest.mark.parametrize(("method", "path", "length", "endpoint"), [
-    ("POST", "/predict", "10", "/predict"),
-    ("POST", "/predict/label", "0", "/predict/label"),
-    ("POST", "/v2/models/digits-torch/infer", "5", "/v2/models/<name>/infer"),
-    ("POST", "/v2/models/m/versions/3/infer", "5", "/v2/models/<name>/versions/<version>/infer"),
-    ("POST", "/predict/", "10", None),  # Flask's routing decides what a trailing slash means
-    ("POST", "/predict", None, None),  # chunked
-    ("POST", "/predict", "\u00b2", None),  # a digit to str.isdigit, not to int()
-    ("GET", "/predict", "10", None),
-    ("HEAD", "/predict", "10", None),
-    ("OPTIONS", "/v2/models/m/infer", "10", None),
-    ("POST", "/v2/models//infer", "5", None),
-    ("POST", "/v2/models/m/versions//infer", "5", None),
-    ("POST", "/v2/models/m/v/3/infer", "5", None),
-    ("POST", "/v2/models/caf\u00c3\u00a9/infer", "5", None),  # non-ASCII (UTF-8 seen as latin-1): Flask decodes it
-])
-def test_which_requests_take_the_direct_route(method: str, path: str, length: str | None,
-                                              endpoint: str | None) -> None:
-    environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": path}
-    if length is not None:
-        environ["CONTENT_LENGTH"] = length
-    route = _route(Exchange(environ))
-    assert (route[0] if route else None) == endpoint
 
 
 def test_a_multipart_body_cut_short_is_a_400_not_a_500(server: GunicornServer) -> None:

@@ -1,0 +1,90 @@
+"""The ``serving`` command (also ``python -m serving``): what users do, one subcommand each.
+
+    serving serve [gunicorn flags]   the server: gunicorn with the packaged config and the app factory
+    serving train [options]          train and publish models (the same as python train.py)
+    serving config                   every setting with its current value
+    serving bench --model NAME       the bare in-process model call: the ceiling a server can reach
+    serving docs [--check]           regenerate (or check) docs/settings.md and the endpoint table
+
+Each subcommand imports only what it needs, so ``serving config`` never loads a framework.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+USAGE = (__doc__ or "").split("\n\n")[1]
+
+
+def serve(argv: list[str]) -> int:
+    """Replace this process with gunicorn, configured exactly as ``gunicorn -c gunicorn.conf.py flask_server:app``."""
+    config, app = "python:serving.gunicorn_conf", "serving.app:create_app()"
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", config, *argv, app])
+    return 0  # pragma: no cover - execv does not return
+
+
+def train(argv: list[str]) -> int:
+    from serving.train_cli import main
+
+    return main(argv)
+
+
+def config(argv: list[str]) -> int:
+    from serving.config import main
+
+    if argv not in ([], ["--markdown"]):
+        print("usage: serving config [--markdown]", file=sys.stderr)
+        return 2
+    if argv:
+        from serving.docgen import settings_markdown
+
+        print(settings_markdown(), end="")
+        return 0
+    return main()
+
+
+def bench(argv: list[str]) -> int:
+    from serving.modelbench import main
+
+    return main(argv)
+
+
+def docs(argv: list[str]) -> int:
+    """Write the generated docs (``--check``: only report stale ones, exit 1) under ``--root`` (default: .)."""
+    import argparse
+
+    from serving import docgen
+    from serving.endpoints import ENDPOINTS
+
+    parser = argparse.ArgumentParser(prog="serving docs", description=docs.__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 when a generated file is stale")
+    parser.add_argument("--root", type=Path, default=Path("."), help="the checkout holding docs/")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = docgen.stale(args.root, ENDPOINTS)
+        for path in stale:
+            print(f"stale: {path} (run: serving docs)")
+        return 1 if stale else 0
+    for path in docgen.write(args.root, ENDPOINTS):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "serve": serve, "train": train, "config": config, "bench": bench, "docs": docs,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(f"usage: serving COMMAND [options]\n\n{USAGE}")
+        return 0 if args else 2
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"serving: unknown command {args[0]!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return command(args[1:])

@@ -1,0 +1,88 @@
+"""The endpoint table: every route the server answers, declared once.
+
+Flask's URL rules, the direct-route matcher, the ``endpoint`` metric label, the OpenAPI document and
+the endpoint table in docs/api.md are all generated from ``ENDPOINTS`` (see ``serving.routing``).
+Adding an endpoint is one entry here plus its handler, a function
+``handler(request, service, **path_variables) -> Answer`` that never imports Flask.
+"""
+
+from __future__ import annotations
+
+from serving.openapi import (
+    BINARY,
+    BINARY_DESCRIPTION,
+    BOOLEAN,
+    HEADER,
+    HEADER_LENGTH,
+    INTEGER,
+    STRING,
+    TIMEOUT,
+    obj,
+    operation,
+    ref,
+)
+from serving.protocol import docs, native, ops
+from serving.protocol.v2 import routes as v2
+from serving.routing import Endpoint
+
+NATIVE, OPS, V2, DOCS = "native", "operations", "v2 (Open Inference Protocol)", "documentation"
+PREDICT_BODY = {"application/json": ref("PredictRequest"), "image/png": BINARY, "image/jpeg": BINARY,
+                "multipart/form-data": obj(["file"], file=BINARY)}
+PREDICT_ERRORS = (400, 413, 415, 422, 500, 503, 504)
+INFER = operation(
+    {"application/json": ref("InferenceResponse"), "application/octet-stream": BINARY},
+    (400, 404, 413, 415, 422, 500, 503, 504),
+    body={"application/json": ref("InferenceRequest"), "application/octet-stream": BINARY}, params=(HEADER, TIMEOUT),
+    ok_headers={HEADER_LENGTH: {"description": "JSON header length of a binary response", "schema": INTEGER}},
+    description=f"JSON or {BINARY_DESCRIPTION}; the body may come with no Content-Type.",
+)
+MODEL_METADATA = operation(ref("ModelMetadata"), (404, 503))
+MODEL_READY = operation(ref("ModelReady"), (404, 503))
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    # operations: probes stay open to orchestrators; metrics are for operators
+    Endpoint("GET", "/health", ops.health, "liveness and whether this worker's model is loaded", OPS,
+             scope="public", doc=operation(ref("Health"))),
+    Endpoint("GET", "/health/live", ops.live, "200 while the worker answers", OPS, scope="public",
+             doc=operation(ref("Status"))),
+    Endpoint("GET", "/health/ready", ops.ready, "200 once this worker's models are loaded", OPS, scope="public",
+             doc=operation(ref("Status"), (503,))),
+    Endpoint("GET", "/metrics", ops.metrics, "Prometheus text, merged across workers", OPS, scope="admin",
+             doc=operation({"text/plain": STRING})),
+    # the native API
+    Endpoint("GET", "/metadata", native.metadata, "default model metadata and input contract", NATIVE,
+             doc=operation(ref("Metadata"), (503,))),
+    Endpoint("GET", "/label", native.labels, "the default model's labels", NATIVE,
+             doc=operation(ref("LabelList"), (503,))),
+    Endpoint("POST", "/predict", native.predict, "class probabilities per sample", NATIVE, direct=True,
+             doc=operation(ref("Probabilities"), PREDICT_ERRORS, body=PREDICT_BODY, params=(TIMEOUT,))),
+    Endpoint("POST", "/predict/label", native.predict_label, "most probable label per sample", NATIVE, direct=True,
+             doc=operation(ref("Labels"), PREDICT_ERRORS, body=PREDICT_BODY, params=(TIMEOUT,))),
+    Endpoint("GET", "/predict/test/label", native.test_label, "run the model's stored sample (smoke test)", NATIVE,
+             doc=operation(ref("TestLabel"), (500, 503, 504))),
+    # the Open Inference Protocol (v2)
+    Endpoint("GET", "/v2", v2.server_metadata, "server metadata", V2, doc=operation(ref("ServerMetadata"))),
+    Endpoint("GET", "/v2/health/live", v2.live, "server liveness", V2, scope="public", doc=operation(ref("Live"))),
+    Endpoint("GET", "/v2/health/ready", v2.ready, "every served model loaded in this worker", V2, scope="public",
+             doc=operation(ref("Ready"), (503,))),
+    Endpoint("GET", "/v2/models/<name>", v2.metadata, "model metadata", V2, doc=MODEL_METADATA),
+    Endpoint("GET", "/v2/models/<name>/versions/<version>", v2.metadata, "model metadata", V2, doc=MODEL_METADATA),
+    Endpoint("GET", "/v2/models/<name>/ready", v2.model_ready, "model readiness in this worker", V2,
+             doc=MODEL_READY),
+    Endpoint("GET", "/v2/models/<name>/versions/<version>/ready", v2.model_ready, "model readiness in this worker",
+             V2, doc=MODEL_READY),
+    Endpoint("POST", "/v2/models/<name>/infer", v2.infer, "inference", V2, direct=True, doc=INFER),
+    Endpoint("POST", "/v2/models/<name>/versions/<version>/infer", v2.infer, "inference", V2, direct=True,
+             doc=INFER),
+    Endpoint("GET", "/v2/repository/index", v2.repository_index, "every model version on disk with its state", V2,
+             scope="admin", doc=operation(ref("RepositoryIndex"), (503,))),
+    Endpoint("POST", "/v2/repository/index", v2.repository_index,
+             "the index, optionally only ready versions (Triton style)", V2, scope="admin",
+             doc=operation(ref("RepositoryIndex"), (400, 413, 503), body={"application/json": obj([], ready=BOOLEAN)},
+                           body_required=False)),
+    # documentation
+    Endpoint("GET", "/openapi.json", docs.openapi, "this document", DOCS, scope="public",
+             doc=operation({"type": "object"})),
+    Endpoint("GET", "/docs", docs.html_docs, "this document as HTML", DOCS, scope="public",
+             doc=operation({"text/html": STRING})),
+)

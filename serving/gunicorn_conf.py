@@ -1,0 +1,96 @@
+"""gunicorn settings for the model server, read from SERVING_* environment variables.
+
+Loaded by the top-level ``gunicorn.conf.py`` (which gunicorn reads by default from the working
+directory, so `gunicorn flask_server:app -w 4` uses it too) and by ``serving serve`` as
+``-c python:serving.gunicorn_conf``, so an installed package and a checkout run the same settings.
+Command-line flags (-w, -b, --threads, ...) override what is set here. Every SERVING_* variable is
+described in docs/settings.md and by `serving config`.
+"""
+
+import os
+import sys
+
+from serving.config import Settings
+from serving.errors import ConfigError
+
+try:
+    settings = Settings.from_env()
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
+
+# Metrics from every worker are merged through files in one directory (prometheus_client's
+# multiprocess mode). It must be known before anything imports prometheus_client.
+from serving.observability import multiprocess  # noqa: E402
+
+multiprocess.prepare_metrics_dir(settings, os.environ)
+
+from serving import lifecycle  # noqa: E402
+from serving.observability.logging import gunicorn_logger_class  # noqa: E402
+
+# Where and how many. Default: one worker per core, each with its share of the math threads.
+bind = [settings.bind]
+workers = settings.workers
+backlog = settings.backlog
+
+# process mode: sync workers, one request at a time per process (the only direct mode for PyTorch).
+# threaded mode: gthread workers, `threads` request threads sharing one model (TensorFlow, ONNX).
+# batched mode: gthread workers whose request threads queue work for one model thread per worker.
+worker_class = "sync" if settings.mode == "process" else "gthread"
+threads = settings.threads_per_worker
+
+# Timeouts: a worker silent for `timeout` s is killed and replaced; on reload or shutdown,
+# in-flight requests get `graceful_timeout` s to finish.
+timeout = settings.timeout
+graceful_timeout = settings.graceful_timeout
+keepalive = settings.keepalive
+
+# Recycle workers after max_requests (+ random jitter so they do not all restart at once).
+max_requests = settings.max_requests
+max_requests_jitter = settings.max_requests_jitter
+
+# Logs: the app writes one access line per request with its request id, so gunicorn's own access
+# log stays off. With a log file, stray stdout/stderr output is captured into it too.
+loglevel = settings.log_level
+errorlog = settings.log_file or "-"
+capture_output = bool(settings.log_file)
+accesslog = None
+proc_name = "serving"
+# With SERVING_LOG_FORMAT=json, gunicorn's own lines (start, workers, timeouts) are JSON objects too.
+json_logger = gunicorn_logger_class(settings)
+if json_logger is not None:
+    logger_class = json_logger
+
+# Servers started side by side (tests, benchmarks) must not share gunicorn's control socket.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Master, before forking: route daemon logs, wipe old metrics, fail fast on a bad model."""
+    lifecycle.route_daemon_logs(server)
+    multiprocess.wipe_metrics_dir(server)
+    lifecycle.check_before_fork(server, settings)
+
+
+def on_reload(server):
+    """Master, on SIGHUP: keep daemon logs in their file."""
+    lifecycle.route_daemon_logs(server)
+
+
+def post_worker_init(worker):
+    """Worker, after fork: load the model here, never in the master."""
+    lifecycle.load_in_worker(worker)
+
+
+def worker_exit(server, worker):
+    """Worker, on its way out: answer everything still queued for the model thread."""
+    lifecycle.drain_worker(worker)
+
+
+def on_exit(server):
+    """Master, at the very end: remove a temporary metrics directory."""
+    multiprocess.remove_metrics_dir()
+
+
+def child_exit(server, worker):
+    """Master: a worker exited; stop counting its live metrics."""
+    lifecycle.worker_exited(worker)
