@@ -100,11 +100,27 @@ class Settings:
     request_timeout_ms: int = setting(5000, "deadline per request (504 after); header X-Request-Timeout-Ms overrides",
                                       minimum=1)
     metrics_dir: str = setting("", "prometheus multiprocess directory; empty = a fresh temporary one per server")
+    api_keys: str = setting("", "inference keys, comma-separated: Authorization: Bearer KEY is then required on"
+                               " inference and metadata endpoints; empty = open (see docs/security.md)",
+                            accepts="comma-separated keys")
+    api_keys_file: str = setting("", "file with one inference key per line (read by each worker at start, so a"
+                                    " reload with SIGHUP picks up a new file)")
+    admin_keys: str = setting("", "admin keys, comma-separated: required on /metrics and /v2/repository/*; an admin"
+                                 " key also passes inference endpoints", accepts="comma-separated keys")
+    admin_keys_file: str = setting("", "file with one admin key per line (read like SERVING_API_KEYS_FILE)")
+    allowed_hosts: str = setting("", "Host header values accepted, comma-separated (* = any); empty = localhost,"
+                                    " 127.0.0.1, [::1] and the bind address", accepts="comma-separated hosts or *")
+    certfile: str = setting("", "TLS certificate (PEM); with SERVING_KEYFILE gunicorn serves HTTPS")
+    keyfile: str = setting("", "TLS private key (PEM), readable only by the server's user")
+    max_client_timeout_ms: int = setting(0, "longest deadline a client may ask for with X-Request-Timeout-Ms;"
+                                            " 0 = SERVING_REQUEST_TIMEOUT_MS", minimum=0)
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         for item in fields(self):
             _validate(PREFIX + item.name.upper(), getattr(self, item.name), item.metadata, hints[item.name])
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("TLS needs both SERVING_CERTFILE and SERVING_KEYFILE (PEM files), or neither")
 
     @property
     def threads_per_worker(self) -> int:
