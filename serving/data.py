@@ -1,14 +1,24 @@
-"""Datasets for training and tests: bundled scikit-learn digits (8x8) and user-supplied MNIST (28x28).
+"""Datasets for training and tests: bundled scikit-learn digits (8x8) and MNIST (28x28).
 
 Both loaders return a ``Dataset`` of float32 images in [0, 1] shaped (N, H, W) and int64 labels.
-Nothing is ever downloaded: MNIST is read from files the user already has, either the four standard
-IDX files (plain or gzipped) or a Keras-style ``mnist.npz``.
+MNIST is read from the four standard IDX files (plain or gzipped) or a Keras-style ``mnist.npz``;
+``locate_mnist`` finds them the way torchvision and Keras users expect (given directories, then a
+per-user cache) and only then downloads them from the public mirrors, verifying each decompressed
+file against its published sha256 before it lands in the cache.
 """
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass, field
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +31,22 @@ MNIST_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 MNIST_NPZ = "mnist.npz"
+# sha256 and size of each *decompressed* file: the mirrors' .gz wrappers differ, their contents must not.
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MNIST_SIZES = {
+    "train-images-idx3-ubyte": 47_040_016,
+    "train-labels-idx1-ubyte": 60_008,
+    "t10k-images-idx3-ubyte": 7_840_016,
+    "t10k-labels-idx1-ubyte": 10_008,
+}
+# torchvision's mirrors, in its order: the S3 copy first (yann.lecun.com often refuses or answers 403).
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+DOWNLOAD_TIMEOUT = 30.0  # seconds per socket operation, not per file
 # IDX magic: two zero bytes, a type code (0x08 = unsigned byte), then the number of dimensions.
 IDX_UBYTE = 0x08
 
@@ -49,6 +75,11 @@ class Dataset:
     def num_classes(self) -> int:
         """Number of label classes."""
         return len(self.labels)
+
+    def head(self, train: int | None = None, test: int | None = None) -> Dataset:
+        """The first ``train`` / ``test`` samples (None keeps a split whole): quick runs on a slice of MNIST."""
+        return replace(self, x_train=self.x_train[:train], y_train=self.y_train[:train],
+                       x_test=self.x_test[:test], y_test=self.y_test[:test])
 
 
 def load_digits_dataset(seed: int = 0, test_size: float = 0.2) -> Dataset:
@@ -105,6 +136,11 @@ def _find_idx(data_dir: Path, stem: str) -> Path | None:
     return None
 
 
+def has_mnist(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds all four IDX files (plain or .gz) or ``mnist.npz`` (what ``load_mnist`` reads)."""
+    return all(_find_idx(data_dir, stem) for stem in MNIST_FILES.values()) or (data_dir / MNIST_NPZ).is_file()
+
+
 def _mnist_dataset(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                    source: Path) -> Dataset:
     for images, labels, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
@@ -147,6 +183,111 @@ def load_mnist(data_dir: Path | str) -> Dataset:
         return _mnist_dataset(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], npz_path)
     missing = ", ".join(f"{MNIST_FILES[key]}[.gz]" for key, path in found.items() if path is None)
     raise DatasetError(f"MNIST not found in {data_dir}: missing {missing} (or {MNIST_NPZ})")
+
+
+def mnist_cache_dir(environ: Mapping[str, str]) -> Path:
+    """The per-user cache, ``$XDG_CACHE_HOME/serving/mnist`` else ``~/.cache/serving/mnist`` (XDG's rule)."""
+    base = environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "serving" / "mnist"
+
+
+def mirrors_from(text: str | None) -> tuple[str, ...]:
+    """Mirror base URLs from a comma- or space-separated string (``$MNIST_MIRRORS``); the defaults when empty."""
+    mirrors = tuple(part if part.endswith("/") else part + "/" for part in (text or "").replace(",", " ").split())
+    return mirrors or MNIST_MIRRORS
+
+
+def locate_mnist(candidates: Sequence[Path], cache: Path, mirrors: Sequence[str] | None,
+                 log: Callable[[str], None] = print) -> Path:
+    """The first of ``candidates`` then ``cache`` that holds MNIST; else download it into ``cache``.
+
+    ``mirrors=None`` forbids downloading (``--no-download``). Only files the cache lacks are fetched.
+    """
+    for directory in (*candidates, cache):
+        if has_mnist(directory):
+            return directory
+        if directory != cache:
+            log(f"MNIST is not in {directory}")
+    if mirrors is None:
+        wanted = ", ".join(f"{stem}[.gz]" for stem in MNIST_FILES.values())
+        searched = ", ".join(str(d) for d in (*candidates, cache))
+        raise DatasetError(f"MNIST not found in {searched} (each needs {wanted} or {MNIST_NPZ}) and --no-download "
+                           "forbids fetching it: pass --data-dir, set MNIST_DIR, or allow the download")
+    cache.mkdir(parents=True, exist_ok=True)
+    for stem in MNIST_FILES.values():
+        if _find_idx(cache, stem) is None:
+            fetch_mnist_file(stem, cache, mirrors, log)
+    return cache
+
+
+def fetch_mnist_file(stem: str, directory: Path, mirrors: Sequence[str], log: Callable[[str], None] = print) -> Path:
+    """Download ``<stem>.gz`` from the first mirror that serves a good copy into ``directory/<stem>`` (decompressed).
+
+    The decompressed bytes must match ``MNIST_SHA256``; only then are they written to a temporary file
+    in ``directory`` and renamed into place, so a partial or corrupt download never lands there. Each
+    failed mirror is logged in one line; when all fail, one ``DatasetError`` line names the file and why.
+    """
+    failures = []
+    for mirror in mirrors:
+        url = f"{mirror}{stem}.gz"
+        log(f"downloading {url}")
+        try:
+            content = _gunzip(_download(url, MNIST_SIZES[stem] + (1 << 20)), MNIST_SIZES[stem])
+            digest = hashlib.sha256(content).hexdigest()
+            if digest != MNIST_SHA256[stem]:
+                raise ValueError(f"sha256 of the decompressed file is {digest}, expected {MNIST_SHA256[stem]}")
+        except (OSError, http.client.HTTPException, ValueError, zlib.error) as exc:
+            reason = f"HTTP {exc.code} {exc.reason}" if isinstance(exc, urllib.error.HTTPError) else str(exc)
+            failures.append(f"{url}: {reason}")
+            log(f"{stem}.gz from {url} discarded: {reason}")
+            continue
+        return _write_atomically(directory / stem, content)
+    raise DatasetError(f"could not download {stem}.gz from any mirror: {'; '.join(failures)}")
+
+
+def _download(url: str, limit: int) -> bytes:
+    """The body at ``url``, refusing more than ``limit`` bytes (a hostile or broken mirror cannot fill memory)."""
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as response:
+        declared = response.headers.get("Content-Length", "")
+        body = response.read(limit + 1)  # with a size, a connection closed early gives a short read, not an error
+    if len(body) > limit:
+        raise ValueError(f"the server sent more than {limit} bytes")
+    if declared.isdigit() and len(body) < int(declared):
+        raise ValueError(f"the connection closed after {len(body)} bytes, {int(declared) - len(body)} more were "
+                         "promised")
+    return bytes(body)
+
+
+def _gunzip(data: bytes, size: int) -> bytes:
+    """Decompress one gzip stream that must hold exactly ``size`` bytes, without ever inflating more."""
+    inflater = zlib.decompressobj(wbits=31)  # 31: gzip header and trailer, CRC checked
+    try:
+        content = inflater.decompress(data, size + 1)
+    except zlib.error as exc:
+        raise ValueError(f"not a valid gzip file ({exc})") from None
+    if len(content) > size:
+        raise ValueError(f"decompresses to more than the expected {size} bytes")
+    if not inflater.eof:
+        raise ValueError(f"truncated: the gzip stream ends after {len(data)} bytes ({len(content)} of {size} "
+                         "decompressed)")
+    return content
+
+
+def _write_atomically(path: Path, content: bytes) -> Path:
+    """Write ``content`` to ``path`` via a temporary file in the same directory and a rename."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp made it private; the cache may be shared with a server's user
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def load_dataset(name: str, data_dir: Path | str | None = None, seed: int = 0) -> Dataset:

@@ -179,3 +179,13 @@ def test_load_dataset_dispatch() -> None:
         load_dataset("mnist", None)
     with pytest.raises(DatasetError, match="unknown dataset"):
         load_dataset("cifar", None)
+
+
+def test_head_keeps_the_first_samples_of_each_split() -> None:
+    dataset = load_digits_dataset(seed=0)
+    head = dataset.head(100, 7)
+    assert (len(head.y_train), len(head.y_test), head.shape, head.name) == (100, 7, (8, 8), "digits")
+    np.testing.assert_array_equal(head.x_train, dataset.x_train[:100])
+    np.testing.assert_array_equal(head.y_test, dataset.y_test[:7])
+    whole = dataset.head(None, None)
+    assert len(whole.y_train) == len(dataset.y_train) and len(whole.y_test) == len(dataset.y_test)

@@ -31,3 +31,25 @@ def test_features_end_at_most_8_wide() -> None:
 def test_unknown_arch_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown arch"):
         layer_plan("huge", (8, 8))
+
+
+def test_lenet_plan_and_parts() -> None:
+    """MNIST's default: conv 5x5 16 -> pool -> conv 5x5 32 -> pool, batch norm after each conv, dropout."""
+    import torch
+    from torch import nn
+
+    from serving.nets import arch_spec, build_torch
+
+    assert layer_plan("lenet", (28, 28)) == ([16, POOL, 32, POOL], (128,))
+    model = build_torch("lenet", (28, 28), 10)
+    kinds = [type(layer).__name__ for layer in model]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
+                     "Flatten", "Linear", "ReLU", "Dropout", "Linear", "Softmax"]
+    assert isinstance(model[0], nn.Conv2d) and model[0].kernel_size == (arch_spec("lenet").kernel,) * 2 == (5, 5)
+    model.eval()
+    with torch.inference_mode():
+        probabilities = model(torch.rand(3, 1, 28, 28))
+    assert probabilities.shape == (3, 10)
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(3))
+    # the digits archs keep their layers: no batch norm, no dropout
+    assert "BatchNorm2d" not in [type(layer).__name__ for layer in build_torch("small", (8, 8), 10)]

@@ -17,8 +17,9 @@ import pytest
 
 from serving.data import MNIST_FILES, load_digits_dataset, write_idx
 from serving.repository import ModelRepository, sha256_file
-from serving.training import TrainingError, check_onnx
+from serving.training import TrainingError, check_onnx, learning_rate, model_name
 from tests.conftest import ROOT, clean_env, train
+from tests.mnist_support import mnist_dir, run_train
 
 NAMES = {"digits-tf": "tensorflow", "digits-torch": "pytorch"}
 NATIVE = {"tensorflow": "model.keras", "pytorch": "model.pt"}
@@ -133,11 +134,11 @@ def test_second_run_adds_next_version(model_repo: Path, tmp_path: Path) -> None:
 def test_missing_mnist_exits_2_naming_the_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = train(tmp_path / "models", "--dataset", "mnist", "--data-dir", str(empty))
+    result = run_train(tmp_path, "--dataset", "mnist", "--data-dir", str(empty), "--no-download")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: MNIST not found in")
-    assert "train-images-idx3-ubyte[.gz]" in lines[0] and str(empty) in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"error: MNIST not found in {empty}, ")
+    assert "train-images-idx3-ubyte[.gz]" in lines[0] and str(tmp_path / "xdg") in lines[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "models").exists()
 
@@ -160,10 +161,39 @@ def test_mnist_idx_run_with_custom_name(tmp_path: Path) -> None:
     result = train(root, "--dataset", "mnist", "--data-dir", str(data_dir), "--framework", "pytorch",
                    "--epochs", "2", "--name", "tiny-mnist")
     assert result.returncode == 0, result.stdout + result.stderr
-    meta = check_version(root, "tiny-mnist", 1, "pytorch")
+    meta = check_version(root, "tiny-mnist", 1, "pytorch", arch="lenet")  # MNIST's default arch
     assert meta["dataset"] == "mnist" and meta["input"]["shape"] == [28, 28]
     data, _ = ModelRepository(root).resolve("tiny-mnist").sample()
     assert np.asarray(data).shape == (28, 28)
+
+
+def test_real_mnist_slice_both_frameworks(tmp_path: Path) -> None:
+    """The MNIST default (lenet: batch norm, dropout, cosine schedule) through training, export and the ONNX
+    check in both frameworks, on a slice of the real data so it takes seconds, not minutes."""
+    result = run_train(tmp_path, "--dataset", "mnist", "--limit-train", "4000", "--limit-test", "1000",
+                       "--epochs", "2", MNIST_DIR=str(mnist_dir()))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"MNIST from {mnist_dir()}" in result.stdout and "4000 train / 1000 test samples" in result.stdout
+    for name, framework in (("mnist-tf", "tensorflow"), ("mnist-torch", "pytorch")):
+        meta = check_version(tmp_path / "models", name, 1, framework, arch="lenet")
+        assert (meta["dataset"], meta["input"]["shape"], meta["schedule"]) == ("mnist", [28, 28], "cosine")
+        assert (meta["train_samples"], meta["test_samples"], meta["epochs"]) == (4000, 1000, 2)
+        assert meta["test_accuracy"] >= 0.85, meta["test_accuracy"]  # 0.922 both when written; chance is 0.1
+        data, label = ModelRepository(tmp_path / "models").resolve(name).sample()
+        assert np.asarray(data).shape == (28, 28) and label in meta["labels"]
+
+
+def test_default_names_and_schedules() -> None:
+    assert model_name("digits", "tensorflow") == "digits-tf"
+    assert model_name("mnist", "pytorch") == "mnist-torch"  # lenet is MNIST's default arch
+    assert model_name("mnist", "pytorch", "lenet") == "mnist-torch"
+    assert model_name("mnist", "tensorflow", "small") == "mnist-small-tf"
+    assert model_name("digits", "pytorch", "large") == "digits-large-torch"
+    assert model_name("mnist", "pytorch", base="m", several=True) == "m-torch"
+    assert learning_rate("constant", 900, 1000) == 1e-3
+    assert [learning_rate("cosine", step, 100) for step in (0, 50, 100)] == pytest.approx([1e-3, 5e-4, 0.0])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        learning_rate("step", 0, 1)
 
 
 def test_large_arch_one_epoch(tmp_path: Path) -> None:
@@ -202,5 +232,5 @@ def test_help_lists_options() -> None:
     result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=clean_env(), capture_output=True,
                             text=True, check=True)
     for option in ("--framework", "--dataset", "--data-dir", "--epochs", "--arch", "--name", "--out", "--seed",
-                   "--batch-size"):
+                   "--batch-size", "--no-download", "--limit-train", "--limit-test"):
         assert option in result.stdout
