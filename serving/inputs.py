@@ -2,9 +2,10 @@
 
 The input contract (also served in ``/metadata``): ``data`` is one sample or a list of samples;
 a sample is H*W pixel intensities, flat or nested H x W, as numbers in the model's input range
-([0, 1] for the bundled models). Images (PNG, JPEG, ...) are converted to grayscale, inverted when
-the background is light (the models were trained on light ink on a dark background), resized to
-H x W and scaled to [0, 1]. Every violation raises a 4xx ``ServingError``; nothing here can 500.
+([0, 1] for the bundled models). Images (PNG, JPEG, ...) of one digit are made into the model's
+input the way its training data were made (``serving.preprocess``: MNIST's 20x20 box centred by
+mass in 28x28, or optdigits' 4x4 block counts for other sizes) and scaled to the input range.
+Every violation raises a 4xx ``ServingError``; nothing here can 500.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from serving.errors import BadRequest, InvalidInput, PayloadTooLarge
+from serving.preprocess import model_input
 from serving.repository import ModelMetadata
 
 CONTRACT = (
@@ -83,19 +85,30 @@ def batch_from_image(body: bytes, meta: ModelMetadata, max_pixels: int) -> np.nd
                 raise PayloadTooLarge(
                     f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels (SERVING_MAX_IMAGE_PIXELS)"
                 )
-            gray = image.convert("L")
+            gray = _grayscale(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
             raise PayloadTooLarge("the image decompresses to too many pixels") from None
         raise BadRequest("the body is not a readable image (PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
-    target_h, target_w = meta.input_shape
-    pixels = np.asarray(gray, dtype=np.float32) / 255.0
-    if pixels.mean() > 0.5:  # dark ink on a light background: flip to the training convention
-        pixels = 1.0 - pixels
-    shrinking = min(width, height) >= max(target_h, target_w)
-    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    resized = Image.fromarray((pixels * 255.0).astype(np.uint8)).resize((target_w, target_h), resample)
+    if gray.size == 0:
+        raise BadRequest("the image has no pixels")
     low, high = meta.input_range
-    scaled = np.asarray(resized, dtype=np.float32) / 255.0 * (high - low) + low
-    return scaled.reshape(1, target_h, target_w)
+    frame = model_input(gray, meta.input_shape)
+    return (frame * (high - low) + low).reshape(1, *frame.shape).astype(np.float32)
+
+
+def _grayscale(image: Any) -> np.ndarray:
+    """Decode to 0..255 grayscale; transparent pixels become the background, whatever colour they hide.
+
+    Drawing apps export strokes on a transparent canvas whose hidden colour is often black, the same
+    as the strokes: flattening it onto the colour that contrasts with the opaque pixels keeps the ink.
+    """
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    rgba = image.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+    gray = np.asarray(rgba.convert("L"), dtype=np.float32)
+    opaque = alpha > 0.5
+    background = 0.0 if opaque.any() and gray[opaque].mean() > 127.5 else 255.0
+    return np.rint(gray * alpha + background * (1.0 - alpha)).astype(np.uint8)

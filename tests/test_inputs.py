@@ -74,3 +74,61 @@ def test_image_limits_and_garbage() -> None:
         with pytest.raises(ServingError) as info:
             batch_from_image(body, META, max_pixels=10_000)
         assert isinstance(info.value, BadRequest)
+
+
+META28 = ModelMetadata(name="m28", version=1, framework="onnx", path=Path("."), input_name="input",
+                       input_shape=(28, 28), input_dtype="float32", input_range=(-1.0, 1.0),
+                       output_name="probabilities", labels=[str(i) for i in range(10)], raw={})
+
+
+def test_28x28_models_get_mnist_framing_in_their_input_range() -> None:
+    page = np.full((300, 200), 255, dtype=np.uint8)
+    page[40:200, 20:60] = 0  # a dark 160x40 bar, top left on a white page
+    batch = batch_from_image(image_bytes(page), META28, max_pixels=100_000)
+    assert batch.shape == (1, 28, 28) and batch.dtype == np.float32
+    assert batch.min() == -1.0 and batch.max() == 1.0  # background at the low end, ink at the high end
+    rows = np.flatnonzero((batch[0] > 0).any(axis=1))
+    cols = np.flatnonzero((batch[0] > 0).any(axis=0))
+    assert (len(rows), len(cols)) == (20, 5)  # the longer side fills MNIST's 20x20 box, the aspect is kept
+    assert abs((rows[0] + rows[-1]) / 2 - 14) <= 1 and abs((cols[0] + cols[-1]) / 2 - 14) <= 1
+
+
+@pytest.mark.parametrize("stroke", [(0, 0, 0, 255), (255, 255, 255, 255), (30, 90, 200, 255)])
+def test_strokes_on_a_transparent_canvas_are_ink(stroke: tuple[int, int, int, int]) -> None:
+    """Drawing apps export strokes on transparent pixels that hide black: the strokes must not vanish."""
+    canvas = np.zeros((64, 64, 4), dtype=np.uint8)  # transparent black
+    canvas[8:56, 28:36] = stroke
+    buffer = io.BytesIO()
+    Image.fromarray(canvas, mode="RGBA").save(buffer, format="PNG")
+    batch = batch_from_image(buffer.getvalue(), META, max_pixels=10_000)
+    assert batch[0, :, 3:5].mean() > 0.8 and batch[0, :, :2].max() == 0.0 and batch[0, :, 6:].max() == 0.0
+
+
+def test_palette_image_with_a_transparent_index() -> None:
+    image = Image.new("P", (40, 40), 0)
+    image.putpalette([0, 0, 0, 0, 0, 0] + [0] * 762)  # index 0 and 1 both black; 0 is transparent
+    image.info["transparency"] = 0
+    for y in range(5, 35):
+        for x in range(18, 22):
+            image.putpixel((x, y), 1)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=0)
+    batch = batch_from_image(buffer.getvalue(), META, max_pixels=10_000)
+    assert batch[0, :, 3:5].min() > 0.5 and batch[0, :, 0].max() == 0.0  # the bar, not the canvas
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 300), (300, 1), (3, 2)])
+def test_degenerate_sizes_never_fail(size: tuple[int, int]) -> None:
+    page = np.zeros(size, dtype=np.uint8)
+    page[0, 0] = 255
+    for meta in (META, META28):
+        batch = batch_from_image(image_bytes(page), meta, max_pixels=10_000)
+        assert batch.shape == (1, *meta.input_shape) and np.isfinite(batch).all()
+        low, high = meta.input_range
+        assert low <= batch.min() and batch.max() <= high
+
+
+def test_a_blank_upload_is_an_empty_frame() -> None:
+    for value in (0, 255):
+        batch = batch_from_image(image_bytes(np.full((50, 50), value, dtype=np.uint8), "JPEG"), META28, 10_000)
+        assert (batch == -1.0).all()
