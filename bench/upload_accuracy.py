@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.harness import ROOT  # noqa: E402
 from serving.data import load_mnist  # noqa: E402
 from serving.inputs import batch_from_image  # noqa: E402
+from serving.preprocess import model_input  # noqa: E402
 from serving.repository import ModelMetadata, ModelRepository  # noqa: E402
 
 MODELS = ("mnist-tf", "mnist-torch", "digits-tf", "digits-torch")
@@ -138,8 +139,15 @@ def main() -> None:
     print(f"{args.count} digits -> {2 * args.count} uploads, {min(sizes)}-{max(sizes)} bytes", flush=True)
 
     rows, timings = [], {}
-    direct = {meta.name: float(np.mean(onnx_labels(meta, dataset.x_test[chosen]) == labels))
-              for meta in metas if tuple(meta.input_shape) == (28, 28)}
+    # Ceilings without any upload: 28x28 models on the t10k images as they are; other shapes on the t10k images
+    # framed by the same preprocessing (what the model would see from a perfect scan of the MNIST digit).
+    direct = {}
+    for meta in metas:
+        if tuple(meta.input_shape) == (28, 28):
+            inputs = dataset.x_test[chosen]
+        else:
+            inputs = np.stack([model_input(digit, (meta.input_shape[0], meta.input_shape[1])) for digit in digits])
+        direct[meta.name] = float(np.mean(onnx_labels(meta, inputs) == labels))
     for meta in metas:
         for method, preprocess in (("before", legacy_input), ("after", current_input)):
             scores = {}
@@ -188,9 +196,10 @@ def write_report(args: argparse.Namespace, metas: list[ModelMetadata], rows: lis
             f"**{both:.3f}** | {dark_acc:.3f} | {light_acc:.3f} | {ms:.2f} |"
         )
     lines += ["", "## Verdicts", ""]
-    for name, accuracy in direct.items():
-        lines.append(f"- {name} on the same {args.count} t10k digits as given (no upload, no preprocessing): "
-                     f"{accuracy:.3f}.")
+    for meta in metas:
+        how = ("as given (no upload, no preprocessing)" if tuple(meta.input_shape) == (28, 28) else
+               "framed straight from the 28x28 images by the same block counts (no upload)")
+        lines.append(f"- {meta.name} on the same {args.count} t10k digits {how}: {direct[meta.name]:.3f}.")
     for meta, method, _, both in rows:
         if method != "after":
             continue

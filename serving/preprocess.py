@@ -126,8 +126,14 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def model_input(gray: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """One decoded 0..255 grayscale digit -> (H, W) float32 in [0, 1], made like the model's training data."""
+    """One decoded 0..255 grayscale digit -> (H, W) float32 in [0, 1], made like the model's training data.
+
+    A picture already the model's H x W is a dataset sample (an MNIST PNG, a scikit-learn digit), framed
+    already: it keeps its pixels, only put light-on-dark. Framing it again would only blur it.
+    """
     ink = ink_map(gray)
+    if ink.shape == tuple(shape):
+        return ink
     if tuple(shape) == (MNIST_SIDE, MNIST_SIDE):
         return mnist_frame(ink)
     return block_count_frame(ink, *shape)

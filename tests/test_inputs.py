@@ -132,3 +132,15 @@ def test_a_blank_upload_is_an_empty_frame() -> None:
     for value in (0, 255):
         batch = batch_from_image(image_bytes(np.full((50, 50), value, dtype=np.uint8), "JPEG"), META28, 10_000)
         assert (batch == -1.0).all()
+
+
+def test_a_picture_of_the_models_size_keeps_its_pixels() -> None:
+    """A scikit-learn digit saved as an 8x8 PNG (what the API docs send) is the training sample itself."""
+    from sklearn.datasets import load_digits
+
+    images = [image for image in load_digits().images[:50] if image.max() == 16]  # most: full ink somewhere
+    assert len(images) > 40
+    for image in images:  # the contrast stretch maps the strongest ink to 1, as the dataset's 16 does
+        for pixels in ((image * 15).astype(np.uint8), (255 - image * 15).astype(np.uint8)):  # either polarity
+            batch = batch_from_image(image_bytes(pixels), META, max_pixels=10_000)
+            np.testing.assert_allclose(batch[0], image / 16.0, atol=1e-6)

@@ -135,3 +135,11 @@ def test_dilate_grows_every_way_without_clipping() -> None:
     assert grown.shape == (5, 6)
     np.testing.assert_array_equal(np.argwhere(grown), [[r, c] for r in range(3) for c in range(3, 6)])
     np.testing.assert_array_equal(dilate(mask, 0), mask)
+
+
+def test_mnist_images_of_28x28_come_back_unchanged() -> None:
+    images, _ = t10k_digits(20)
+    for image in images:
+        pixels = np.rint(image * 255).astype(np.uint8)
+        expected = pixels / 255.0 / (pixels.max() / 255.0)  # the contrast stretch: strongest ink at 1
+        np.testing.assert_allclose(model_input(pixels, (28, 28)), expected, atol=1e-6)
