@@ -214,7 +214,10 @@ def locate_mnist(candidates: Sequence[Path], cache: Path, mirrors: Sequence[str]
         searched = ", ".join(str(d) for d in (*candidates, cache))
         raise DatasetError(f"MNIST not found in {searched} (each needs {wanted} or {MNIST_NPZ}) and --no-download "
                            "forbids fetching it: pass --data-dir, set MNIST_DIR, or allow the download")
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create the MNIST cache {cache}: {exc.strerror or exc}") from None
     for stem in MNIST_FILES.values():
         if _find_idx(cache, stem) is None:
             fetch_mnist_file(stem, cache, mirrors, log)
@@ -242,7 +245,10 @@ def fetch_mnist_file(stem: str, directory: Path, mirrors: Sequence[str], log: Ca
             failures.append(f"{url}: {reason}")
             log(f"{stem}.gz from {url} discarded: {reason}")
             continue
-        return _write_atomically(directory / stem, content)
+        try:
+            return _write_atomically(directory / stem, content)
+        except OSError as exc:
+            raise DatasetError(f"cannot write {directory / stem}: {exc.strerror or exc}") from None
     raise DatasetError(f"could not download {stem}.gz from any mirror: {'; '.join(failures)}")
 
 

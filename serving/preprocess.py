@@ -8,8 +8,10 @@ became one input value. A model sees its training distribution only if an upload
 same steps, so:
 
 - 28x28 models get LeCun's procedure;
-- any other H x W model gets the optdigits one on a (4H) x (4W) bitmap: 32x32 -> 8x8 for the
-  bundled digits, values count/16.
+- any other H x W model gets the optdigits one on a (4H) x (4W) bitmap, strokes grown to optdigits'
+  thickness: 32x32 -> 8x8 for the bundled digits, values count/16;
+- a picture that already has the model's H x W (an MNIST PNG, a scikit-learn digit) is a dataset
+  sample: it keeps its pixels.
 
 Both start from ``ink_map``: grayscale, light-on-dark (a light background is inverted), background
 at 0 and the strongest ink at 1, so a photo of pencil on grey paper looks like a scan. Everything
@@ -34,9 +36,9 @@ INK_THRESHOLD = 0.35
 NOISE_FLOOR = 0.1
 MIN_CONTRAST = 0.1  # a page whose darkest and lightest pixels differ by less holds no digit
 BITMAP_THRESHOLD = 0.5  # optdigits' bitmaps are binary: an anti-aliased pixel at half ink or more is on
-# optdigits' strokes are thick: 9% of scikit-learn's digit cells are full (16 of 16) where MNIST digits framed the
-# same way fill 3%. One pixel of dilation per 32 bitmap rows brings it to 12% (and the zero cells from 54% to 46%,
-# against 49%).
+# optdigits' strokes are thick: 9.1% of scikit-learn's digit cells are full (16 of 16) and 49% empty, where t10k
+# digits framed without growth give 3.4% and 54%. One pixel of dilation per 32 bitmap rows gives 14.6% and 45%, and
+# read better with both bundled digits models on bench/upload_accuracy.py's uploads; two pixels read worse.
 STROKE_GROWTH = 1 / 32
 
 

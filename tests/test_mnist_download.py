@@ -186,3 +186,13 @@ def test_train_no_download_is_one_error_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith(f"error: MNIST not found in {tmp_path / 'nowhere'}, ")
     assert "--no-download" in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "xdg").exists() and not (tmp_path / "models").exists()
+
+
+def test_an_unwritable_cache_is_one_error_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache should go")
+    with pytest.raises(DatasetError, match=f"^cannot create the MNIST cache {re.escape(str(blocker / 'mnist'))}: "):
+        locate_mnist([], blocker / "mnist", ["http://127.0.0.1:9/"], log=lambda line: None)
+    with mirror_server(write_good_mirror(tmp_path / "www", (LABELS,))) as (url, _):
+        with pytest.raises(DatasetError, match=f"^cannot write {re.escape(str(blocker / LABELS))}: "):
+            fetch_mnist_file(LABELS, blocker, [url + "/good/"], log=lambda line: None)
