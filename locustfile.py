@@ -28,6 +28,8 @@ from locust import FastHttpUser, LoadTestShape, events, tag, task
 from locust.env import Environment
 
 JSON = {"Content-Type": "application/json"}
+#: ``Authorization: Bearer KEY`` when the server needs a key (``--api-key``, or the API_KEY variable).
+AUTH: dict[str, str] = {}
 log = logging.getLogger("locustfile")
 
 
@@ -54,6 +56,8 @@ def _options(parser: Any) -> None:
     parser.add_argument("--max-fail-ratio", type=float, default=0.01, help="exit 1 above this failure ratio")
     parser.add_argument("--max-p95-ms", type=float, default=1000.0, help="exit 1 above this p95 (ms)")
     parser.add_argument("--samples", type=int, default=200, help="test samples to calibrate and send")
+    parser.add_argument("--api-key", default=os.environ.get("API_KEY", ""),
+                        help="send Authorization: Bearer KEY (a server with SERVING_API_KEYS)")
     parser.add_argument("--step-users", type=int, default=8, help="STEP_RAMP: users added per step")
     parser.add_argument("--step-seconds", type=int, default=10, help="STEP_RAMP: seconds per step")
     parser.add_argument("--ramp-max-users", type=int, default=128, help="STEP_RAMP: stop at this many users")
@@ -78,8 +82,11 @@ def _calibrate(environment: Environment, **_: Any) -> None:
 
     from serving.data import load_digits_dataset
 
+    key = environment.parsed_options.api_key if environment.parsed_options else ""
+    if key:
+        AUTH["Authorization"] = JSON["Authorization"] = f"Bearer {key}"
     host = environment.host.rstrip("/")
-    meta = requests.get(f"{host}/metadata", timeout=30).json()
+    meta = requests.get(f"{host}/metadata", headers=AUTH, timeout=30).json()
     height, width = meta["input"]["shape"]
     digits = load_digits_dataset(seed=0)
     count = environment.parsed_options.samples if environment.parsed_options else 200
@@ -138,7 +145,8 @@ class NativeUser(FastHttpUser):
     @task(1)
     def predict_image(self) -> None:
         i = SAMPLES.pick()
-        with self.client.post("/predict/label", data=SAMPLES.png_bodies[i], headers={"Content-Type": "image/png"},
+        png = {**AUTH, "Content-Type": "image/png"}
+        with self.client.post("/predict/label", data=SAMPLES.png_bodies[i], headers=png,
                               name="/predict/label [png]", catch_response=True) as response:
             _check_label(response, SAMPLES.labels[i], lambda body: body["prediction"][0])
 
@@ -160,7 +168,7 @@ class V2User(FastHttpUser):
         i = SAMPLES.pick()
         body, header_length = SAMPLES.v2_binary_bodies[i]
         with self.client.post(f"/v2/models/{SAMPLES.model}/infer", data=body,
-                              headers={"Inference-Header-Content-Length": str(header_length),
+                              headers={**AUTH, "Inference-Header-Content-Length": str(header_length),
                                        "Content-Type": "application/octet-stream"},
                               name="/v2/models/[model]/infer [binary]", catch_response=True) as response:
             _check_label(response, SAMPLES.labels[i], _v2_json_label)

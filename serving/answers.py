@@ -48,7 +48,8 @@ def answer_for_exception(error: BaseException, request: RequestState, body_limit
         if error.reason is not None:
             metrics.REJECTED.labels(error.reason).inc()
         if error.status_code >= 500:
-            log.error("%s %s -> %d: %s", request.method, request.path, error.status_code, error.message)
+            log.log(_level(error.status_code, request), "%s %s -> %d: %s", request.method, request.path,
+                    error.status_code, error.message)
         if error.status_code == 413:
             drain(request)
         return json_answer({"error": error.message}, error.status_code, error.headers or None)
@@ -56,6 +57,13 @@ def answer_for_exception(error: BaseException, request: RequestState, body_limit
         return _http_error_answer(error, request, body_limit)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=error)
     return json_answer({"error": "internal server error"}, 500)
+
+
+def _level(status: int, request: RequestState) -> int:
+    """ERROR for server failures; overload (503/504) is a WARNING, and a client's own deadline is not ours."""
+    if status == 504 and request.client_deadline:
+        return logging.INFO
+    return logging.WARNING if status in (503, 504) else logging.ERROR
 
 
 def _http_error_answer(error: HTTPException, request: RequestState, body_limit: int | None) -> Answer:

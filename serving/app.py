@@ -1,8 +1,9 @@
 """``create_app()``: the Flask application behind gunicorn.
 
-Generates one Flask URL rule per entry of the endpoint table, renders every failure with the one
-error renderer (``{"error": message}``), counts and logs every answer, and installs the
-``Dispatcher`` in front of Flask (request state for every request; the direct routes). Creating the
+Generates one Flask URL rule per entry of the endpoint table (each view checks the endpoint's scope
+with the same ``Gate`` as the direct routes), renders every failure with the one error renderer
+(``{"error": message}``), counts and logs every answer, and installs the ``Dispatcher`` in front of
+Flask (request state for every request; the direct routes). Creating the
 app reads settings and sets up logging only; the model is loaded in each worker after fork
 (``gunicorn.conf.py``'s post_worker_init, or the first request).
 """
@@ -21,6 +22,7 @@ from serving.endpoints import ENDPOINTS
 from serving.observability.logging import AccessLog, configure_logging
 from serving.request import current_request
 from serving.routing import Endpoint, Router
+from serving.security import Gate
 from serving.service import InferenceService
 
 
@@ -29,18 +31,19 @@ def create_app(settings: Settings | None = None, endpoints: Iterable[Endpoint] =
     settings = settings or Settings.from_env()
     configure_logging(settings)
     app = Flask("serving")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     service = InferenceService(settings)
     access_log = AccessLog(settings)
     router = Router(endpoints)
+    gate = Gate(settings)
     app.extensions["serving"] = service
+    app.extensions["serving.gate"] = gate
     app.extensions["serving.settings"] = settings
     app.extensions["serving.access_log"] = access_log
     app.extensions["serving.router"] = router
     router.register(app, _view)
     app.after_request(_finish_request)
     app.register_error_handler(Exception, _render_error)  # Flask sends werkzeug's HTTP errors here too
-    app.wsgi_app = Dispatcher(app.wsgi_app, router, service, access_log)  # type: ignore[method-assign]
+    app.wsgi_app = Dispatcher(app.wsgi_app, router, gate, service, access_log)  # type: ignore[method-assign]
     return app
 
 
@@ -59,7 +62,9 @@ def _view(endpoint: Endpoint) -> Callable[..., Response]:
     """The Flask view for one endpoint: its handler with this request's state and the app's service."""
 
     def view(**params: Any) -> Response:
-        return _respond(endpoint.handler(current_request(), service_of(current_app), **params))  # type: ignore[arg-type]
+        state = current_request()
+        current_app.extensions["serving.gate"].check(state, endpoint)  # the same check as the direct path
+        return _respond(endpoint.handler(state, service_of(current_app), **params))  # type: ignore[arg-type]
 
     view.__name__ = view.__qualname__ = f"view_{endpoint.handler.__name__}"
     return view
@@ -69,6 +74,7 @@ def _finish_request(response: Response) -> Response:
     """Tag the response with its request id, count it, and write the access line."""
     state = current_request()
     response.headers["X-Request-ID"] = state.request_id
+    response.headers["X-Content-Type-Options"] = "nosniff"
     extensions = current_app.extensions
     rule = request.url_rule
     endpoint = extensions["serving.router"].by_name(rule.endpoint) if rule is not None else None
@@ -78,4 +84,4 @@ def _finish_request(response: Response) -> Response:
 
 
 def _render_error(error: Exception) -> Response:
-    return _respond(answer_for_exception(error, current_request(), request.max_content_length))
+    return _respond(answer_for_exception(error, current_request(), service_of(current_app).body_limit))

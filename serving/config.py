@@ -90,7 +90,8 @@ class Settings:
     log_format: LogFormat = setting("text", "text, or json for one JSON object per line (alias: LOG_FORMAT)")
     log_file: str = setting("", "error/access log path; empty = stderr (run/server.log as daemon)")
     access_log: bool = setting(True, "log one line per request")
-    max_body_bytes: int = setting(2 * 1024 * 1024, "largest request body accepted (413 beyond)", minimum=1024)
+    max_body_bytes: int = setting(0, "largest request body accepted (413 beyond); 0 = derived: max(256 KiB, 64 KiB +"
+                                     " SERVING_MAX_BATCH x the largest served input's H x W x 24 bytes)", minimum=0)
     max_batch: int = setting(64, "most samples in one request (422 beyond)", minimum=1)
     max_image_pixels: int = setting(4_000_000, "largest uploaded image, width x height (413 beyond)", minimum=1)
     max_batch_size: int = setting(32, "batched: most samples the model runs at once", minimum=1)
@@ -119,6 +120,9 @@ class Settings:
         hints = _hints(type(self))
         for item in fields(self):
             _validate(PREFIX + item.name.upper(), getattr(self, item.name), item.metadata, hints[item.name])
+        if 0 < self.max_body_bytes < 1024:
+            raise ConfigError(f"SERVING_MAX_BODY_BYTES={self.max_body_bytes} is too small for one sample: use 0"
+                              " (derived from the model) or >= 1024")
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError("TLS needs both SERVING_CERTFILE and SERVING_KEYFILE (PEM files), or neither")
 

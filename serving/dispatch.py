@@ -24,18 +24,24 @@ from serving.observability import metrics
 from serving.observability.logging import AccessLog
 from serving.request import CURRENT_REQUEST, RequestState
 from serving.routing import Endpoint, Router
+from serving.security import Gate
 from serving.service import InferenceService
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 STATUS_LINES = {code: f"{code} {phrase}" for code, phrase in HTTP_STATUS_CODES.items()}  # as Flask writes them
+#: The metric label of a request's method: these, or "other" (a label per invented method would grow forever).
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
 
 
 class Dispatcher:
     """WSGI middleware: builds every request's state; answers direct routes, passes the rest to Flask."""
 
-    def __init__(self, flask_app: WSGIApp, router: Router, service: InferenceService, access_log: AccessLog) -> None:
+    def __init__(self, flask_app: WSGIApp, router: Router, gate: Gate, service: InferenceService,
+                 access_log: AccessLog) -> None:
         self.flask_app = flask_app
         self.router = router
+        self.gate = gate
         self.service = service
         self.access_log = access_log
         self.count_in_flight = service.settings.mode == "batched"  # the batcher waits only while others are
@@ -59,12 +65,13 @@ class Dispatcher:
     def _serve(self, request: RequestState, endpoint: Endpoint, params: dict[str, str],
                start_response: Callable[..., Any]) -> list[bytes]:
         try:
+            self.gate.check(request, endpoint)
             answer = endpoint.handler(request, self.service, **params)
         except Exception as error:
-            answer = answer_for_exception(error, request, self.service.settings.max_body_bytes)
+            answer = answer_for_exception(error, request, self.service.body_limit)
         status, body, content_type, extra = answer
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                   ("X-Request-ID", request.request_id)]
+                   ("X-Request-ID", request.request_id), NOSNIFF]
         if extra:
             headers.extend(extra.items())
         start_response(STATUS_LINES.get(status) or f"{status} UNKNOWN", headers)
@@ -84,6 +91,6 @@ def finish(request: RequestState, endpoint: str, status: int, default_model: str
     """Count the answered request in the metrics and write its access line (both dispatch paths)."""
     method = request.method
     elapsed = time.perf_counter() - request.started
-    metrics.observe_request(endpoint, method, status, elapsed)
+    metrics.observe_request(endpoint, method if method in METHODS else "other", status, elapsed)
     access_log.write(request.request_id, method, request.path, status, elapsed * 1000.0,
                      request.model or default_model, request.batch_size)

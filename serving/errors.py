@@ -38,6 +38,28 @@ class InvalidRequest(ServingError):
     reason = "invalid"
 
 
+class Unauthorized(ServingError):
+    """No valid API key for the endpoint's scope."""
+
+    status_code = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="serving"'}
+    reason = "unauthorized"
+
+
+class Forbidden(ServingError):
+    """A valid key of the wrong scope (an inference key on an admin endpoint)."""
+
+    status_code = 403
+    reason = "unauthorized"
+
+
+class MisdirectedHost(ServingError):
+    """A Host header the server does not answer for (DNS rebinding, a misconfigured proxy)."""
+
+    status_code = 421
+    reason = "invalid"
+
+
 class ModelNotFound(ServingError):
     """No such model or version in the repository."""
 

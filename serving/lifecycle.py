@@ -50,6 +50,7 @@ def check_before_fork(server: Any, settings: Settings) -> None:
                 " per worker: drop --threads, use SERVING_MODE=batched (one model thread per worker), or"
                 " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
+        warn_if_exposed(server, settings)
     except (ModelLoadError, ConfigError) as exc:
         server.log.error("cannot start: %s", exc)
         raise RuntimeError(str(exc)) from None
@@ -61,6 +62,20 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         f"; also {', '.join(f'{n}:{v}' for n, v in service.served if (n, v) != (meta.name, meta.version))}"
         if len(service.served) > 1 else "",
     )
+
+
+def warn_if_exposed(server: Any, settings: Settings) -> None:
+    """A bind beyond loopback with no key: say at start what anyone who reaches the port can do."""
+    from serving.security import LOOPBACK_HOSTS, Gate, host_name
+
+    gate = Gate(settings)  # also refuses an unreadable key file or a short key, in the master, before forking
+    exposed = [address for address in server.cfg.bind if not address.startswith("unix:")
+               and host_name(address) not in LOOPBACK_HOSTS]
+    if exposed and not gate.keys_on:
+        server.log.warning(
+            "listening on %s with no API key: anyone who reaches the port can run inference, read /metrics and"
+            " the model index; set SERVING_API_KEYS and SERVING_ADMIN_KEYS, and put nginx in front"
+            " (deploy/nginx.conf; docs/security.md)", ", ".join(exposed))
 
 
 def worker_exited(worker: Any) -> None:

@@ -48,6 +48,7 @@ def array(items: Schema, **extra: Any) -> Schema:
 
 
 STRING, INTEGER, NUMBER, BOOLEAN = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+WORKER = {"type": "string", "description": "an opaque id of the worker process that answered"}
 ID = {"oneOf": [STRING, INTEGER], "description": "the request's id, or its X-Request-ID"}
 SAMPLES = {"anyOf": [NUMBER, {"type": "array", "items": {"anyOf": [NUMBER, {"type": "array", "items": NUMBER}]}}]}
 VALUES = {"anyOf": [NUMBER, STRING, BOOLEAN, {"type": "array", "items": SAMPLES}]}
@@ -63,10 +64,10 @@ SCHEMAS: dict[str, Schema] = {
     "Metadata": obj(["name", "version", "framework", "backend", "mode", "input", "output", "labels"],
                     name=STRING, version=INTEGER, framework=STRING, backend=STRING, mode=STRING,
                     input={"type": "object"}, output={"type": "object"}, labels=array(STRING)),
-    "Health": obj(["status", "model_loaded", "pid"], status=STRING, model_loaded=BOOLEAN,
+    "Health": obj(["status", "model_loaded", "worker"], status=STRING, model_loaded=BOOLEAN,
                   model={"type": "string", "nullable": True}, version={"type": "integer", "nullable": True},
-                  pid=INTEGER),
-    "Status": obj(["status", "pid"], status=STRING, pid=INTEGER),
+                  worker=WORKER),
+    "Status": obj(["status", "worker"], status=STRING, worker=WORKER),
     "ServerMetadata": obj(["name", "version", "extensions"], name=STRING, version=STRING, extensions=array(STRING)),
     "Live": obj(["live"], live=BOOLEAN),
     "Ready": obj(["ready"], ready=BOOLEAN),

@@ -38,7 +38,7 @@ class RequestState:
     """One request: its WSGI environ, id, start time, the router that serves it, and what its access line
     reports (the model addressed and the batch size)."""
 
-    __slots__ = ("environ", "request_id", "started", "router", "model", "batch_size")
+    __slots__ = ("environ", "request_id", "started", "router", "model", "batch_size", "admin", "client_deadline")
 
     def __init__(self, environ: dict[str, Any], router: Router | None = None) -> None:
         self.environ = environ
@@ -47,6 +47,8 @@ class RequestState:
         self.router = router
         self.model: str | None = None  # "name:version" when the route addressed a model other than the default
         self.batch_size: int | None = None
+        self.admin = False  # authenticated with an admin key (serving.security.Gate)
+        self.client_deadline = False  # the deadline came from the client (its 504 is not a server error)
 
     @property
     def method(self) -> str:
@@ -98,7 +100,10 @@ class RequestState:
         return data
 
     def timeout(self) -> float | None:
-        """The request's own deadline in seconds from ``X-Request-Timeout-Ms``, or None to use the setting."""
+        """The request's own deadline in seconds from ``X-Request-Timeout-Ms``, or None to use the setting.
+
+        The service clamps it to ``SERVING_MAX_CLIENT_TIMEOUT_MS``: a client may ask for less time, not more.
+        """
         raw = self.environ.get("HTTP_X_REQUEST_TIMEOUT_MS")
         if raw is None:
             return None
@@ -110,6 +115,7 @@ class RequestState:
             raise BadRequest(
                 f"{TIMEOUT_HEADER} must be a number of milliseconds in [{MIN_TIMEOUT_MS}, {MAX_TIMEOUT_MS}]"
             )
+        self.client_deadline = True
         return value / 1000.0
 
 

@@ -31,6 +31,7 @@ from serving.repository import ModelMetadata, ModelRepository
 
 log = logging.getLogger("serving")
 DEFAULT_MODEL = "digits-tf"
+MIN_BODY_LIMIT, BODY_ENVELOPE, BYTES_PER_VALUE = 256 * 1024, 64 * 1024, 24
 Key = tuple[str, int]
 
 __all__ = ["DEFAULT_MODEL", "InferenceService", "LoadedModel"]
@@ -51,6 +52,7 @@ class InferenceService:
         self._owner_pid = 0
         self._load_lock = threading.Lock()
         self._timeout_s = settings.request_timeout_ms / 1000.0
+        self._max_client_timeout_s = (settings.max_client_timeout_ms or settings.request_timeout_ms) / 1000.0
         #: Requests this worker is serving now; the app counts them in batched mode.
         self.in_flight = InFlight()
 
@@ -187,6 +189,21 @@ class InferenceService:
         model = self._models.get((self.meta.name, self.meta.version))
         return model.batcher if model is not None else None
 
+    @property
+    def body_limit(self) -> int:
+        """The largest request body: ``SERVING_MAX_BODY_BYTES``, or derived from the largest served input.
+
+        A JSON sample of H x W numbers takes at most ~24 bytes a value (a float's shortest repr and a
+        comma), so the cap admits a full batch with room to spare and nothing near the 50-100x of a fixed
+        2 MiB cap on 8x8 inputs; binary v2 and image bodies are far smaller than their JSON.
+        """
+        if self.settings.max_body_bytes:
+            return self.settings.max_body_bytes
+        if not self.served:
+            self._ensure_resolved()
+        pixels = max(meta.input_shape[0] * meta.input_shape[1] for meta, _ in self.served.values())
+        return max(MIN_BODY_LIMIT, BODY_ENVELOPE + self.settings.max_batch * pixels * BYTES_PER_VALUE)
+
     # -- requests -------------------------------------------------------------------------------
     @property
     def default_label(self) -> str:
@@ -246,21 +263,28 @@ class InferenceService:
 
     def predict(self, batch: np.ndarray, timeout_s: float | None = None,
                 model: LoadedModel | None = None) -> np.ndarray:
-        """Probabilities ``(N, classes)`` for a validated batch, within ``timeout_s`` (default setting)."""
-        return (model or self.model()).infer(batch, timeout_s or self._timeout_s)
+        """Probabilities ``(N, classes)`` for a validated batch, within ``timeout_s`` (default: the setting).
+
+        A client's deadline is clamped to ``SERVING_MAX_CLIENT_TIMEOUT_MS``.
+        """
+        timeout = min(timeout_s, self._max_client_timeout_s) if timeout_s else self._timeout_s
+        return (model or self.model()).infer(batch, timeout)
 
     def labels_for(self, probabilities: np.ndarray) -> list[str]:
         """The default model's label of the most probable class for each row."""
         return self.model().labels_for(probabilities)
 
-    def index(self) -> list[dict[str, str]]:
-        """Every model version in the repository with its state here: READY, LOADING or UNAVAILABLE."""
+    def index(self, unserved: bool = False) -> list[dict[str, str]]:
+        """Every served model version with its state here (READY or LOADING); with ``unserved`` (operators
+        only) also the repository's other versions, as UNAVAILABLE."""
         if not self.served:
             self._ensure_resolved()
         entries = []
         for name, version in self.repository.index():
             entry = {"name": name, "version": str(version)}
             if (name, version) not in self.served:
+                if not unserved:
+                    continue
                 entry.update(state="UNAVAILABLE", reason="not selected by SERVING_MODELS")
             else:
                 ready = self.model_ready(name, version)
@@ -277,7 +301,6 @@ class InferenceService:
             "version": meta.version,
             "framework": meta.framework,
             "backend": model.backend_name,
-            "backend_version": model.backend.framework_version(),
             "mode": self.settings.mode,
             "arch": raw.get("arch"),
             "dataset": raw.get("dataset"),

@@ -98,7 +98,7 @@ class GunicornServer:
                 else:
                     body = requests.get(self.url + "/health", timeout=2).json()
                     if body.get("model_loaded"):
-                        ready_pids.add(body["pid"])
+                        ready_pids.add(body["worker"])
                         if len(ready_pids) >= self.workers:
                             return
             except requests.RequestException:

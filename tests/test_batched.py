@@ -145,7 +145,7 @@ def test_metrics_add_up_across_workers(server_factory: Any, digits: Any) -> None
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda _: post(server.url + "/predict/label", sample).status_code, range(200)))
     assert statuses == [200] * 200
-    pids = {requests.get(server.url + "/health", timeout=5, headers={"Connection": "close"}).json()["pid"]
+    pids = {requests.get(server.url + "/health", timeout=5, headers={"Connection": "close"}).json()["worker"]
             for _ in range(20)}
     assert len(pids) == 2, "both workers answered"
     line = 'serving_requests_total{endpoint="/predict/label",method="POST",status="200"} 200.0'
@@ -172,7 +172,7 @@ def test_sighup_under_load_loses_no_request(server_factory: Any, digits: Any) ->
     for thread in threads:
         thread.start()
     time.sleep(1.5)
-    old_workers = {requests.get(server.url + "/health", timeout=5).json()["pid"] for _ in range(10)}
+    old_workers = {requests.get(server.url + "/health", timeout=5).json()["worker"] for _ in range(10)}
     server.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     time.sleep(4)
     stop.set()
@@ -180,5 +180,5 @@ def test_sighup_under_load_loses_no_request(server_factory: Any, digits: Any) ->
         thread.join(30)
     assert len(results) > 100
     assert Counter(results) == {200: len(results)}, Counter(results)
-    new_workers = {requests.get(server.url + "/health", timeout=5).json()["pid"] for _ in range(10)}
+    new_workers = {requests.get(server.url + "/health", timeout=5).json()["worker"] for _ in range(10)}
     assert not old_workers & new_workers, "SIGHUP replaced the workers"

@@ -36,7 +36,7 @@ def test_environment_values_are_typed() -> None:
     ({"SERVING_BACKEND": "os:system; rm"}, "is not one of: tensorflow, pytorch, onnx"),
     ({"SERVING_ACCESS_LOG": "maybe"}, "is not a boolean"),
     ({"SERVING_BIND": "localhost"}, "is not HOST:PORT"),
-    ({"SERVING_MAX_BODY_BYTES": "10"}, "SERVING_MAX_BODY_BYTES=10 must be >= 1024"),
+    ({"SERVING_MAX_BODY_BYTES": "10"}, "SERVING_MAX_BODY_BYTES=10 is too small for one sample"),
     ({"SERVING_MAX_DELAY_MS": "5000"}, "SERVING_MAX_DELAY_MS=5000 must be <= 1000; batching waits are ~1-10 ms"),
     ({"SERVING_MODELS": "a b"}, "or a comma-separated list of name, name:version"),
     ({"SERVING_MAX_REQUESTS": "-1"}, "must be >= 0"),

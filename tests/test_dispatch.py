@@ -24,6 +24,7 @@ from tests import fakes
 from tests.conftest import GunicornServer
 
 HEADER = "Inference-Header-Content-Length"
+JSON = {"Content-Type": "application/json"}
 MAX_BODY = 64 * 1024
 pytestmark = pytest.mark.slow
 
@@ -92,10 +93,10 @@ def test_v2_binary_and_json_match(server: GunicornServer, x: np.ndarray) -> None
 @pytest.mark.parametrize(("path", "body", "headers", "status"), [
     ("/predict", b"{not json", {"Content-Type": "application/json"}, 400),
     ("/predict", b'{"data": [0.5, 0.5]}', {"Content-Type": "application/json"}, 422),
-    ("/predict", b'{"data": [' + b"2.0," * 63 + b"2.0]}", {}, 422),
+    ("/predict", b'{"data": [' + b"2.0," * 63 + b"2.0]}", {"Content-Type": "application/json"}, 422),
     ("/predict", b"\x89PNG broken", {"Content-Type": "image/png"}, 400),
     ("/predict/label", b"a=1", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
-    ("/predict", b'{"data": [' + b"0," * 63 + b"0]}", {"X-Request-Timeout-Ms": "0"}, 400),
+    ("/predict", b'{"data": [' + b"0," * 63 + b"0]}", {**JSON, "X-Request-Timeout-Ms": "0"}, 400),
     ("/predict", b"0" * (MAX_BODY + 1), {"Content-Type": "application/json"}, 413),
     ("/v2/models/nope/infer", b"{}", {}, 404),
     ("/v2/models/digits-torch/versions/x/infer", b"{}", {}, 404),
@@ -117,9 +118,9 @@ def test_both_ways_are_logged_and_counted_alike(server: GunicornServer, x: np.nd
     line = 'serving_requests_total{endpoint="/predict/label",method="POST",status="200"}'
     before = counter(server, line)
     body = orjson.dumps({"data": x[:2].tolist()})
-    assert all(answer.status_code == 200 for answer in both_ways(server, "/predict/label", body, {}))
+    assert all(answer.status_code == 200 for answer in both_ways(server, "/predict/label", body, JSON))
     for request_id, data in (("direct-8", body), ("chunked-8", iter([body]))):
-        answer = requests.post(server.url + "/predict/label", data=data, headers={"X-Request-ID": request_id},
+        answer = requests.post(server.url + "/predict/label", data=data, headers={**JSON, "X-Request-ID": request_id},
                                timeout=10)
         assert answer.status_code == 200 and answer.headers["X-Request-ID"] == request_id
     deadline = time.monotonic() + 5
@@ -138,7 +139,8 @@ def test_a_failing_model_is_a_logged_500_with_the_request_id(server: GunicornSer
     answer = same(both_ways(server, "/predict", body, {"Content-Type": "application/json"}))
     assert answer.status_code == 500 and "server log" in answer.json()["error"]
     for request_id, data in (("fail-direct", body), ("fail-chunked", iter([body]))):
-        failed = requests.post(server.url + "/predict", data=data, headers={"X-Request-ID": request_id}, timeout=10)
+        failed = requests.post(server.url + "/predict", data=data, headers={**JSON, "X-Request-ID": request_id},
+                               timeout=10)
         assert failed.status_code == 500 and "Traceback" not in failed.text
     time.sleep(0.2)
     log = server.log()

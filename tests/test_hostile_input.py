@@ -38,7 +38,7 @@ hostile_numbers = st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e999", 
 @pytest.fixture(scope="module")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GunicornServer]:
     srv = GunicornServer(model_repo, tmp_path_factory.mktemp("logs"), model="digits-torch", backend="onnx",
-                         mode="threaded", workers=2, threads=4, max_body_bytes=256 * 1024)
+                         mode="threaded", workers=2, threads=4)
     srv.start()
     srv.workers_at_start = {p.pid for p in psutil.Process(srv.pid).children()}  # type: ignore[attr-defined]
     try:

@@ -269,7 +269,7 @@ def slow_body_client(port: int, stop: threading.Event) -> None:
     body = orjson.dumps({"data": SAMPLE})
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"POST /predict/label HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /predict/label HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                          + f"Content-Length: {len(body)}\r\n\r\n".encode())
             for byte in body:
                 if stop.is_set():
@@ -309,7 +309,7 @@ def test_slow_clients_behind_nginx_do_not_take_the_service_down(server_factory: 
 def test_declared_oversized_body_is_refused_before_it_is_sent(server_factory: Any) -> None:
     server = server_factory(model="digits-torch", backend="onnx", mode="process", workers=1).start()
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 104857600\r\n\r\n{\"data\": [")
         started = time.monotonic()
         reply = b""

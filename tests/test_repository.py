@@ -93,9 +93,10 @@ def test_every_selected_model_is_checked_at_resolve(repo: Path) -> None:
 
 def test_index_states(repo: Path) -> None:
     svc = service(repo, model="digits-torch", models="digits-torch:1", backend="onnx")
-    states = {(e["name"], e["version"]): e["state"] for e in svc.index()}
+    states = {(e["name"], e["version"]): e["state"] for e in svc.index(unserved=True)}
     assert states == {("digits-tf", "1"): "UNAVAILABLE", ("digits-torch", "1"): "LOADING",
                       ("digits-torch", "2"): "LOADING"}
+    assert [(e["name"], e["version"]) for e in svc.index()] == [("digits-torch", "1"), ("digits-torch", "2")]
     svc.load(workers=1)
     try:
         states = {(e["name"], e["version"]): e["state"] for e in svc.index()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -21,7 +22,24 @@ from serving.config import Settings
 from serving.request import CURRENT_REQUEST
 
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029"\\]')
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+def escape(text: str) -> str:
+    """``text`` safe for one text log line: control characters, quotes and backslashes escaped.
+
+    A path like ``/x%0A[2026-...] [INFO] ...`` must not forge a second log line, and ``%1B`` must not
+    reach an operator's terminal as an escape sequence.
+    """
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return _UNSAFE.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
 
 
 class AccessLog:
@@ -60,7 +78,8 @@ class AccessLog:
                 "model": model, "batch_size": batch_size,
             }).decode() + "\n"
         else:
-            line = (f'[{self._timestamp(now)}] [{os.getpid()}] [INFO] [{request_id}] "{method} {path}" {status}'
+            request = f"{escape(method)} {escape(path)}"
+            line = (f'[{self._timestamp(now)}] [{os.getpid()}] [INFO] [{request_id}] "{request}" {status}'
                     f" {latency_ms:.2f}ms model={model} batch={'-' if batch_size is None else batch_size}\n")
         stream = self._stream or sys.stderr
         try:
@@ -78,6 +97,14 @@ class RequestIdFilter(logging.Filter):
             request = CURRENT_REQUEST.get()
             record.request_id = request.request_id if request is not None else "-"
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, with each message escaped (``escape``); tracebacks keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -110,7 +137,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT, datefmt="%Y-%m-%d %H:%M:%S %z"))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT, datefmt="%Y-%m-%d %H:%M:%S %z"))
     handler.addFilter(RequestIdFilter())
     logger.addHandler(handler)
     logger.debug("logging configured in pid %d", os.getpid())

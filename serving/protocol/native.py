@@ -63,18 +63,18 @@ def _decode(request: RequestState, service: InferenceService) -> tuple[np.ndarra
     settings = service.settings
     mimetype = request.mimetype
     request_id: Any = request.request_id
-    if mimetype in ("application/json", "") or mimetype.endswith("+json"):
-        payload = parse_json_object(request.body(settings.max_body_bytes))
+    if mimetype == "application/json" or mimetype.endswith("+json"):
+        payload = parse_json_object(request.body(service.body_limit))
         if "data" not in payload:
             raise InvalidInput('the JSON object needs a "data" field: {"data": [...]}')
         if isinstance(payload.get("id"), str | int) and not isinstance(payload.get("id"), bool):
             request_id = payload["id"]
         batch = batch_from_data(payload["data"], meta, settings.max_batch)
     elif mimetype in IMAGE_TYPES:
-        batch = batch_from_image(request.body(settings.max_body_bytes), meta, settings.max_image_pixels)
+        batch = batch_from_image(request.body(service.body_limit), meta, settings.max_image_pixels)
     elif mimetype == "multipart/form-data":
-        batch = batch_from_image(_uploaded_file(request, settings.max_body_bytes), meta, settings.max_image_pixels)
-    else:
+        batch = batch_from_image(_uploaded_file(request, service.body_limit), meta, settings.max_image_pixels)
+    else:  # no Content-Type is refused too: a web page cannot send JSON cross-origin without a preflight
         raise UnsupportedMediaType(
             f"Content-Type {mimetype!r} is not accepted: send application/json, an image (image/png,"
             " image/jpeg) or multipart/form-data with a 'file' field"

@@ -9,6 +9,18 @@ from serving.observability.metrics import exposition
 from serving.request import RequestState
 from serving.service import InferenceService
 
+_WORKER = {"id": ""}
+
+
+def worker_id() -> str:
+    """An opaque id of this worker process (distinct per worker, stable while it lives); never its pid."""
+    if not _WORKER["id"]:
+        _WORKER["id"] = os.urandom(6).hex()
+    return _WORKER["id"]
+
+
+os.register_at_fork(after_in_child=lambda: _WORKER.update(id=""))
+
 
 def health(request: RequestState, service: InferenceService) -> Answer:
     """``GET /health``: liveness plus whether this worker's model is loaded (200 while alive)."""
@@ -18,20 +30,20 @@ def health(request: RequestState, service: InferenceService) -> Answer:
         "model_loaded": service.ready,
         "model": meta.name if meta else None,
         "version": meta.version if meta else None,
-        "pid": os.getpid(),
+        "worker": worker_id(),
     })
 
 
 def live(request: RequestState, service: InferenceService) -> Answer:
     """``GET /health/live``: 200 while the process answers."""
-    return json_answer({"status": "alive", "pid": os.getpid()})
+    return json_answer({"status": "alive", "worker": worker_id()})
 
 
 def ready(request: RequestState, service: InferenceService) -> Answer:
     """``GET /health/ready``: 200 when this worker's models are loaded (and model threads run), else 503."""
     if service.ready:
-        return json_answer({"status": "ready", "pid": os.getpid()})
-    return json_answer({"status": "loading", "error": "the model is not loaded yet", "pid": os.getpid()}, 503)
+        return json_answer({"status": "ready", "worker": worker_id()})
+    return json_answer({"status": "loading", "error": "the model is not loaded yet", "worker": worker_id()}, 503)
 
 
 def metrics(request: RequestState, service: InferenceService) -> Answer:

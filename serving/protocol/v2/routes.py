@@ -79,7 +79,10 @@ def infer(request: RequestState, service: InferenceService, name: str, version: 
     check_outputs(decoded, model.meta)
     batch = batch_from_request(decoded, model.meta, service.settings.max_batch)
     request.batch_size = len(batch)
-    probabilities = service.predict(batch, request.timeout() or decoded.timeout_s, model)
+    timeout = request.timeout()
+    if timeout is None and decoded.timeout_s:
+        timeout, request.client_deadline = decoded.timeout_s, True
+    probabilities = service.predict(batch, timeout, model)
     document = {"model_name": name, "model_version": str(model.meta.version), "id": decoded.id or request.request_id}
     body, header_length = encode_response(document, output_tensors(decoded, model, probabilities))
     if header_length is None:
@@ -88,9 +91,9 @@ def infer(request: RequestState, service: InferenceService, name: str, version: 
 
 
 def repository_index(request: RequestState, service: InferenceService) -> Answer:
-    """The index; a POST may filter with ``{"ready": true}`` (as Triton's does)."""
-    entries = service.index()
-    body = request.body(service.settings.max_body_bytes) if request.method == "POST" else b""
+    """The served versions (all on disk for an admin key); a POST may filter with ``{"ready": true}`` (as Triton's)."""
+    entries = service.index(unserved=request.admin)
+    body = request.body(service.body_limit) if request.method == "POST" else b""
     if body.strip():
         try:
             options = orjson.loads(body)
@@ -114,4 +117,4 @@ def _infer_body(request: RequestState, service: InferenceService) -> bytes:
     encoding = (request.header("Content-Encoding") or "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:32]!r} is not supported: send the body uncompressed")
-    return request.body(service.settings.max_body_bytes)
+    return request.body(service.body_limit)
