@@ -76,7 +76,7 @@ def main() -> None:
         meta = ModelRepository(args.repo).resolve(f"mnist-{NAME_SUFFIX[framework]}")
         runs.append((framework, meta, seconds, float(in_run.group(1)) if in_run else float("nan"),
                      source.group(1) if source else "?"))
-    dataset = load_mnist(Path(runs[0][4]))
+    dataset = load_mnist(ROOT / runs[0][4])  # train.py ran in ROOT: a relative path is relative to it
     stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
     lines = [
         f"# MNIST training, {stamp} UTC",
