@@ -5,6 +5,7 @@
     serving config                   every setting with its current value
     serving bench --model NAME       the bare in-process model call: the ceiling a server can reach
     serving docs [--check]           regenerate (or check) docs/settings.md and the endpoint table
+    serving digest [REPOSITORY]      the SERVING_MODEL_SHA256 line that pins every version found
 
 Each subcommand imports only what it needs, so ``serving config`` never loads a framework.
 """
@@ -73,8 +74,26 @@ def docs(argv: list[str]) -> int:
     return 0
 
 
+def digest(argv: list[str]) -> int:
+    """Print ``SERVING_MODEL_SHA256=name:version=sha256(metadata.json),...`` for a repository's versions."""
+    from serving.config import Settings
+    from serving.repository import ModelRepository, sha256_file
+
+    if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
+        print("usage: serving digest [REPOSITORY]   (default: SERVING_MODEL_REPOSITORY, else models)")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    repository = ModelRepository(Path(argv[0]) if argv else Settings.from_env().model_repository)
+    pins = [f"{name}:{version}={sha256_file(repository.root / name / str(version) / 'metadata.json')}"
+            for name, version in repository.index()]
+    if not pins:
+        print(f"error: no model version in {repository.root}/", file=sys.stderr)
+        return 2
+    print("SERVING_MODEL_SHA256=" + ",".join(pins))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "serve": serve, "train": train, "config": config, "bench": bench, "docs": docs,
+    "serve": serve, "train": train, "config": config, "bench": bench, "docs": docs, "digest": digest,
 }
 
 

@@ -31,6 +31,8 @@ LogFormat = Literal["text", "json"]
 _MODEL_ENTRY = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(:(\d{1,9}|\*))?"
 #: ``*``, or comma-separated ``name``, ``name:version`` or ``name:*`` (all versions of name).
 MODELS_PATTERN = re.compile(rf"^(\*|{_MODEL_ENTRY}(\s*,\s*{_MODEL_ENTRY})*)$")
+_PIN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}:\d{1,9}=[0-9a-fA-F]{64}"
+PINS_PATTERN = re.compile(rf"^{_PIN}(\s*,\s*{_PIN})*$")
 BIND_PATTERN = re.compile(r"^(unix:.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
 
 
@@ -101,6 +103,10 @@ class Settings:
     request_timeout_ms: int = setting(5000, "deadline per request (504 after); header X-Request-Timeout-Ms overrides",
                                       minimum=1)
     metrics_dir: str = setting("", "prometheus multiprocess directory; empty = a fresh temporary one per server")
+    model_sha256: str = setting("", "pinned sha256 of each served version's metadata.json (which lists the sha256 of"
+                                   " every file): name:version=HEX,...; set, it refuses any other version",
+                                pattern=PINS_PATTERN, accepts="name:N=sha256,... (serving digest prints it)",
+                                hint="is not a comma-separated list of name:version=<64 hex digits>")
     api_keys: str = setting("", "inference keys, comma-separated: Authorization: Bearer KEY is then required on"
                                " inference and metadata endpoints; empty = open (see docs/security.md)",
                             accepts="comma-separated keys")

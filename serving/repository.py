@@ -81,25 +81,33 @@ class ModelMetadata:
             size *= dim
         return size
 
-    def artifact(self, backend: str) -> Path:
-        """Path of the artifact a backend loads (``onnx`` reads the ONNX export)."""
-        filename = ONNX_ARTIFACT if backend == "onnx" else NATIVE_ARTIFACTS[backend]
-        return self.path / filename
-
     def verify(self, filename: str) -> None:
-        """Refuse an artifact whose sha256 differs from the one recorded at training time."""
-        expected = self.raw.get("artifacts", {}).get(filename, {}).get("sha256")
-        path = self.path / filename
-        if not path.is_file():
-            raise ModelLoadError(f"{path} is missing: retrain with `python train.py`")
-        if not expected:
+        """Refuse a version whose files differ from what its metadata.json records.
+
+        ``filename`` (the artifact the backend loads) must exist; every other file in the folder, in
+        subfolders too, must be listed with a sha256 and match it, so an unlisted file (an ONNX
+        external-data file, a script dropped in) is refused like a modified one. This detects
+        corruption and accidents; against an attacker who can write the folder, pin metadata.json's own
+        digest out of band (``SERVING_MODEL_SHA256``).
+        """
+        artifacts = self.raw.get("artifacts", {})
+        if not (self.path / filename).is_file():
+            raise ModelLoadError(f"{self.path / filename} is missing: retrain with `python train.py`")
+        if not artifacts.get(filename, {}).get("sha256"):
             raise ModelLoadError(f"{self.path}/metadata.json records no sha256 for {filename}")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ModelLoadError(
-                f"{path} was modified after training (sha256 {actual[:12]}... != recorded {expected[:12]}...);"
-                " refusing to load it"
-            )
+        for path in sorted(self.path.rglob("*")):
+            if path.is_dir() or path == self.path / "metadata.json":
+                continue
+            expected = artifacts.get(path.relative_to(self.path).as_posix(), {}).get("sha256")
+            if not expected:
+                raise ModelLoadError(f"{path} is not listed with a sha256 in metadata.json; refusing a version"
+                                     " with files nobody recorded")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ModelLoadError(
+                    f"{path} was modified after training (sha256 {actual[:12]}... != recorded {expected[:12]}...);"
+                    " refusing to load it"
+                )
 
     def sample(self) -> tuple[list[Any], str]:
         """The built-in smoke-test sample and its expected label."""

@@ -27,7 +27,7 @@ from serving.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotR
 from serving.inputs import CONTRACT, IMAGE_TYPES
 from serving.loaded_model import LoadedModel
 from serving.observability import metrics
-from serving.repository import ModelMetadata, ModelRepository
+from serving.repository import ModelMetadata, ModelRepository, sha256_file
 
 log = logging.getLogger("serving")
 DEFAULT_MODEL = "digits-tf"
@@ -35,6 +35,15 @@ MIN_BODY_LIMIT, BODY_ENVELOPE, BYTES_PER_VALUE = 256 * 1024, 64 * 1024, 24
 Key = tuple[str, int]
 
 __all__ = ["DEFAULT_MODEL", "InferenceService", "LoadedModel"]
+
+
+def model_pins(setting: str) -> dict[str, str]:
+    """``name:version=sha256,...`` (SERVING_MODEL_SHA256) as a dict."""
+    pins = {}
+    for entry in filter(None, (part.strip() for part in setting.split(","))):
+        key, _, digest = entry.partition("=")
+        pins[key.strip()] = digest.strip().lower()
+    return pins
 
 
 class InferenceService:
@@ -102,7 +111,22 @@ class InferenceService:
                 " thread), or SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
         meta.verify(backend_class(backend).artifact)
+        self._check_pin(meta)
         return meta, backend
+
+    def _check_pin(self, meta: ModelMetadata) -> None:
+        """With ``SERVING_MODEL_SHA256`` set, every served version's metadata.json must match its pinned digest."""
+        pins = model_pins(self.settings.model_sha256)
+        if not pins:
+            return
+        key = f"{meta.name}:{meta.version}"
+        if key not in pins:
+            raise ModelLoadError(f"SERVING_MODEL_SHA256 pins no digest for {key}: add {key}=<sha256 of its"
+                                 " metadata.json> (serving digest prints them), or stop serving it")
+        actual = sha256_file(meta.path / "metadata.json")
+        if actual != pins[key]:
+            raise ModelLoadError(f"{meta.path}/metadata.json does not match SERVING_MODEL_SHA256 ({actual[:12]}..."
+                                 f" != {pins[key][:12]}...): the model was changed since it was pinned")
 
     def _default_model(self, selected: list[Key]) -> tuple[str, int | None]:
         """The native API's model when SERVING_MODEL is empty: digits-tf, else the first selected or only one."""
@@ -181,13 +205,6 @@ class InferenceService:
         if self._owner_pid != os.getpid():
             return []
         return [model.batcher for model in self._models.values() if model.batcher is not None]
-
-    def batcher(self) -> MicroBatcher | None:
-        """The default model's batcher in this process, if any (see ``batchers`` for all of them)."""
-        if self._owner_pid != os.getpid() or self.meta is None:
-            return None
-        model = self._models.get((self.meta.name, self.meta.version))
-        return model.batcher if model is not None else None
 
     @property
     def body_limit(self) -> int:

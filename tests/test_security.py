@@ -221,3 +221,35 @@ def test_security_paths_cannot_forge_log_lines(server: GunicornServer) -> None:
     time.sleep(0.3)
     lines = [line for line in server.log().splitlines() if "forged" in line]
     assert len(lines) == 1 and "\x1b" not in lines[0] and "/x\\x0a[2026-01-01] [INFO] forged\\x1b[31m" in lines[0]
+
+
+def test_security_pinned_digests_catch_a_rewritten_metadata_file(repo_copy: Path) -> None:
+    from serving.repository import sha256_file
+    from serving.service import InferenceService
+
+    version = repo_copy / "digits-torch" / "1"
+    pin = f"digits-torch:1={sha256_file(version / 'metadata.json')}"
+    settings = Settings.from_env({}, model_repository=repo_copy, model="digits-torch", backend="onnx")
+    InferenceService(Settings.from_env({}, **{**settings.__dict__, "model_sha256": pin})).resolve()
+    # An attacker who can write the folder swaps the model and rewrites its recorded sha256 to match:
+    (version / "model.onnx").write_bytes((version / "model.onnx").read_bytes() + b"\0")
+    meta = orjson.loads((version / "metadata.json").read_bytes())
+    meta["artifacts"]["model.onnx"]["sha256"] = sha256_file(version / "model.onnx")
+    (version / "metadata.json").write_bytes(orjson.dumps(meta))
+    InferenceService(settings).resolve()  # the folder's own checksums cannot tell: they were rewritten too
+    with pytest.raises(Exception, match="does not match SERVING_MODEL_SHA256"):
+        InferenceService(Settings.from_env({}, **{**settings.__dict__, "model_sha256": pin})).resolve()
+    other = "digits-tf:1=" + "0" * 64
+    with pytest.raises(Exception, match="SERVING_MODEL_SHA256 pins no digest for digits-torch:1"):
+        InferenceService(Settings.from_env({}, **{**settings.__dict__, "model_sha256": other})).resolve()
+    with pytest.raises(ConfigError, match="name:version=<64 hex digits>"):
+        Settings(model_sha256="digits-torch:1=abc")
+
+
+def test_security_unlisted_files_such_as_external_data_are_refused(repo_copy: Path) -> None:
+    from serving.service import InferenceService
+
+    (repo_copy / "digits-torch" / "1" / "model.onnx.data").write_bytes(b"weights nobody hashed")
+    settings = Settings.from_env({}, model_repository=repo_copy, model="digits-torch", backend="onnx")
+    with pytest.raises(Exception, match="model.onnx.data is not listed with a sha256"):
+        InferenceService(settings).resolve()
