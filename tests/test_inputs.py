@@ -101,7 +101,7 @@ def test_strokes_on_a_transparent_canvas_are_ink(stroke: tuple[int, int, int, in
     buffer = io.BytesIO()
     Image.fromarray(canvas, mode="RGBA").save(buffer, format="PNG")
     batch = batch_from_image(buffer.getvalue(), META, max_pixels=10_000)
-    assert batch[0, :, 3:5].mean() > 0.8 and batch[0, :, :2].max() == 0.0 and batch[0, :, 6:].max() == 0.0
+    assert batch[0, :, 3:5].min() >= 0.5 and batch[0, :, :3].max() == 0.0 and batch[0, :, 5:].max() == 0.0
 
 
 def test_palette_image_with_a_transparent_index() -> None:
@@ -114,7 +114,7 @@ def test_palette_image_with_a_transparent_index() -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", transparency=0)
     batch = batch_from_image(buffer.getvalue(), META, max_pixels=10_000)
-    assert batch[0, :, 3:5].min() > 0.5 and batch[0, :, 0].max() == 0.0  # the bar, not the canvas
+    assert batch[0, :, 3:5].min() >= 0.5 and batch[0, :, 0].max() == 0.0  # the bar, not the canvas
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 300), (300, 1), (3, 2)])
@@ -144,3 +144,23 @@ def test_a_picture_of_the_models_size_keeps_its_pixels() -> None:
         for pixels in ((image * 15).astype(np.uint8), (255 - image * 15).astype(np.uint8)):  # either polarity
             batch = batch_from_image(image_bytes(pixels), META, max_pixels=10_000)
             np.testing.assert_allclose(batch[0], image / 16.0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits-tf", "digits-torch"])
+def test_issue_11_the_first_t10k_digit_reads_7_on_the_8x8_models(model_repo: Path, name: str) -> None:
+    """The report that opened issue 11: the first t10k digit (a 7) as a JPEG came back "4" at 0.97."""
+    import onnxruntime as ort
+
+    from serving.repository import ModelRepository
+    from tests.mnist_support import t10k_digits
+
+    images, labels = t10k_digits(1)
+    assert int(labels[0]) == 7
+    meta = ModelRepository(model_repo).resolve(name)
+    session = ort.InferenceSession(str(meta.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    axis = 3 if meta.raw["input"]["layout"] == "NHWC" else 1
+    for pixels in (np.rint(images[0] * 255).astype(np.uint8), np.rint(255 - images[0] * 255).astype(np.uint8)):
+        batch = batch_from_image(image_bytes(pixels, "JPEG"), meta, max_pixels=10_000)
+        (probabilities,) = session.run(["probabilities"], {"input": np.expand_dims(batch, axis)})
+        assert int(probabilities.argmax()) == 7, probabilities

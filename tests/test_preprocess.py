@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import serving.preprocess
 from serving.preprocess import (
     INK_THRESHOLD,
     MNIST_BOX,
     NOISE_FLOOR,
     block_count_frame,
     crop_to_ink,
-    dilate,
     ink_map,
     mnist_frame,
     model_input,
+    stroke_width,
+    thicken,
 )
 from tests.mnist_support import t10k_digits
 
@@ -106,35 +108,57 @@ def test_real_digits_uploaded_come_back_as_mnist_made_them() -> None:
 
 def test_block_counts_are_exact() -> None:
     square = np.zeros((50, 50), dtype=np.uint8)
-    square[10:40, 10:40] = 255
+    square[10:40, 10:40] = 255  # a thick shape: no stroke growth, it fills the 32x32 bitmap
     np.testing.assert_array_equal(block_count_frame(ink_map(square), 8, 8), np.ones((8, 8)))
     tall = np.zeros((100, 60), dtype=np.uint8)
-    tall[10:90, 10:50] = 255  # 2:1 -> 30x15 in the 30x30 box, one pixel of stroke growth -> 32x17 at columns 7..23
-    frame = block_count_frame(ink_map(tall), 8, 8)
+    tall[10:90, 10:50] = 255  # 2:1 -> 32x16 at columns 8..23 of the bitmap: blocks 2-5 full
     expected = np.zeros((8, 8))
-    expected[:, 1] = 4 / 16
     expected[:, 2:6] = 1.0
-    np.testing.assert_array_equal(frame, expected)
+    np.testing.assert_array_equal(block_count_frame(ink_map(tall), 8, 8), expected)
+
+
+def test_thin_strokes_grow_thick_ones_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    thin = np.zeros((120, 120), dtype=np.uint8)
+    thin[10:110, 58:61] = 255  # a "T" of 3 px strokes in a 100 px box: about 1 px in the 32 px bitmap
+    thin[10:13, 30:90] = 255
+    thick = np.zeros((120, 120), dtype=np.uint8)
+    thick[10:110, 50:70] = 255  # the same "T" in 20 px strokes: about 6 px
+    thick[10:30, 30:90] = 255
+    grown = {name: block_count_frame(ink_map(page), 8, 8) for name, page in (("thin", thin), ("thick", thick))}
+    monkeypatch.setattr(serving.preprocess, "THIN_STROKE", 0.0)  # nothing counts as thin: nothing grows
+    as_drawn = {name: block_count_frame(ink_map(page), 8, 8) for name, page in (("thin", thin), ("thick", thick))}
+    assert grown["thin"].sum() > 1.5 * as_drawn["thin"].sum()
+    np.testing.assert_array_equal(grown["thick"], as_drawn["thick"])
+
+
+def test_stroke_width() -> None:
+    bar = np.zeros((10, 40), dtype=bool)
+    bar[3:6, 5:35] = True  # 3 wide, 30 long
+    assert 2.5 <= stroke_width(bar) <= 3.5
+    square = np.zeros((20, 20), dtype=bool)
+    square[5:15, 5:15] = True
+    assert stroke_width(square) > 5
+    assert stroke_width(np.zeros((5, 5), dtype=bool)) == 0.0
 
 
 def test_block_counts_for_other_shapes_and_blank_pages() -> None:
     page = np.zeros((30, 30), dtype=np.uint8)
     page[5:25, 12:18] = 255
     assert model_input(page, (16, 12)).shape == (16, 12)
-    assert model_input(page, (8, 8)).shape == (8, 8)
+    values = model_input(page, (8, 8))
+    assert values.shape == (8, 8) and values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0
     assert not model_input(np.zeros((30, 30), np.uint8), (8, 8)).any()
     assert not model_input(np.full((30, 30), 255, np.uint8), (28, 28)).any()
-    values = model_input(page, (8, 8)) * 16
-    np.testing.assert_array_equal(values, np.rint(values))  # counts of 16 pixels, as in optdigits
 
 
-def test_dilate_grows_every_way_without_clipping() -> None:
-    mask = np.zeros((3, 4), dtype=bool)
-    mask[0, 3] = True
-    grown = dilate(mask, 1)
-    assert grown.shape == (5, 6)
+def test_thicken_grows_every_way_without_clipping() -> None:
+    values = np.zeros((3, 4), dtype=np.float32)
+    values[0, 3] = 0.5
+    grown = thicken(values, 1)
+    assert grown.shape == (5, 6) and grown.dtype == np.float32
     np.testing.assert_array_equal(np.argwhere(grown), [[r, c] for r in range(3) for c in range(3, 6)])
-    np.testing.assert_array_equal(dilate(mask, 0), mask)
+    assert grown.max() == 0.5
+    np.testing.assert_array_equal(thicken(values, 0), values)
 
 
 def test_mnist_images_of_28x28_come_back_unchanged() -> None:
