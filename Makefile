@@ -4,6 +4,9 @@
 # make test-fast   the in-process layer only (Flask test client, unit tests): under a minute
 # make bench       the throughput benchmark (writes reports/bench-<date>.md); installs wrk
 # make loadtest    locust matrix of modes (LOADTEST_ARGS=--quick for ~2 min)
+# make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
+#                  then serves mnist-tf
+# make bench-uploads  upload accuracy of the MNIST and 8x8 models (reports/upload-accuracy-<date>.md)
 # make docs        regenerate docs/settings.md and the endpoint table in docs/api.md
 
 VENV ?= .venv
@@ -16,7 +19,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx
 BENCH_PACKAGES := wrk
 
-.PHONY: venv train serve test test-fast bench bench-batching loadtest docs lint clean
+.PHONY: venv train serve serve-mnist train-mnist test test-fast bench bench-batching bench-uploads loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +36,18 @@ train: venv
 serve: venv
 	@if [ -z "$$(ls -A models 2>/dev/null)" ]; then echo "models/ is empty: training the default models"; $(PY) train.py; fi
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py flask_server:app
+
+serve-mnist: venv
+	@if [ -z "$$(ls -A models/mnist-tf 2>/dev/null)" ]; then echo "no mnist-tf: training the MNIST models (about 5 minutes)"; $(PY) train.py --dataset mnist; fi
+	SERVING_MODEL=mnist-tf $(VENV)/bin/gunicorn -c gunicorn.conf.py flask_server:app
+
+train-mnist: venv
+	$(PY) -m bench.train_mnist
+
+bench-uploads: venv
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
+	@if [ -z "$$(ls -A models/mnist-tf 2>/dev/null)" ]; then $(PY) train.py --dataset mnist; fi
+	$(PY) -m bench.upload_accuracy
 
 test: venv
 	scripts/system-packages.sh $(TEST_PACKAGES)

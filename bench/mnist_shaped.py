@@ -10,7 +10,7 @@ a 20x20 box with a 4-pixel margin), stores it as uint8 0..255 like MNIST, and wr
 standard MNIST IDX files (``train-images-idx3-ubyte`` and friends, the names ``serving.data.load_mnist``
 looks for) into ``--data-dir``. It then trains through the real user path::
 
-    python train.py --dataset mnist --data-dir DIR --framework pytorch --name mnist28-torch --out REPO \\
+    python train.py --dataset mnist --arch small --data-dir DIR --framework pytorch --name mnist28-torch --out REPO \\
         --epochs 20 --batch-size 32
 
 The result is a ``small`` CNN with 28x28 inputs (it is *not* trained on MNIST: its metadata says
@@ -77,7 +77,8 @@ def write_mnist_shaped(data_dir: Path, side: int = SIDE, seed: int = 0) -> Path:
 
 def train_model(data_dir: Path, repo: Path, name: str = NAME) -> None:
     """Train and publish ``name`` from the IDX files in ``data_dir`` with ``train.py``, as a user would."""
-    command = [sys.executable, "train.py", "--dataset", "mnist", "--data-dir", str(data_dir), "--framework", "pytorch",
+    command = [sys.executable, "train.py", "--dataset", "mnist", "--arch", "small", "--data-dir", str(data_dir),
+               "--framework", "pytorch",
                "--name", name, "--out", str(repo), "--epochs", str(EPOCHS), "--batch-size", str(BATCH_SIZE)]
     print(" ".join(["python", *command[1:]]), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)

@@ -260,7 +260,7 @@ def render(runs: dict[str, ModelRun], args: argparse.Namespace, stamp: str) -> s
         lines += ["", f"`{mnist_shaped.NAME}` is MNIST-shaped, not MNIST: MNIST cannot be downloaded here, so"
                   " `bench/mnist_shaped.py` upscales scikit-learn's bundled 8x8 digits (bilinear, to a 20x20 box"
                   " centred in 28x28 as MNIST frames its digits, uint8 0..255), writes them as the four MNIST IDX"
-                  " files and trains the `small` CNN on them with `train.py --dataset mnist --data-dir DIR"
+                  " files and trains the `small` CNN on them with `train.py --dataset mnist --arch small --data-dir DIR"
                   " --framework pytorch`. Inputs, body sizes and model cost are those of a 28x28 model; its"
                   " accuracy says nothing about MNIST."]
     lines += ["", "## Verdicts", ""] + [f"- {_verdict(run)}" for run in runs.values()]

@@ -21,14 +21,17 @@ from serving.openapi import (
     operation,
     ref,
 )
-from serving.protocol import docs, native, ops
+from serving.protocol import classic, docs, native, ops
 from serving.protocol.v2 import routes as v2
 from serving.routing import Endpoint
 
 NATIVE, OPS, V2, DOCS = "native", "operations", "v2 (Open Inference Protocol)", "documentation"
+CLASSIC = "classic MNIST client"
 PREDICT_BODY = {"application/json": ref("PredictRequest"), "image/png": BINARY, "image/jpeg": BINARY,
                 "multipart/form-data": obj(["file"], file=BINARY)}
 PREDICT_ERRORS = (400, 413, 415, 422, 500, 503, 504)
+CLASSIC_BODY = {"application/json": ref("ClassicRequest")}
+INDICES = {"oneOf": [INTEGER, {"type": "array", "items": INTEGER}]}
 INFER = operation(
     {"application/json": ref("InferenceResponse"), "application/octet-stream": BINARY},
     (400, 404, 413, 415, 422, 500, 503, 504),
@@ -60,6 +63,13 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              doc=operation(ref("Labels"), PREDICT_ERRORS, body=PREDICT_BODY, params=(TIMEOUT,))),
     Endpoint("GET", "/predict/test/label", native.test_label, "run the model's stored sample (smoke test)", NATIVE,
              doc=operation(ref("TestLabel"), (500, 503, 504))),
+    # the classic Flask MNIST client contract (unchanged clients)
+    Endpoint("POST", "/inference", classic.inference_text, "the label index as plain text (one per line for a batch)",
+             CLASSIC, direct=True, doc=operation({"text/plain": STRING}, PREDICT_ERRORS, body=CLASSIC_BODY,
+                                                 params=(TIMEOUT,))),
+    Endpoint("POST", "/inference/", classic.inference_json, "the label index as a JSON number (an array for a batch)",
+             CLASSIC, direct=True, doc=operation({"application/json": INDICES}, PREDICT_ERRORS, body=CLASSIC_BODY,
+                                                 params=(TIMEOUT,))),
     # the Open Inference Protocol (v2)
     Endpoint("GET", "/v2", v2.server_metadata, "server metadata", V2, doc=operation(ref("ServerMetadata"))),
     Endpoint("GET", "/v2/health/live", v2.live, "server liveness", V2, scope="public", doc=operation(ref("Live"))),

@@ -56,7 +56,12 @@ SCHEMAS: dict[str, Schema] = {
     "Error": obj(["error"], error={"type": "string", "description": "what is wrong and how to fix it"}),
     "PredictRequest": obj(
         ["data"], data=array(SAMPLES, description="one sample (H*W values, flat or H x W) or a list of samples"), id=ID,
+        pixel_range=array(NUMBER, minItems=2, maxItems=2, description="the scale of the values, e.g. [0, 255] for"
+                          " 8-bit pixels; converted exactly to the model's input range (default: that range)"),
     ) | {"example": {"data": EXAMPLE_SAMPLE}},
+    "ClassicRequest": obj(
+        ["images"], images=array(SAMPLES, description="one H x W image (or a list of them) as 8-bit pixels, 0-255"),
+    ) | {"example": {"images": [[0] * 8] * 8}},
     "Probabilities": obj(["prediction", "id"], prediction=array(array(NUMBER)), id=ID),
     "Labels": obj(["prediction", "id"], prediction=array(STRING), id=ID),
     "TestLabel": obj(["prediction", "expected", "correct"], prediction=STRING, expected=STRING, correct=BOOLEAN),

@@ -25,7 +25,7 @@ Handler = Callable[..., "Answer"]
 Scope = Literal["public", "inference", "admin"]
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 _VARIABLE = re.compile(r"^<([a-z_][a-z0-9_]*)>$")
-_PATH = re.compile(r"^/([A-Za-z0-9._-]+|<[a-z_][a-z0-9_]*>)(/([A-Za-z0-9._-]+|<[a-z_][a-z0-9_]*>))*$|^/$")
+_PATH = re.compile(r"^/([A-Za-z0-9._-]+|<[a-z_][a-z0-9_]*>)(/([A-Za-z0-9._-]+|<[a-z_][a-z0-9_]*>))*/?$|^/$")
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a table of them keys the cached OpenAPI document

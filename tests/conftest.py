@@ -43,6 +43,22 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def mnist_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """mnist-torch/1 trained on a 6,000-image slice of real MNIST and evaluated on all 10,000 t10k images
+    (skips where MNIST_DIR has no MNIST)."""
+    from tests.mnist_support import mnist_dir
+
+    out = tmp_path_factory.mktemp("mnist-models")
+    result = subprocess.run(
+        [PYTHON, "train.py", "--out", str(out), "--dataset", "mnist", "--framework", "pytorch", "--limit-train",
+         "6000", "--epochs", "2", "--no-download"], cwd=ROOT, env=clean_env(MNIST_DIR=str(mnist_dir())),
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
 class GunicornServer(_Harness):
     """``serving.testing.GunicornServer`` running this checkout's ``gunicorn.conf.py`` and ``flask_server:app``."""
 

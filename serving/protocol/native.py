@@ -15,7 +15,7 @@ from werkzeug.formparser import parse_form_data
 from serving.answers import Answer, json_answer
 from serving.encoding import parse_json_object
 from serving.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from serving.inputs import IMAGE_TYPES, batch_from_data, batch_from_image
+from serving.inputs import IMAGE_TYPES, batch_from_data, batch_from_image, pixel_range_of
 from serving.request import RequestState
 from serving.service import InferenceService
 
@@ -69,7 +69,7 @@ def _decode(request: RequestState, service: InferenceService) -> tuple[np.ndarra
             raise InvalidInput('the JSON object needs a "data" field: {"data": [...]}')
         if isinstance(payload.get("id"), str | int) and not isinstance(payload.get("id"), bool):
             request_id = payload["id"]
-        batch = batch_from_data(payload["data"], meta, settings.max_batch)
+        batch = batch_from_data(payload["data"], meta, settings.max_batch, pixel_range_of(payload.get("pixel_range")))
     elif mimetype in IMAGE_TYPES:
         batch = batch_from_image(request.body(service.body_limit), meta, settings.max_image_pixels)
     elif mimetype == "multipart/form-data":

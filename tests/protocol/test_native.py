@@ -153,3 +153,26 @@ def test_metadata_labels_smoke_test_and_health(client: FlaskClient) -> None:
     assert smoke["correct"] is True and smoke["prediction"] == smoke["expected"]
     assert client.get("/health").json["model_loaded"] is True
     assert client.get("/health/ready").status_code == 200 and client.get("/health/live").status_code == 200
+
+
+def test_8bit_pixels_with_pixel_range(client: FlaskClient, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x = digits[0][:2]
+    pixels = np.rint(x * 255).astype(int)
+    as_bytes = post_json(client, "/predict", {"data": pixels.tolist(), "pixel_range": [0, 255]}).json["prediction"]
+    as_floats = post_json(client, "/predict", {"data": (pixels / 255).tolist()}).json["prediction"]
+    assert np.allclose(as_bytes, as_floats, atol=1e-6)
+    for bad in ([0, 0], [255, 0], [0], "0-255", [0, True], [0, float("inf")]):
+        refused = client.post("/predict", data=orjson.dumps({"data": pixels.tolist(), "pixel_range": bad},
+                                                            option=orjson.OPT_SERIALIZE_NUMPY),
+                              headers={"Content-Type": "application/json"})
+        assert refused.status_code in (400, 422) and refused.json["error"], bad
+    over = post_json(client, "/predict", {"data": [256] * 64, "pixel_range": [0, 255]})
+    assert over.status_code == 422 and "[0, 255]" in over.json["error"]
+
+
+def test_oversized_arrays_are_refused_before_they_are_built(client: FlaskClient) -> None:
+    for data in ([[]] * 70_000, [[0.0] * 100_000]):
+        answer = post_json(client, "/predict", {"data": data})
+        assert answer.status_code in (413, 422), answer.json
+    long = post_json(client, "/predict", {"data": [[0.0] * 65] * 2})
+    assert long.status_code == 422 and "longer than" in long.json["error"]

@@ -152,7 +152,10 @@ def test_converted_datatypes_give_the_same_answer(client: FlaskClient, x: np.nda
     ones = (x[:2] > 0.5).astype(np.int32)
     assert probabilities(json_request(ones.tolist(), [2, 64], "INT32")) == probabilities(
         json_request(ones.astype(np.float32).tolist(), [2, 64]))
-    assert probabilities(*binary_request(ones.astype(np.uint8), "UINT8")) == probabilities(
+    pixels = (ones * 255).astype(np.uint8)  # UINT8 tensors are 8-bit pixels: 255 is the top of the input range
+    assert probabilities(*binary_request(pixels, "UINT8")) == probabilities(
+        json_request(ones.astype(np.float32).tolist(), [2, 64]))
+    assert probabilities(json_request(pixels.tolist(), [2, 64], "UINT8")) == probabilities(
         json_request(ones.astype(np.float32).tolist(), [2, 64]))
 
 

@@ -2,7 +2,8 @@
 
 A model takes one input ``[-1, H, W]`` (also accepted flat, ``[-1, H*W]``), FP32, with values in its
 input range. FP64 and FP16 are converted to FP32; integer datatypes are converted when every value is
-exactly representable as FP32 (|v| <= 2**24). BOOL, BYTES and BF16 are refused naming the input.
+exactly representable as FP32 (|v| <= 2**24); UINT8 tensors are 8-bit pixels, 0-255, mapped exactly
+onto the model's input range. BOOL, BYTES and BF16 are refused naming the input.
 After that the batch goes through ``serving.inputs.check_batch``, the same checks (batch size, NaN,
 range) as the native API. Outputs: ``probabilities`` (FP32 ``[-1, classes]``, the model's output name)
 and ``label`` (BYTES ``[-1]``, the most probable class).
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from serving.errors import InvalidRequest
-from serving.inputs import check_batch
+from serving.inputs import PIXELS_8BIT, check_batch, rescale
 from serving.loaded_model import LoadedModel
 from serving.protocol.v2.codec import InferenceRequest, OutputTensor, RequestedOutput, input_array
 from serving.repository import ModelMetadata
@@ -64,7 +65,10 @@ def batch_from_request(request: InferenceRequest, meta: ModelMetadata, max_batch
     array = input_array(tensor)
     if array.dtype.kind in "iu" and array.size and (array.max() > EXACT_INT or array.min() < -EXACT_INT):
         raise InvalidRequest(f"input {tensor.name!r}: integer values beyond 2**24 are not exact in FP32")
-    batch = check_batch(array.reshape(shape[0], height, width), meta, max_batch)
+    batch = array.reshape(shape[0], height, width)
+    if tensor.datatype == "UINT8":  # 8-bit pixels: converted exactly to the model's input range
+        batch = rescale(batch, PIXELS_8BIT, meta.input_range)
+    batch = check_batch(batch, meta, max_batch)
     return batch if batch.flags.writeable else batch.copy()  # a view of the request body is read-only
 
 
