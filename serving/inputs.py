@@ -26,6 +26,10 @@ CONTRACT = (
     "multipart field 'file', converted to grayscale and framed like the training data"
 )
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff")
+#: The decoders an upload may reach: the advertised formats only (Pillow knows ~40, some of them fragile).
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+#: PNG text chunks are inflated while the header is read, before any pixel check: cap them hard.
+MAX_TEXT_CHUNK, MAX_TEXT_MEMORY = 64 * 1024, 256 * 1024
 #: 8-bit pixel intensities: the ``pixel_range`` of /inference, of v2 UINT8 tensors, and of ``[0, 255]``.
 PIXELS_8BIT = (0.0, 255.0)
 
@@ -113,24 +117,26 @@ def check_batch(batch: np.ndarray, meta: ModelMetadata, max_batch: int) -> np.nd
 
 def batch_from_image(body: bytes, meta: ModelMetadata, max_pixels: int) -> np.ndarray:
     """Decode one uploaded image into a ``(1, H, W)`` batch shaped for the model."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, PngImagePlugin
 
     if not body:
         raise BadRequest("the image body is empty")
+    PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_CHUNK, MAX_TEXT_MEMORY
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(body))
+            image = Image.open(io.BytesIO(body), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise PayloadTooLarge(
                     f"the image is {width}x{height} pixels; the limit is {max_pixels} pixels (SERVING_MAX_IMAGE_PIXELS)"
                 )
             gray = _grayscale(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
-            raise PayloadTooLarge("the image decompresses to too many pixels") from None
+    except PayloadTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge("the image decompresses to too many pixels") from None
+    except Exception:  # Pillow's decoders raise more than OSError (NotImplementedError, struct.error, ...): all 400
         raise BadRequest("the body is not a readable image (PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
     if gray.size == 0:
         raise BadRequest("the image has no pixels")

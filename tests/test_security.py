@@ -253,3 +253,34 @@ def test_security_unlisted_files_such_as_external_data_are_refused(repo_copy: Pa
     settings = Settings.from_env({}, model_repository=repo_copy, model="digits-torch", backend="onnx")
     with pytest.raises(Exception, match="model.onnx.data is not listed with a sha256"):
         InferenceService(settings).resolve()
+
+
+@pytest.mark.parametrize("fmt", ["PCX", "TGA", "ICO", "SGI", "DDS", "JPEG2000", "ICNS", "PPM", "IM", "EPS", "SPIDER"])
+def test_security_only_the_advertised_image_formats_are_decoded(open_app: Flask, fmt: str) -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = Image.new("L", (28, 28), 0)
+    (image.convert("RGB") if fmt in ("DDS", "ICNS") else image).save(buffer, format=fmt)
+    for content_type in ("image/png", "image/jpeg"):
+        answer = open_app.test_client().post("/predict", data=buffer.getvalue(), headers={"Content-Type": content_type})
+        assert answer.status_code == 400 and "not a readable image" in answer.json["error"], (fmt, answer.json)
+
+
+def test_security_broken_decoders_and_text_chunk_bombs_are_400s(open_app: Flask) -> None:
+    from PIL import Image, PngImagePlugin
+
+    client = open_app.test_client()
+    dds = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(dds, format="DDS")
+    fuzzed = bytearray(dds.getvalue())
+    fuzzed[84:88] = b"XXXX"  # an unknown FourCC: Pillow raises NotImplementedError
+    bomb = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    for i in range(40):  # each chunk under Pillow's own 1 MB default, 36 MB inflated in all, ~40 KB on the wire
+        info.add_text(f"comment{i}", "a" * 900_000, zip=True)
+    Image.new("L", (8, 8)).save(bomb, format="PNG", pnginfo=info)
+    assert len(bomb.getvalue()) < 65_536
+    for body in (bytes(fuzzed), bomb.getvalue(), b"\x89PNG\r\n\x1a\n" + b"\0" * 100, b"GIF89a" + b"\xff" * 50):
+        answer = client.post("/predict", data=body, headers={"Content-Type": "image/png"})
+        assert answer.status_code == 400 and "not a readable image" in answer.json["error"], answer.json
