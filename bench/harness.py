@@ -26,14 +26,16 @@ class WrkResult:
     raw: str
 
 
-def wrk_script(path: Path, body: bytes, content_type: str = "application/json") -> Path:
+def wrk_script(path: Path, body: bytes, content_type: str = "application/json",
+               headers: dict[str, str] | None = None) -> Path:
     """A wrk Lua script that POSTs ``body`` (a long string with a level, so ']]' inside is safe)."""
     text = body.decode()
     assert "]==]" not in text
+    extra = "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in (headers or {}).items())
     path.write_text(
         'wrk.method = "POST"\n'
         f'wrk.headers["Content-Type"] = "{content_type}"\n'
-        f"wrk.body = [==[{text}]==]\n"
+        f"{extra}wrk.body = [==[{text}]==]\n"
     )
     return path
 

@@ -13,21 +13,30 @@ The model server runs as shipped: request ids, access logging and input validati
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from bench.harness import ROOT, WrkResult, run_wrk, wrk_script
-from serving.data import load_digits_dataset
+from serving.data import load_digits_dataset, load_mnist
 from serving.testing import GunicornServer
 
-CONFIGS = [  # (label, model, backend, mode, target ratio to the floor)
+DEFAULT_MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+CONFIGS = [  # (label, model, backend, mode, target ratio to the floor; 0 = no target, reported only)
     ("onnx / process", "digits-torch", "onnx", "process", 0.85),
     ("onnx / threaded", "digits-tf", "onnx", "threaded", 0.85),
     ("pytorch / process", "digits-torch", "pytorch", "process", 0.85),
     ("tensorflow / process", "digits-tf", "tensorflow", "process", 0.5),
     ("tensorflow / threaded", "digits-tf", "tensorflow", "threaded", 0.5),
+    # Real MNIST (28x28 lenet models, one t10k digit per request): the workload users serve.
+    ("mnist onnx / process", "mnist-torch", "onnx", "process", 0.0),
+    ("mnist onnx / threaded", "mnist-tf", "onnx", "threaded", 0.0),
+    ("mnist pytorch / process", "mnist-torch", "pytorch", "process", 0.0),
+    ("mnist tensorflow / process", "mnist-tf", "tensorflow", "process", 0.0),
+    ("mnist tensorflow / threaded", "mnist-tf", "tensorflow", "threaded", 0.0),
 ]
 
 
@@ -40,6 +49,8 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=ROOT / "models", help="model repository")
     parser.add_argument("--only", default="", help="comma-separated substrings of config labels to run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration")
+    parser.add_argument("--api-key", default="", help="serve with SERVING_API_KEYS=KEY and send it (key overhead)")
+    parser.add_argument("--no-mnist", action="store_true", help="leave out the MNIST configurations")
     args = parser.parse_args()
 
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
@@ -47,7 +58,9 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     sample = load_digits_dataset(seed=0).x_test[0]
     body = orjson.dumps({"data": sample.reshape(-1).tolist()})
-    script = wrk_script(out_dir / "predict.lua", body)
+    auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    script = wrk_script(out_dir / "predict.lua", body, headers=auth)
+    scripts = {"digits": script}
     common = ["-w", str(args.workers), "--backlog", "2048", "--timeout", "30", "--no-control-socket"]
 
     def floor(tag: str) -> WrkResult:
@@ -60,7 +73,16 @@ def main() -> None:
         print(f"  {result.requests_per_s:,.0f} req/s", flush=True)
         return result
 
-    selected = [c for c in CONFIGS if not args.only or any(s in c[0] for s in args.only.split(","))]
+    selected = [c for c in CONFIGS if (not args.only or any(s in c[0] for s in args.only.split(",")))
+                and not (args.no_mnist and c[1].startswith("mnist"))]
+    if any(c[1].startswith("mnist") for c in selected):
+        missing = [m for m in ("mnist-tf", "mnist-torch") if not (args.repo / m).is_dir()]
+        if missing:
+            raise SystemExit(f"{', '.join(missing)} not in {args.repo}: run python train.py --dataset mnist"
+                             " (or pass --no-mnist)")
+        digit = np.rint(load_mnist(Path(os.environ.get("MNIST_DIR") or DEFAULT_MNIST_DIR)).x_test[0] * 255)
+        scripts["mnist"] = wrk_script(out_dir / "mnist.lua", orjson.dumps(
+            {"data": digit.astype(int).reshape(-1).tolist(), "pixel_range": [0, 255]}), headers=auth)
     floors = [floor("round 1")]
     runs: dict[str, list[tuple[WrkResult, float]]] = {label: [] for label, *_ in selected}
     for round_number in range(1, args.rounds + 1):
@@ -69,10 +91,11 @@ def main() -> None:
             print(f"round {round_number}: {label} ({model}) ...", flush=True)
             env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": model, "SERVING_BACKEND": backend,
                    "SERVING_MODE": mode, "SERVING_THREADS": str(args.threads), "SERVING_WORKERS": str(args.workers),
-                   "TF_CPP_MIN_LOG_LEVEL": "2"}
+                   "SERVING_API_KEYS": args.api_key, "TF_CPP_MIN_LOG_LEVEL": "2"}
             slug = f"{label.replace(' / ', '-')}-r{round_number}"
             with GunicornServer(None, out_dir, common, cwd=ROOT, env=env, log_file=out_dir / f"{slug}.log") as server:
-                result = run_wrk(server.url + "/predict", script, args.connections, args.seconds)
+                workload = scripts["mnist" if model.startswith("mnist") else "digits"]
+                result = run_wrk(server.url + "/predict", workload, args.connections, args.seconds)
             (out_dir / f"{slug}.txt").write_text(result.raw)
             round_results.append((label, result))
             print(f"  {result.requests_per_s:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms,"
@@ -99,7 +122,9 @@ def render(rows: list[tuple[str, str, list[tuple[WrkResult, float]], float]], fl
         f"# Throughput benchmark, {stamp} UTC",
         "",
         f"wrk -t2 -c{args.connections} -d{args.seconds}s on 127.0.0.1, `POST /predict` with one 8x8 digits sample"
-        f" (JSON), gunicorn -w {args.workers} for every server, on the same machine as the load generator"
+        " (JSON; the mnist rows: the first t10k digit as 784 8-bit pixels with `pixel_range` [0, 255])"
+        f"{', with an API key on every request' if args.api_key else ''},"
+        f" gunicorn -w {args.workers} for every server, on the same machine as the load generator"
         f" ({_cores()} cores). The model server runs as shipped: request ids, access log, metrics, validation on."
         f" {args.rounds} rounds; the no-op floor runs before the first round, between rounds and after the last,"
         " and each run's ratio is taken against the mean of the floors measured just before and after it.",
@@ -118,9 +143,9 @@ def render(rows: list[tuple[str, str, list[tuple[WrkResult, float]], float]], fl
         p99 = max(r.p99_ms for r, _ in runs)
         errors = sum(r.errors for r, _ in runs)
         ratio = sum(q for _, q in runs) / len(runs)
-        met = "yes" if ratio >= target and not errors else "NO"
+        met = ("yes" if ratio >= target and not errors else "NO") if target else ""
         lines.append(f"| {label} | {shape} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {errors} | {ratio:.2f} |"
-                     f" >= {target} | {met} |")
+                     f" {f'>= {target}' if target else ''} | {met} |")
     lines += ["", "No-op floor runs (req/s): " + ", ".join(f"{f.requests_per_s:,.0f}" for f in floors), ""]
     return "\n".join(lines)
 

@@ -45,3 +45,15 @@ def test_loadtest_runner_produces_csv_and_summary(model_repo: Path, tmp_path: Pa
     summary = (out / "summary.md").read_text()
     assert "| ONNX threaded | 1 x 4 |" in summary and "| 0 of " in summary
     assert (out / "onnx-threaded_stats.csv").exists() and (out / "throughput.png").exists()
+
+
+def test_locust_sends_the_api_key_to_a_keyed_server(server_factory: Any, tmp_path: Path) -> None:
+    key = "locust-" + "k" * 20
+    server = server_factory(model="digits-torch", backend="onnx", mode="threaded", workers=1, api_keys=key).start()
+    keyed = locust(server.url, "--api-key", key, "--csv", str(tmp_path / "keyed"))  # native and v2 users
+    assert keyed.returncode == 0, keyed.stderr[-3000:]
+    with open(tmp_path / "keyed_stats.csv", newline="") as handle:
+        rows = {row["Name"]: row for row in csv.DictReader(handle)}
+    assert int(rows["Aggregated"]["Request Count"]) > 50 and rows["Aggregated"]["Failure Count"] == "0"
+    assert any(name.startswith("/v2/") for name in rows)
+    assert locust(server.url, "--tags", "native").returncode == 1  # no key: the calibration fails, the run fails
