@@ -6,6 +6,7 @@
     serving bench --model NAME       the bare in-process model call: the ceiling a server can reach
     serving docs [--check]           regenerate (or check) docs/settings.md and the endpoint table
     serving digest [REPOSITORY]      the SERVING_MODEL_SHA256 line that pins every version found
+    serving import PATH --name NAME  a Keras, SavedModel, TorchScript or ONNX classifier into the repository
 
 Each subcommand imports only what it needs, so ``serving config`` never loads a framework.
 """
@@ -45,6 +46,12 @@ def config(argv: list[str]) -> int:
         print(settings_markdown(), end="")
         return 0
     return main()
+
+
+def import_(argv: list[str]) -> int:
+    from serving.importer import main
+
+    return main(argv)
 
 
 def bench(argv: list[str]) -> int:
@@ -94,6 +101,7 @@ def digest(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": serve, "train": train, "config": config, "bench": bench, "docs": docs, "digest": digest,
+    "import": import_,
 }
 
 

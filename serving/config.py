@@ -25,7 +25,8 @@ PREFIX = "SERVING_"
 #: Unprefixed names accepted when the SERVING_ one is unset.
 ALIASES = {"SERVING_LOG_FORMAT": "LOG_FORMAT"}
 Mode = Literal["process", "threaded", "batched"]
-BACKEND_PATTERN = re.compile(r"^(tensorflow|pytorch|onnx|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+#: A registered backend's name (the registry says which exist) or module:Class.
+BACKEND_PATTERN = re.compile(r"^([a-z][a-z0-9_]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["text", "json"]
 _MODEL_ENTRY = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(:(\d{1,9}|\*))?"
@@ -79,9 +80,10 @@ class Settings:
                           pattern=MODELS_PATTERN, accepts="*, or a comma-separated list of name, name:N, name:*",
                           hint="is not * or a comma-separated list of name, name:version or name:*;"
                                " e.g. SERVING_MODELS=digits-tf,digits-torch:1")
-    backend: str = setting("", "tensorflow, pytorch, onnx or module:Class; empty = the model's own framework",
-                           pattern=BACKEND_PATTERN, hint="is not one of: tensorflow, pytorch, onnx (or a module:Class)",
-                           accepts="tensorflow | pytorch | onnx | module:Class")
+    backend: str = setting("", "a registered backend (tensorflow, pytorch, onnx, savedmodel) or module:Class;"
+                              " empty = the model's own", pattern=BACKEND_PATTERN,
+                           hint="is not a backend name or a module:Class (e.g. onnx, mypkg.runtime:MyBackend)",
+                           accepts="tensorflow | pytorch | onnx | savedmodel | module:Class")
     timeout: int = setting(30, "seconds before a silent worker is killed and replaced", minimum=1)
     graceful_timeout: int = setting(30, "seconds in-flight requests get on reload/shutdown", minimum=0)
     keepalive: int = setting(5, "seconds to hold an idle keep-alive connection (threaded, batched)", minimum=0)

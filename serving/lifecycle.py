@@ -51,6 +51,13 @@ def check_before_fork(server: Any, settings: Settings) -> None:
                 " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
         warn_if_exposed(server, settings)
+        for model_meta, _ in service.served.values():
+            if not model_meta.verified:
+                server.log.warning(
+                    "%s:%d is a TF Serving folder without metadata.json: no digest is checked for it, labels are"
+                    " 0..%d and inputs are taken in [%g, %g]; `serving import %s --name %s` records digests,"
+                    " labels and the input range", model_meta.name, model_meta.version, len(model_meta.labels) - 1,
+                    *model_meta.input_range, model_meta.path, model_meta.name)
     except (ModelLoadError, ConfigError) as exc:
         server.log.error("cannot start: %s", exc)
         raise RuntimeError(str(exc)) from None

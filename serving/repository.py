@@ -26,7 +26,7 @@ import orjson
 from serving.errors import ModelLoadError, ModelNotFound
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-NATIVE_ARTIFACTS = {"tensorflow": "model.keras", "pytorch": "model.pt"}
+NATIVE_ARTIFACTS = {"tensorflow": "model.keras", "pytorch": "model.pt"}  # what train.py writes
 ONNX_ARTIFACT = "model.onnx"
 
 
@@ -92,7 +92,8 @@ class ModelMetadata:
         """
         artifacts = self.raw.get("artifacts", {})
         if not (self.path / filename).is_file():
-            raise ModelLoadError(f"{self.path / filename} is missing: retrain with `python train.py`")
+            raise ModelLoadError(f"{self.path / filename} is missing: this backend loads it (retrain, import the"
+                                 " model, or choose the backend that fits its files)")
         if not artifacts.get(filename, {}).get("sha256"):
             raise ModelLoadError(f"{self.path}/metadata.json records no sha256 for {filename}")
         for path in sorted(self.path.rglob("*")):
@@ -109,8 +110,15 @@ class ModelMetadata:
                     " refusing to load it"
                 )
 
-    def sample(self) -> tuple[list[Any], str]:
-        """The built-in smoke-test sample and its expected label."""
+    @property
+    def verified(self) -> bool:
+        """False for a TF Serving folder, whose files no metadata.json records."""
+        return not self.raw.get("unverified")
+
+    def sample(self) -> tuple[list[Any], str | None]:
+        """The built-in smoke-test sample and its expected label (a TF Serving folder: a blank one, no label)."""
+        if not self.verified and not (self.path / "sample.json").is_file():
+            return [0.0] * self.sample_size, None
         raw = orjson.loads((self.path / "sample.json").read_bytes())
         return raw["data"], str(raw["label"])
 
@@ -173,25 +181,39 @@ class ModelRepository:
 
     @staticmethod
     def load_metadata(path: Path) -> ModelMetadata:
-        """Parse and check one version directory's ``metadata.json``."""
+        """Parse and check one version directory's ``metadata.json``; a TF Serving folder without one
+        (``saved_model.pb``) is described from its signature instead (``serving.tfserving``)."""
         meta_path = path / "metadata.json"
         try:
             raw = orjson.loads(meta_path.read_bytes())
-            spec = raw["input"]
-            return ModelMetadata(
-                name=str(raw["name"]),
-                version=int(raw["version"]),
-                framework=str(raw["framework"]),
-                path=path,
-                input_name=str(spec["name"]),
-                input_shape=tuple(int(d) for d in spec["shape"]),
-                input_dtype=str(spec["dtype"]),
-                input_range=(float(spec["range"][0]), float(spec["range"][1])),
-                output_name=str(raw["output"]["name"]),
-                labels=[str(label) for label in raw["labels"]],
-                raw=raw,
-            )
         except FileNotFoundError as exc:
-            raise ModelLoadError(f"{meta_path} is missing: retrain with `python train.py`") from exc
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            if (path / "saved_model.pb").is_file():
+                from serving.tfserving import metadata_for
+
+                return parse_metadata(metadata_for(path, path.parent.name, int(path.name)), path)
+            raise ModelLoadError(f"{meta_path} is missing: retrain with `python train.py`, or import the model"
+                                 " with `serving import`") from exc
+        except orjson.JSONDecodeError as exc:
             raise ModelLoadError(f"{meta_path} is corrupt ({exc.__class__.__name__}: {exc})") from exc
+        return parse_metadata(raw, path)
+
+
+def parse_metadata(raw: Any, path: Path) -> ModelMetadata:
+    """A ``ModelMetadata`` from the parsed ``metadata.json`` of the version directory ``path``."""
+    try:
+        spec = raw["input"]
+        return ModelMetadata(
+            name=str(raw["name"]),
+            version=int(raw["version"]),
+            framework=str(raw["framework"]),
+            path=path,
+            input_name=str(spec["name"]),
+            input_shape=tuple(int(d) for d in spec["shape"]),
+            input_dtype=str(spec["dtype"]),
+            input_range=(float(spec["range"][0]), float(spec["range"][1])),
+            output_name=str(raw["output"]["name"]),
+            labels=[str(label) for label in raw["labels"]],
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ModelLoadError(f"{path / 'metadata.json'} is corrupt ({exc.__class__.__name__}: {exc})") from exc

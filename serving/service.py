@@ -98,19 +98,22 @@ class InferenceService:
 
     def _check(self, meta: ModelMetadata) -> tuple[ModelMetadata, str]:
         """The backend for ``meta``, refusing contradictions with the settings; verifies the artifact."""
-        backend = self.settings.backend or meta.framework
-        backend_class(backend)  # refuses an unknown backend with a message naming the known ones
-        if backend in ("tensorflow", "pytorch") and backend != meta.framework:
+        backend = self.settings.backend or str(meta.raw.get("backend") or meta.framework)
+        cls = backend_class(backend)  # refuses an unknown backend with a message naming the known ones
+        if cls.framework and cls.framework != meta.framework:
             raise ModelLoadError(
                 f"model {meta.name} was trained with {meta.framework}; the {backend} backend cannot load it"
-                f" (use SERVING_BACKEND={meta.framework} or onnx)"
+                f" (use SERVING_BACKEND={meta.raw.get('backend') or meta.framework} or onnx)"
             )
         if self.settings.mode == "threaded" and not is_thread_safe(backend):
             raise ConfigError(
                 f"the {backend} backend is process-only: use SERVING_MODE=process, SERVING_MODE=batched (one model"
                 " thread), or SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
-        meta.verify(backend_class(backend).artifact)
+        if meta.verified:
+            meta.verify(cls.artifact)
+        elif not (meta.path / cls.artifact).is_file():
+            raise ModelLoadError(f"{meta.path / cls.artifact} is missing: the {backend} backend loads it")
         self._check_pin(meta)
         return meta, backend
 
@@ -120,6 +123,9 @@ class InferenceService:
         if not pins:
             return
         key = f"{meta.name}:{meta.version}"
+        if not meta.verified:
+            raise ModelLoadError(f"{key} is a TF Serving folder with no metadata.json to pin: import it with"
+                                 f" `serving import {meta.path} --name {meta.name}` and pin the imported version")
         if key not in pins:
             raise ModelLoadError(f"SERVING_MODEL_SHA256 pins no digest for {key}: add {key}=<sha256 of its"
                                  " metadata.json> (serving digest prints them), or stop serving it")

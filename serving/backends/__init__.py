@@ -1,9 +1,10 @@
 """Backend registry: one line per backend, imported lazily by name.
 
-Adding a backend: write ``serving/backends/<name>.py`` with a ``Backend`` subclass and add one line
-to ``REGISTRY``. A backend outside this package can be named directly as ``module:Class``
-(``SERVING_BACKEND=mypkg.runtime:MyBackend``); its module must not import a framework at import
-time, since the master imports it to read ``thread_safe`` and ``artifact``.
+Adding a backend: write ``serving/backends/<name>.py`` with a ``Backend`` subclass (its class
+attributes say everything else: name, artifact, thread safety, v2 platform, native framework) and
+add one line to ``REGISTRY``. A backend outside this package can be named directly as
+``module:Class`` (``SERVING_BACKEND=mypkg.runtime:MyBackend``); its module must not import a
+framework at import time, since the master imports it to read those attributes.
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ REGISTRY: dict[str, str] = {
     "tensorflow": "serving.backends.tensorflow:KerasBackend",
     "pytorch": "serving.backends.pytorch:TorchScriptBackend",
     "onnx": "serving.backends.onnx:OnnxRuntimeBackend",
+    "savedmodel": "serving.backends.savedmodel:SavedModelBackend",
 }
-
-#: Whether each backend may be called from several request threads at once, known without
-#: importing it (the master checks this before forking).
-THREAD_SAFE: dict[str, bool] = {"tensorflow": True, "pytorch": False, "onnx": True}
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -38,8 +36,8 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def is_thread_safe(name: str) -> bool:
-    """Whether request threads may call the backend concurrently."""
-    return THREAD_SAFE[name] if name in THREAD_SAFE else backend_class(name).thread_safe
+    """Whether request threads may call the backend concurrently (read from the class; no framework import)."""
+    return backend_class(name).thread_safe
 
 
-__all__ = ["Backend", "REGISTRY", "THREAD_SAFE", "backend_class", "is_thread_safe"]
+__all__ = ["Backend", "REGISTRY", "backend_class", "is_thread_safe"]

@@ -1,8 +1,11 @@
-"""The small interface every framework backend implements.
+"""The small interface every backend implements, and what each backend says about itself.
 
 A backend turns a float32 batch shaped ``(N, H, W)`` into float32 probabilities ``(N, classes)``.
 Each backend module imports its framework inside ``load``, so importing ``serving`` (in the
-gunicorn master, say) never imports TensorFlow, PyTorch or onnxruntime.
+gunicorn master, say) never imports TensorFlow, PyTorch or onnxruntime. Everything else that
+depends on the backend (its name, the file it loads, whether threads may share it, its v2 platform
+string, which training framework's artifacts it reads) is a class attribute here, declared once, and
+read by the settings, the service, the v2 metadata and the import command.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import numpy as np
 
 from serving.repository import ModelMetadata
 
+#: How a model wants its input, from ``metadata.json`` (``input.layout``); the server's batch is (N, H, W).
+LAYOUTS = ("NHWC", "NCHW", "NHW", "flat")
+
 
 class Backend(ABC):
     """Runs one model version. Create it in the worker, call ``load`` once, then ``predict``."""
@@ -21,8 +27,12 @@ class Backend(ABC):
     name: ClassVar[str]
     #: Whether several request threads may call ``predict`` at once (threaded mode).
     thread_safe: ClassVar[bool]
-    #: The artifact file inside the version directory that ``load`` reads.
+    #: The artifact inside the version directory that ``load`` reads (a file; for a SavedModel, its .pb).
     artifact: ClassVar[str]
+    #: The ``platform`` of the v2 model metadata (KServe/Triton names).
+    platform: ClassVar[str] = "custom"
+    #: The training framework whose native artifacts this backend reads; "" reads an export of any.
+    framework: ClassVar[str] = ""
 
     def __init__(self, metadata: ModelMetadata, math_threads: int) -> None:
         self.metadata = metadata
@@ -37,11 +47,39 @@ class Backend(ABC):
         """Probabilities ``(N, classes)`` float32 for a float32 batch ``(N, H, W)``."""
 
     def framework_version(self) -> str:
-        """Version string of the framework, for /metadata (after ``load``)."""
+        """Version string of the framework, for logs (after ``load``)."""
         return ""
 
     def _layout(self, batch: np.ndarray) -> np.ndarray:
-        """Add the channel axis where the model's layout wants it (NHWC or NCHW)."""
-        if self.metadata.raw.get("input", {}).get("layout") == "NCHW":
-            return batch[:, np.newaxis, :, :]
-        return batch[..., np.newaxis]
+        """The batch as the model takes it: channel axis (NHWC, NCHW), as is (NHW) or flat; uint8 if asked."""
+        spec = self.metadata.raw.get("input", {})
+        layout = spec.get("layout", "NHWC")
+        if layout == "NCHW":
+            shaped = batch[:, np.newaxis, :, :]
+        elif layout == "NHW":
+            shaped = batch
+        elif layout == "flat":
+            shaped = batch.reshape(len(batch), -1)
+        else:
+            shaped = batch[..., np.newaxis]
+        if spec.get("dtype") == "uint8":
+            return np.rint(shaped).astype(np.uint8)
+        return shaped
+
+    def _probabilities(self, output: np.ndarray) -> np.ndarray:
+        """The model's output as float32 probabilities: a softmax when ``output.activation`` says logits.
+
+        ``auto`` (a TF Serving folder, where nothing records it) decides once, from the first output:
+        rows that are already distributions stay as they are.
+        """
+        output = np.asarray(output, dtype=np.float32)
+        activation = getattr(self, "_activation", None) or self.metadata.raw.get("output", {}).get("activation")
+        if activation == "auto":
+            sums = output.sum(axis=1)
+            activation = "softmax" if output.min() >= 0 and np.allclose(sums, 1.0, atol=1e-3) else "logits"
+            self._activation = activation
+        if activation != "logits":
+            return output
+        shifted = np.exp(output - output.max(axis=1, keepdims=True))
+        result: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+        return result

@@ -16,6 +16,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnx"
     thread_safe = True
     artifact = "model.onnx"
+    platform = "onnxruntime_onnx"
 
     def load(self) -> None:
         import onnxruntime as ort
@@ -38,8 +39,7 @@ class OnnxRuntimeBackend(Backend):
         self._outputs: list[Any] = [self._session.get_outputs()[0].name]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        result: np.ndarray = self._session.run(self._outputs, {self._input: self._layout(batch)})[0]
-        return result
+        return self._probabilities(self._session.run(self._outputs, {self._input: self._layout(batch)})[0])
 
     def framework_version(self) -> str:
         return f"onnxruntime {self._ort_version}"

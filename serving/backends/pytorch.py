@@ -18,6 +18,8 @@ class TorchScriptBackend(Backend):
     name = "pytorch"
     thread_safe = False
     artifact = "model.pt"
+    platform = "pytorch_torchscript"
+    framework = "pytorch"
 
     def load(self) -> None:
         import torch
@@ -38,8 +40,7 @@ class TorchScriptBackend(Backend):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
             output = self._module(self._torch.from_numpy(np.ascontiguousarray(self._layout(batch))))
-        result: np.ndarray = output.numpy()
-        return result
+        return self._probabilities(output.numpy())
 
     def framework_version(self) -> str:
         return f"torch {self._torch.__version__}"

@@ -21,6 +21,8 @@ class KerasBackend(Backend):
     name = "tensorflow"
     thread_safe = True
     artifact = "model.keras"
+    platform = "tensorflow_keras"
+    framework = "tensorflow"
 
     def load(self) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,15 +43,18 @@ class KerasBackend(Backend):
         except Exception as exc:  # keras raises ValueError, OSError, ...
             raise ModelLoadError(f"cannot load {self.metadata.path / self.artifact}: {exc}") from exc
         height, width = self.metadata.input_shape
-        signature = tf.TensorSpec(shape=(None, height, width, 1), dtype=tf.float32)
+        shapes = {"NHWC": (None, height, width, 1), "NCHW": (None, 1, height, width), "NHW": (None, height, width),
+                  "flat": (None, height * width)}
+        spec = self.metadata.raw.get("input", {})
+        dtype = tf.uint8 if spec.get("dtype") == "uint8" else tf.float32
+        signature = tf.TensorSpec(shape=shapes[spec.get("layout", "NHWC")], dtype=dtype)
         self._model = model
         function = tf.function(lambda x: model(x, training=False), input_signature=[signature])
         # Calling the traced concrete function skips tf.function's per-call signature binding (~150 us).
         self._function: Any = function.get_concrete_function()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        result: np.ndarray = self._function(self._layout(batch)).numpy()
-        return result
+        return self._probabilities(self._function(self._layout(batch)).numpy())
 
     def framework_version(self) -> str:
         return f"tensorflow {self._tf.__version__}"

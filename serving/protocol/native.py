@@ -54,7 +54,8 @@ def test_label(request: RequestState, service: InferenceService) -> Answer:
     batch = np.asarray(data, dtype=np.float32).reshape(1, height, width)
     request.batch_size = 1
     label = service.labels_for(service.predict(batch))[0]
-    return json_answer({"prediction": label, "expected": expected, "correct": label == expected})
+    correct = None if expected is None else label == expected  # a TF Serving folder has no labelled sample
+    return json_answer({"prediction": label, "expected": expected, "correct": correct})
 
 
 def _decode(request: RequestState, service: InferenceService) -> tuple[np.ndarray, Any]:

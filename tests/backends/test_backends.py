@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.backends import REGISTRY, THREAD_SAFE, backend_class
+from serving.backends import REGISTRY, backend_class
 from serving.config import Settings
 from serving.data import load_digits_dataset
 from serving.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound
@@ -57,10 +57,22 @@ def test_pytorch_threads_are_capped(model_repo: Path) -> None:
     assert torch.get_num_threads() == 1
 
 
-def test_registry_is_consistent() -> None:
-    assert set(REGISTRY) == set(THREAD_SAFE)
-    for name in REGISTRY:
-        assert backend_class(name).thread_safe == THREAD_SAFE[name]
+def test_backends_describe_themselves() -> None:
+    """Name, artifact, thread safety, v2 platform and native framework live on the class, nowhere else."""
+    facts = {name: (cls.name, cls.artifact, cls.thread_safe, cls.platform, cls.framework)
+             for name, cls in ((name, backend_class(name)) for name in REGISTRY)}
+    assert facts == {
+        "tensorflow": ("tensorflow", "model.keras", True, "tensorflow_keras", "tensorflow"),
+        "pytorch": ("pytorch", "model.pt", False, "pytorch_torchscript", "pytorch"),
+        "onnx": ("onnx", "model.onnx", True, "onnxruntime_onnx", ""),
+        "savedmodel": ("savedmodel", "saved_model.pb", True, "tensorflow_savedmodel", "tensorflow"),
+    }
+
+
+def test_an_unknown_backend_is_refused_by_the_registry_naming_the_known_ones(model_repo: Path) -> None:
+    settings = Settings.from_env({"SERVING_BACKEND": "tflite"}, model_repository=model_repo)  # settings accept it
+    with pytest.raises(ModelLoadError, match="'tflite' is neither one of tensorflow, pytorch, onnx, savedmodel"):
+        InferenceService(settings).resolve()
 
 
 def service(repo: Path, **overrides: object) -> InferenceService:

@@ -24,7 +24,6 @@ from serving.repository import ModelMetadata
 LABEL_OUTPUT = "label"
 CONVERTED = ("FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
 EXACT_INT = 2**24  # the largest integer magnitude float32 holds exactly
-PLATFORMS = {"onnx": "onnxruntime_onnx", "pytorch": "pytorch_torchscript", "tensorflow": "tensorflow_keras"}
 
 
 def model_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
@@ -33,7 +32,7 @@ def model_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
     return {
         "name": meta.name,
         "versions": [str(v) for v in versions],
-        "platform": PLATFORMS.get(model.backend_name, "custom"),
+        "platform": type(model.backend).platform,
         "inputs": [{"name": meta.input_name, "datatype": "FP32", "shape": [-1, *meta.input_shape]}],
         "outputs": [
             {"name": meta.output_name, "datatype": "FP32", "shape": [-1, len(meta.labels)]},
