@@ -72,6 +72,38 @@ class Endpoint:
         return self.path
 
 
+class _Table:
+    """Endpoints compiled for matching: a dict for static paths, literal-segment checks for the rest."""
+
+    def __init__(self, endpoints: Iterable[Endpoint]) -> None:
+        self.static: dict[str, dict[str, Endpoint]] = {}
+        self.patterns: dict[tuple[str, int], list[_Pattern]] = {}
+        for endpoint in endpoints:
+            if not endpoint.variables:
+                self.static.setdefault(endpoint.path, {})[endpoint.method] = endpoint
+                continue
+            parts = endpoint.path.split("/")
+            literals = tuple((i, part) for i, part in enumerate(parts) if not _VARIABLE.match(part))
+            variables = tuple((i, match.group(1)) for i, part in enumerate(parts) if (match := _VARIABLE.match(part)))
+            self.patterns.setdefault((endpoint.method, len(parts)), []).append(_Pattern(literals, variables, endpoint))
+
+    def match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
+        static = self.static.get(path)
+        if static is not None:
+            endpoint = static.get(method)
+            return (endpoint, {}) if endpoint is not None else None
+        parts = path.split("/")
+        candidates = self.patterns.get((method, len(parts)))
+        if not candidates or not path.isascii():
+            return None
+        for pattern in candidates:
+            if all(parts[i] == literal for i, literal in pattern.literals):
+                values = {name: parts[i] for i, name in pattern.variables}
+                if all(values.values()):
+                    return pattern.endpoint, values
+        return None
+
+
 @dataclass(frozen=True)
 class _Pattern:
     """A compiled direct route with variables: the literal segments to compare and where the variables are."""
@@ -93,38 +125,23 @@ class Router:
                 raise ValueError(f"{endpoint.method} {endpoint.path} is declared twice")
             seen.add(key)
         self._by_name = {endpoint.name: endpoint for endpoint in self.endpoints}
-        self._static: dict[str, dict[str, Endpoint]] = {}
-        self._patterns: dict[tuple[str, int], list[_Pattern]] = {}
-        for endpoint in self.endpoints:
-            if not endpoint.direct:
-                continue
-            if not endpoint.variables:
-                self._static.setdefault(endpoint.path, {})[endpoint.method] = endpoint
-                continue
-            parts = endpoint.path.split("/")
-            literals = tuple((i, part) for i, part in enumerate(parts) if not _VARIABLE.match(part))
-            variables = tuple((i, match.group(1)) for i, part in enumerate(parts) if (match := _VARIABLE.match(part)))
-            self._patterns.setdefault((endpoint.method, len(parts)), []).append(_Pattern(literals, variables, endpoint))
+        self._direct = _Table(endpoint for endpoint in self.endpoints if endpoint.direct)
+        self._all = _Table(self.endpoints)
 
     def match_direct(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
         """The direct endpoint and path variables for a request, or None to let Flask dispatch it.
 
         A variable matches one non-empty ASCII segment, as Flask's default converter does for ASCII.
         """
-        static = self._static.get(path)
-        if static is not None:
-            endpoint = static.get(method)
-            return (endpoint, {}) if endpoint is not None else None
-        parts = path.split("/")
-        candidates = self._patterns.get((method, len(parts)))
-        if not candidates or not path.isascii():
-            return None
-        for pattern in candidates:
-            if all(parts[i] == literal for i, literal in pattern.literals):
-                values = {name: parts[i] for i, name in pattern.variables}
-                if all(values.values()):
-                    return pattern.endpoint, values
-        return None
+        return self._direct.match(method, path)
+
+    def match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
+        """Any endpoint (not only the direct ones) for a request: the ASGI front routes with this."""
+        return self._all.match("GET" if method == "HEAD" else method, path)
+
+    def allowed(self, path: str) -> list[str]:
+        """The methods some endpoint answers on ``path`` (for a 405's Allow header); empty for a 404."""
+        return sorted({method for method in METHODS if self._all.match(method, path) is not None})
 
     def register(self, app: Any, view: Callable[[Endpoint], Callable[..., Any]]) -> None:
         """Add one Flask URL rule per endpoint; ``view(endpoint)`` makes its view function."""

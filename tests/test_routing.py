@@ -163,3 +163,14 @@ def test_a_new_setting_is_one_declaration() -> None:
 def test_generated_docs_are_up_to_date() -> None:
     """docs/settings.md and the endpoint table in docs/api.md say what the code says (run `serving docs`)."""
     assert docgen.stale(ROOT, ENDPOINTS) == []
+
+
+def test_the_full_matcher_routes_every_endpoint_and_knows_allowed_methods() -> None:
+    router = Router(ENDPOINTS)
+    for endpoint in ENDPOINTS:
+        path = endpoint.path.replace("<name>", "digits-tf").replace("<version>", "3")
+        found = router.match(endpoint.method, path)
+        assert found is not None and found[0] is endpoint, endpoint.name
+    assert router.match("HEAD", "/health") is not None and router.match("DELETE", "/health") is None
+    assert router.allowed("/predict") == ["POST"] and router.allowed("/v2/repository/index") == ["GET", "POST"]
+    assert router.allowed("/nope") == [] and router.match("GET", "/v2/models//ready") is None
