@@ -22,20 +22,42 @@ except ConfigError as exc:
 # multiprocess mode). It must be known before anything imports prometheus_client.
 from serving.observability import multiprocess  # noqa: E402
 
-multiprocess.prepare_metrics_dir(settings, os.environ)
+try:
+    multiprocess.prepare_metrics_dir(settings, os.environ)
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
 
-from serving import lifecycle  # noqa: E402
+from serving import gunicorn_workers, lifecycle  # noqa: E402
 from serving.observability.logging import gunicorn_logger_class  # noqa: E402
 
 # Where and how many. Default: one worker per core, each with its share of the math threads.
 bind = [settings.bind]
 workers = settings.workers
 backlog = settings.backlog
+# Files gunicorn creates get no permission for others: a unix:PATH socket is srwxrwx--- (gunicorn's
+# default umask 0 makes it 0777, so any local user could send requests). Only the socket and the
+# workers' heartbeat files (unlinked at once) are made under it; a daemon sets its own umask (022).
+umask = 0o007
+
+# TLS: with SERVING_CERTFILE and SERVING_KEYFILE gunicorn serves HTTPS itself (a proxy in front may
+# terminate TLS instead: see the #tls lines of deploy/nginx.conf). Its TLS sockets bound how long a
+# silent client holds a worker, as the plain ones do (serving/gunicorn_workers.py).
+if settings.certfile:
+    try:
+        gunicorn_workers.check_tls_files(settings.certfile, settings.keyfile)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    certfile = settings.certfile
+    keyfile = settings.keyfile
+    ssl_context = gunicorn_workers.tls_context
 
 # process mode: sync workers, one request at a time per process (the only direct mode for PyTorch).
 # threaded mode: gthread workers, `threads` request threads sharing one model (TensorFlow, ONNX).
 # batched mode: gthread workers whose request threads queue work for one model thread per worker.
-worker_class = "sync" if settings.mode == "process" else "gthread"
+# Both are gunicorn's own workers with JSON error pages and a bound on a silent client's hold on a
+# worker (serving/gunicorn_workers.py); `-k sync` or `-k gthread` on the command line runs gunicorn's.
+worker_class = ("serving.gunicorn_workers.SyncWorker" if settings.mode == "process"
+                else "serving.gunicorn_workers.ThreadWorker")
 threads = settings.threads_per_worker
 
 # Timeouts: a worker silent for `timeout` s is killed and replaced; on reload or shutdown,
