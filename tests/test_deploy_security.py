@@ -103,7 +103,11 @@ class Nginx:
         self.folder.chmod(0o755)
         self.port = free_port()
         self.tls_port = free_port() if render.get("tls") else 0
-        self.conf = render_nginx(self.folder, upstream_port, self.port, tls_port=self.tls_port, **render)
+        try:
+            self.conf = render_nginx(self.folder, upstream_port, self.port, tls_port=self.tls_port, **render)
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
