@@ -25,6 +25,10 @@ PREFIX = "SERVING_"
 #: Unprefixed names accepted when the SERVING_ one is unset.
 ALIASES = {"SERVING_LOG_FORMAT": "LOG_FORMAT"}
 Mode = Literal["process", "threaded", "batched"]
+Front = Literal["wsgi", "asgi"]
+ModelControl = Literal["none", "poll", "explicit"]
+Swap = Literal["load_first", "unload_first"]
+POLICY_PATTERN = re.compile(r"^(latest(:[1-9][0-9]{0,2})?|all)$")
 #: A registered backend's name (the registry says which exist) or module:Class.
 BACKEND_PATTERN = re.compile(r"^([a-z][a-z0-9_]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -71,6 +75,8 @@ class Settings:
                            default_doc="the number of cores")
     threads: int = setting(0, "request threads per worker (threaded, batched); 0 = 4 threaded, 16 batched", minimum=0)
     mode: Mode = setting("process", "process (sync), threaded (gthread, shared model) or batched (micro-batching)")
+    front: Front = setting("wsgi", "wsgi (flask_server:app, sync/gthread workers) or asgi (asgi_server:app, one event"
+                                  " loop per worker, SERVING_MODE's request threads as a bounded pool)")
     math_threads: int = setting(0, "intra-op threads per worker for the framework; 0 = cores // workers, at least 1",
                                 minimum=0)
     model_repository: Path = setting(Path("models"), "model repository root directory")
@@ -109,6 +115,16 @@ class Settings:
                                    " every file): name:version=HEX,...; set, it refuses any other version",
                                 pattern=PINS_PATTERN, accepts="name:N=sha256,... (serving digest prints it)",
                                 hint="is not a comma-separated list of name:version=<64 hex digits>")
+    model_control: ModelControl = setting("none", "none (models fixed at start), poll (follow the repository) or"
+                                          " explicit (POST /v2/repository/models/NAME/load and /unload)")
+    poll_seconds: float = setting(5.0, "poll mode: seconds between two looks at the repository", minimum=0.1,
+                                  maximum=3600)
+    version_policy: str = setting("latest", "with model control: versions served per model: latest, latest:N or all"
+                                            " (SERVING_MODELS=name:N pins one)", pattern=POLICY_PATTERN,
+                                  hint="is not latest, latest:N or all", accepts="latest | latest:N | all")
+    swap: Swap = setting("load_first", "a version switch loads the new version before unloading the old"
+                                       " (load_first, twice the memory for a moment) or unloads first (unload_first,"
+                                       " 503 + Retry-After meanwhile)")
     api_keys: str = setting("", "inference keys, comma-separated: Authorization: Bearer KEY is then required on"
                                " inference and metadata endpoints; empty = open (see docs/security.md)",
                             accepts="comma-separated keys")

@@ -90,6 +90,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "the index, optionally only ready versions (Triton style)", V2, scope="admin",
              doc=operation(ref("RepositoryIndex"), (400, 413, 503), body={"application/json": obj([], ready=BOOLEAN)},
                            body_required=False)),
+    Endpoint("POST", "/v2/repository/models/<name>/load", v2.load_model,
+             "load a model on every worker (SERVING_MODEL_CONTROL=explicit)", V2, scope="admin",
+             doc=operation(ref("ModelControl"), (400, 404, 500))),
+    Endpoint("POST", "/v2/repository/models/<name>/unload", v2.unload_model,
+             "drain and unload a model on every worker (SERVING_MODEL_CONTROL=explicit)", V2, scope="admin",
+             doc=operation(ref("ModelControl"), (400, 404, 500))),
     # documentation
     Endpoint("GET", "/openapi.json", docs.openapi, "this document", DOCS, scope="public",
              doc=operation({"type": "object"})),

@@ -88,9 +88,10 @@ class InvalidInput(ServingError):
 
 
 class ModelNotReady(ServingError):
-    """This worker has not finished loading its model."""
+    """This worker has not finished loading its model, or it was unloaded a moment ago: retry shortly."""
 
     status_code = 503
+    headers = {"Retry-After": "1"}
 
 
 class QueueFull(ServingError):

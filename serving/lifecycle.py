@@ -140,3 +140,7 @@ def load_in_worker(worker: Any) -> None:
         sys.exit(WORKER_BOOT_ERROR)
     if service.batchers():
         HangWatchdog(service, float(worker.cfg.timeout), worker.log).start()
+    if service.settings.model_control != "none":
+        from serving.model_control import ModelWatcher
+
+        ModelWatcher(service, worker.cfg.workers).start()

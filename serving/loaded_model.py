@@ -46,6 +46,8 @@ class LoadedModel:
         self._batch_sizes = metrics.BATCH_SIZE.labels(self.label)
         self._depth = metrics.QUEUE_DEPTH.labels(self.label)
         self.batcher: MicroBatcher | None = None
+        self._users = 0  # requests inside ``infer`` now: a retired version waits for them
+        self._users_lock = threading.Lock()
         if settings.mode == "batched":
             self.batcher = MicroBatcher(
                 self.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, name=self.label,
@@ -77,6 +79,15 @@ class LoadedModel:
 
     def infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         """Probabilities for ``batch``: through the batcher in batched mode, else a direct timed call."""
+        with self._users_lock:
+            self._users += 1
+        try:
+            return self._infer(batch, timeout_s)
+        finally:
+            with self._users_lock:
+                self._users -= 1
+
+    def _infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         if self.batcher is not None:
             self._depth.set(self.batcher.depth() + 1)
             try:
@@ -100,6 +111,16 @@ class LoadedModel:
     def _observe_batch(self, stats: BatchStats) -> None:
         metrics.TALLY.observe(self._latency, stats.seconds)
         metrics.TALLY.observe(self._batch_sizes, stats.samples)
+
+    def retire(self, limit_s: float) -> None:
+        """Unload after a version switch: wait (up to ``limit_s``) until no request holds this version, then
+        stop its batcher, which answers whatever is still queued first."""
+        time.sleep(0.05)  # a request that looked this version up just before the switch reaches ``infer``
+        deadline = time.monotonic() + limit_s
+        while self._users and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.close()
+        log.info("unloaded %s (%d requests still in it)", self.label, self._users)
 
     def close(self) -> None:
         """Drain and stop the batcher (queued requests are answered first)."""

@@ -98,6 +98,9 @@ SCHEMAS: dict[str, Schema] = {
                           parameters=obj([], binary_data_size=INTEGER), data=array({"anyOf": [NUMBER, STRING]})),
     "InferenceResponse": obj(["model_name", "model_version", "id", "outputs"], model_name=STRING,
                              model_version=STRING, id=STRING, outputs=array(ref("ResponseOutput"))),
+    "ModelControl": obj(["name", "loaded", "workers", "generation"], name=STRING, loaded=BOOLEAN,
+                        workers={"type": "integer", "description": "workers that applied the change"},
+                        generation=INTEGER),
     "RepositoryIndex": array(obj(["name", "version", "state"], name=STRING, version=STRING, reason=STRING,
                                  state={"type": "string", "enum": ["READY", "LOADING", "UNAVAILABLE"]})),
 }

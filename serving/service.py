@@ -26,6 +26,7 @@ from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
 from serving.inputs import CONTRACT, IMAGE_TYPES
 from serving.loaded_model import LoadedModel
+from serving.model_control import ControlFiles, Plan, Planner, control_directory, wanted_names
 from serving.observability import metrics
 from serving.repository import ModelMetadata, ModelRepository, sha256_file
 
@@ -64,6 +65,10 @@ class InferenceService:
         self._max_client_timeout_s = (settings.max_client_timeout_ms or settings.request_timeout_ms) / 1000.0
         #: Requests this worker is serving now; the app counts them in batched mode.
         self.in_flight = InFlight()
+        #: Versions left out because they failed their checks or their load (model control): key -> reason.
+        self.failed: dict[Key, str] = {}
+        self._planner: Planner | None = None
+        self._control: ControlFiles | None = None
 
     # -- start-up -------------------------------------------------------------------------------
     def resolve(self) -> ModelMetadata:
@@ -95,6 +100,14 @@ class InferenceService:
             return self.repository.resolve(name, version)
         except ModelNotFound as exc:
             raise ModelLoadError(exc.message) from None
+
+    def check(self, meta: ModelMetadata) -> tuple[ModelMetadata, str]:
+        """The backend that serves ``meta`` once its files pass their checks (ModelLoadError otherwise)."""
+        return self._check(meta)
+
+    def default_name(self, selected: list[Key]) -> str:
+        """The native API's model name: SERVING_MODEL, else as ``resolve`` chooses it."""
+        return self.settings.model or self._default_model([key for key in selected if key[1] is not None])[0]
 
     def _check(self, meta: ModelMetadata) -> tuple[ModelMetadata, str]:
         """The backend for ``meta``, refusing contradictions with the settings; verifies the artifact."""
@@ -200,6 +213,71 @@ class InferenceService:
         if output.shape != (1, len(meta.labels)):
             raise ModelLoadError(f"{meta.path}: the model returned shape {output.shape} for one sample")
 
+    # -- models that change while serving (serving.model_control) --------------------------------
+    def reconcile(self, workers: int, names: list[str] | None = None) -> None:
+        """Load what the plan adds, swap the model table in one assignment, then retire what left it.
+
+        ``names``: the explicit mode's wanted models; else the settings' (poll mode). With
+        ``SERVING_SWAP=unload_first`` a replaced version is retired before its successor loads.
+        """
+        with self._load_lock:
+            if self._owner_pid != os.getpid():
+                return
+            self._planner = self._planner or Planner(self)
+            wanted, pinned = wanted_names(self)
+            if names is not None:
+                wanted, pinned = [name for name in names if name not in pinned], pinned
+            default_name = self.meta.name if self.meta is not None else wanted[0]
+            plan = self._planner.plan(wanted, pinned, default_name)
+            current = dict(self._models)
+            added = [key for key in plan.served if key not in current]
+            removed = [key for key in current if key not in plan.served]
+            self.failed = dict(plan.failed)
+            if not added and not removed:
+                return
+            if self.settings.swap == "unload_first":
+                self._switch(plan, {key: current[key] for key in current if key not in removed}, removed, current)
+                current = dict(self._models)
+                removed = []
+            threads = self.settings.math_threads_for(workers)
+            loaded: dict[Key, LoadedModel] = {}
+            for key in added:
+                meta, backend_name = plan.served[key]
+                try:
+                    loaded[key] = self._load_one(meta, backend_name, threads, workers)
+                    metrics.MODEL_CHANGES.labels("load", "ok").inc()
+                except Exception as exc:  # a version that cannot load never replaces a working one
+                    reason = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
+                    self.failed[key] = reason
+                    metrics.MODEL_CHANGES.labels("load", "failed").inc()
+                    log.warning("cannot load %s:%d, still serving the others: %s", key[0], key[1], reason)
+            self._switch(plan, {**{key: current[key] for key in current if key not in removed}, **loaded},
+                         removed, current)
+
+    def _switch(self, plan: Plan, models: dict[Key, LoadedModel], removed: list[Key],
+                current: dict[Key, LoadedModel]) -> None:
+        served = {key: plan.served[key] for key in sorted(models)}
+        ours = [key for key in served if self.meta is not None and key[0] == self.meta.name]
+        default = plan.default if plan.default in served else (ours[-1] if ours else None)
+        self._models = {**current, **models}  # the old versions stay reachable for requests already holding them
+        self.served = served
+        if default is not None:
+            self.meta, self.backend_name = served[default]
+        self._models = models
+        log.info("serving %s (default %s)", ", ".join(f"{n}:{v}" for n, v in served) or "nothing",
+                 self.default_label)
+        for key in removed:
+            current[key].retire(self._timeout_s + 1.0)
+            metrics.MODEL_CHANGES.labels("unload", "ok").inc()
+            metrics.MODEL_INFO.labels(key[0], str(key[1]), current[key].backend_name, current[key].meta.framework,
+                                      self.settings.mode).set(0)
+
+    def control_files(self) -> ControlFiles:
+        """The explicit mode's shared state files (one directory per server, shared by its workers)."""
+        if self._control is None:
+            self._control = ControlFiles(control_directory())
+        return self._control
+
     def close(self) -> None:
         """Answer everything queued, then stop the model threads (worker exit)."""
         if self._owner_pid == os.getpid():
@@ -279,10 +357,12 @@ class InferenceService:
             except (ModelLoadError, ConfigError) as exc:
                 log.error("model not loaded: %s", exc)
                 raise ModelNotReady("the model is not loaded in this worker; see the server log") from None
-        if name is None:
-            assert self.meta is not None
-            return self._models[(self.meta.name, self.meta.version)]
-        return self._models[self.key(name, version)]
+        key = (self.meta.name, self.meta.version) if name is None and self.meta is not None else \
+            self.key(name or "", version)
+        model = self._models.get(key)
+        if model is None:  # unloaded a moment ago (a version switch): the client may retry at once
+            raise ModelNotReady(f"model {key[0]}:{key[1]} is being unloaded; retry")
+        return model
 
     def predict(self, batch: np.ndarray, timeout_s: float | None = None,
                 model: LoadedModel | None = None) -> np.ndarray:
@@ -306,9 +386,10 @@ class InferenceService:
         for name, version in self.repository.index():
             entry = {"name": name, "version": str(version)}
             if (name, version) not in self.served:
-                if not unserved:
+                if not unserved and (name, version) not in self.failed:
                     continue
-                entry.update(state="UNAVAILABLE", reason="not selected by SERVING_MODELS")
+                reason = self.failed.get((name, version), "not selected by SERVING_MODELS or the version policy")
+                entry.update(state="UNAVAILABLE", reason=reason)
             else:
                 ready = self.model_ready(name, version)
                 entry.update(state="READY" if ready else "LOADING", reason="" if ready else "not loaded yet")

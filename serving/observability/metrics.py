@@ -57,8 +57,11 @@ MODEL_LOAD_SECONDS = Gauge(
     "serving_model_load_seconds", "Seconds the last model load took in a worker", ["model"],
     multiprocess_mode="max",
 )
+MODEL_CHANGES = Counter(
+    "serving_model_changes_total", "Model versions loaded or unloaded while serving, by outcome", ["action", "outcome"],
+)
 MODEL_INFO = Gauge(
-    "serving_model_info", "The model each live worker serves (value 1)",
+    "serving_model_info", "The model versions each live worker serves (1; 0 once unloaded)",
     ["model", "version", "backend", "framework", "mode"], multiprocess_mode="liveall",
 )
 

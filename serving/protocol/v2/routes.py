@@ -106,6 +106,20 @@ def repository_index(request: RequestState, service: InferenceService) -> Answer
     return json_answer(entries)
 
 
+def load_model(request: RequestState, service: InferenceService, name: str) -> Answer:
+    """``POST /v2/repository/models/{name}/load`` (explicit model control): on every worker, then answer."""
+    from serving.model_control import load_or_unload
+
+    return json_answer(load_or_unload(service, name, True, service.settings.timeout))
+
+
+def unload_model(request: RequestState, service: InferenceService, name: str) -> Answer:
+    """``POST /v2/repository/models/{name}/unload``: every worker drains and unloads the model's versions."""
+    from serving.model_control import load_or_unload
+
+    return json_answer(load_or_unload(service, name, False, service.settings.timeout))
+
+
 def _infer_body(request: RequestState, service: InferenceService) -> bytes:
     """The infer body: JSON, binary or with no Content-Type at all (v2 clients often send none)."""
     mimetype = request.mimetype
