@@ -7,6 +7,7 @@
     serving docs [--check]           regenerate (or check) docs/settings.md and the endpoint table
     serving digest [REPOSITORY]      the SERVING_MODEL_SHA256 line that pins every version found
     serving import PATH --name NAME  a Keras, SavedModel, TorchScript or ONNX classifier into the repository
+    serving stop [--pid FILE]        stop a daemon: SIGTERM once the pid file is checked to name its gunicorn master
 
 Each subcommand imports only what it needs, so ``serving config`` never loads a framework.
 """
@@ -50,6 +51,12 @@ def config(argv: list[str]) -> int:
 
 def import_(argv: list[str]) -> int:
     from serving.importer import main
+
+    return main(argv)
+
+
+def stop(argv: list[str]) -> int:
+    from serving.control import main
 
     return main(argv)
 
@@ -101,7 +108,7 @@ def digest(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "serve": serve, "train": train, "config": config, "bench": bench, "docs": docs, "digest": digest,
-    "import": import_,
+    "import": import_, "stop": stop,
 }
 
 

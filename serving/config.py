@@ -110,7 +110,8 @@ class Settings:
     max_queue: int = setting(64, "batched: requests waiting per model before 503", minimum=1)
     request_timeout_ms: int = setting(5000, "deadline per request (504 after); header X-Request-Timeout-Ms overrides",
                                       minimum=1)
-    metrics_dir: str = setting("", "prometheus multiprocess directory; empty = a fresh temporary one per server")
+    metrics_dir: str = setting("", "prometheus multiprocess directory of its own (one holding other files is refused);"
+                                   " empty = a fresh temporary one per server")
     model_sha256: str = setting("", "pinned sha256 of each served version's metadata.json (which lists the sha256 of"
                                    " every file): name:version=HEX,...; set, it refuses any other version",
                                 pattern=PINS_PATTERN, accepts="name:N=sha256,... (serving digest prints it)",

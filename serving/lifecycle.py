@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ def route_daemon_logs(server: Any) -> None:
 
 def check_before_fork(server: Any, settings: Settings) -> None:
     """Resolve the model and refuse contradictory settings, in the master, before forking."""
-    threaded = server.cfg.threads > 1 or "gthread" in str(server.cfg.worker_class_str)
+    threaded = server.cfg.threads > 1 or "thread" in str(server.cfg.worker_class_str).lower()
     try:
         service = InferenceService(settings)
         meta = service.resolve()
@@ -73,16 +74,25 @@ def check_before_fork(server: Any, settings: Settings) -> None:
 
 def warn_if_exposed(server: Any, settings: Settings) -> None:
     """A bind beyond loopback with no key: say at start what anyone who reaches the port can do."""
-    from serving.security import LOOPBACK_HOSTS, Gate, host_name
+    from serving.security import Gate, host_name
 
     gate = Gate(settings)  # also refuses an unreadable key file or a short key, in the master, before forking
     exposed = [address for address in server.cfg.bind if not address.startswith("unix:")
-               and host_name(address) not in LOOPBACK_HOSTS]
+               and not _loopback(host_name(address))]
     if exposed and not gate.keys_on:
         server.log.warning(
             "listening on %s with no API key: anyone who reaches the port can run inference, read /metrics and"
             " the model index; set SERVING_API_KEYS and SERVING_ADMIN_KEYS, and put nginx in front"
             " (deploy/nginx.conf; docs/security.md)", ", ".join(exposed))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def worker_exited(worker: Any) -> None:

@@ -6,6 +6,7 @@ where the app decides; through real gunicorn where the server, the client librar
 from __future__ import annotations
 
 import io
+import os
 import re
 import socket
 import time
@@ -284,3 +285,45 @@ def test_security_broken_decoders_and_text_chunk_bombs_are_400s(open_app: Flask)
     for body in (bytes(fuzzed), bomb.getvalue(), b"\x89PNG\r\n\x1a\n" + b"\0" * 100, b"GIF89a" + b"\xff" * 50):
         answer = client.post("/predict", data=body, headers={"Content-Type": "image/png"})
         assert answer.status_code == 400 and "not a readable image" in answer.json["error"], answer.json
+
+
+@pytest.mark.slow
+def test_security_start_up_warns_when_exposed_without_keys(model_repo: Path, tmp_path: Path) -> None:
+    """Bound to every interface with no key: one warning at start saying what is exposed (traffic stays on loopback)."""
+    for keys, expected in (({}, True), ({"api_keys": KEY}, False)):
+        server = GunicornServer(model_repo, tmp_path, model="digits-torch", backend="onnx", workers=1, **keys)
+        server.command[server.command.index("-b") + 1] = f"0.0.0.0:{server.port}"
+        with server:
+            assert requests.get(server.url + "/health/ready", timeout=5).status_code == 200
+            warned = "with no API key: anyone who reaches the port can run inference" in server.log()
+            assert warned is expected, server.log()[-2000:]
+
+
+@pytest.mark.slow
+def test_api_keys_a_new_key_file_takes_effect_on_reload(model_repo: Path, tmp_path: Path) -> None:
+    import signal
+
+    old, new = "old-key-" + "o" * 16, "new-key-" + "n" * 16
+    keys = tmp_path / "keys"
+    keys.write_text(old + "\n")
+    with GunicornServer(model_repo, tmp_path, model="digits-torch", backend="onnx", workers=1,
+                        api_keys_file=str(keys)) as server:
+        def status(key: str) -> int:
+            return requests.post(server.url + "/predict", data=SAMPLE, headers={**JSON, **bearer(key)},
+                                 timeout=5).status_code
+
+        assert (status(old), status(new)) == (200, 401)
+        keys.write_text(new + "\n")
+        assert status(old) == 200  # read once per worker start, not per request
+        worker = requests.get(server.url + "/health", timeout=5).json()["worker"]
+        os.kill(server.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                health = requests.get(server.url + "/health", timeout=5).json()
+                if health["worker"] != worker and health["model_loaded"]:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        assert (status(old), status(new)) == (401, 200)
