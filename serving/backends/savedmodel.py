@@ -8,12 +8,12 @@ is a model repository as it stands.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from serving.backends.base import Backend
+from serving.backends.tensorflow import tensorflow_with_threads
 from serving.errors import ModelLoadError
 
 SIGNATURE = "serving_default"
@@ -29,15 +29,7 @@ class SavedModelBackend(Backend):
     framework = "tensorflow"
 
     def load(self) -> None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-
-        self._tf = tf
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(self.math_threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:  # the runtime was already initialised in this process
-            pass
+        tf = self._tf = tensorflow_with_threads(self.math_threads)
         try:
             self._loaded = tf.saved_model.load(str(self.metadata.path))
             function: Any = self._loaded.signatures[SIGNATURE]

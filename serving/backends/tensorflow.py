@@ -15,6 +15,19 @@ from serving.backends.base import Backend
 from serving.errors import ModelLoadError
 
 
+def tensorflow_with_threads(math_threads: int) -> Any:
+    """Import TensorFlow (here, in the worker) with its intra-op threads capped and one inter-op thread."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(math_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # the runtime was already initialised in this process
+        pass
+    return tf
+
+
 class KerasBackend(Backend):
     """Runs ``model.keras`` via a concrete tf.function over a dynamic batch dimension."""
 
@@ -25,15 +38,7 @@ class KerasBackend(Backend):
     framework = "tensorflow"
 
     def load(self) -> None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-
-        self._tf = tf
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(self.math_threads)
-            tf.config.threading.set_inter_op_parallelism_threads(1)
-        except RuntimeError:  # the runtime was already initialised in this process
-            pass
+        tf = self._tf = tensorflow_with_threads(self.math_threads)
         import keras
 
         try:
