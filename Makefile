@@ -16,7 +16,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 LOADTEST_ARGS ?=
 # Debian packages (package[:command]) each target needs; scripts/system-packages.sh installs them as root.
-TEST_PACKAGES := nginx
+TEST_PACKAGES := nginx chromium
 BENCH_PACKAGES := wrk
 
 .PHONY: venv train serve serve-mnist train-mnist test test-fast bench bench-batching bench-uploads loadtest docs lint clean

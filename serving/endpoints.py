@@ -21,7 +21,7 @@ from serving.openapi import (
     operation,
     ref,
 )
-from serving.protocol import classic, docs, native, ops
+from serving.protocol import classic, docs, native, ops, web
 from serving.protocol.v2 import routes as v2
 from serving.routing import Endpoint
 
@@ -41,6 +41,17 @@ INFER = operation(
 )
 MODEL_METADATA = operation(ref("ModelMetadata"), (404, 503))
 MODEL_READY = operation(ref("ModelReady"), (404, 503))
+WEB = "web pages"
+NOT_MODIFIED = {"description": "not modified: the ETag sent in If-None-Match is current"}
+PAGE = operation({"text/html": STRING})
+PAGE["responses"]["304"] = NOT_MODIFIED
+ASSET = operation({"text/javascript": STRING, "text/css": STRING, "image/svg+xml": STRING})
+ASSET["responses"] |= {"304": NOT_MODIFIED, "404": {"description": "no such asset",
+                                                    "content": {"application/json": {"schema": ref("Error")}}}}
+MODEL_INPUT = operation(ref("ModelInput"), (400, 404, 413, 415, 503),
+                        body={media: BINARY for media in web.UPLOAD_TYPES},
+                        description="The picture framed as every image upload is (see serving/preprocess.py), as"
+                                    " a v2 UINT8 input tensor for /v2/models/{name}/infer.")
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     # operations: probes stay open to orchestrators; metrics are for operators
@@ -101,4 +112,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              doc=operation({"type": "object"})),
     Endpoint("GET", "/docs", docs.html_docs, "this document as HTML", DOCS, scope="public",
              doc=operation({"text/html": STRING})),
+    # the web pages: the front page and the operators' panel are public; their data calls are not
+    Endpoint("GET", "/", web.index, "the front page: draw or drop a digit, see the answer", WEB, scope="public",
+             doc=PAGE),
+    Endpoint("GET", "/ops", web.ops, "the operators' panel (its data is /metrics, admin scope)", WEB,
+             scope="public", doc=PAGE),
+    Endpoint("GET", "/assets/<asset>", web.asset, "the pages' scripts, styles and icon", WEB, scope="public",
+             doc=ASSET),
+    Endpoint("GET", "/models", web.models, "served models: framework, version, held-out accuracy, input size", WEB,
+             doc=operation(ref("ModelList"), (503,))),
+    Endpoint("POST", "/models/<name>/input", web.model_input, "a picture framed as the model's input (8-bit)", WEB,
+             doc=MODEL_INPUT),
+    Endpoint("POST", "/models/<name>/versions/<version>/input", web.model_input,
+             "a picture framed as that version's input (8-bit)", WEB, doc=MODEL_INPUT),
 )

@@ -103,6 +103,25 @@ SCHEMAS: dict[str, Schema] = {
                         generation=INTEGER),
     "RepositoryIndex": array(obj(["name", "version", "state"], name=STRING, version=STRING, reason=STRING,
                                  state={"type": "string", "enum": ["READY", "LOADING", "UNAVAILABLE"]})),
+    "ServedModel": obj(
+        ["name", "version", "default", "ready", "framework", "backend", "platform", "input", "output", "labels"],
+        name=STRING, version=STRING, default={"type": "boolean", "description": "the native API's model"},
+        ready={"type": "boolean", "description": "loaded in the worker that answered"}, framework=STRING,
+        backend=STRING, platform=STRING, arch={"type": "string", "nullable": True},
+        dataset={"type": "string", "nullable": True},
+        accuracy={"type": "number", "nullable": True, "description": "accuracy on the held-out test set"},
+        test_samples={"type": "integer", "nullable": True, "description": "size of that test set"},
+        input=obj(["name", "shape"], name=STRING, shape=array(INTEGER, description="one sample, H x W")),
+        output=STRING, labels=array(STRING),
+    ),
+    "ModelList": obj(["models"], models=array(ref("ServedModel"))),
+    "ModelInput": obj(
+        ["model_name", "model_version", "input"], model_name=STRING, model_version=STRING,
+        input=obj(["name", "shape", "datatype", "data"], name=STRING, shape=array(INTEGER),
+                  datatype={"type": "string", "enum": ["UINT8"]},
+                  data=array({"type": "integer", "minimum": 0, "maximum": 255},
+                             description="the framed picture, row-major 8-bit pixels: a v2 input tensor")),
+    ),
 }
 BINARY = {"type": "string", "format": "binary"}
 BINARY_DESCRIPTION = (
@@ -140,6 +159,8 @@ PATH_PARAMETERS = {
     "name": path_param("name", {"type": "string", "pattern": NAME_PATTERN.pattern, "example": "digits-tf"},
                        "model name"),
     "version": path_param("version", {"type": "string", "pattern": "^[0-9]{1,9}$", "example": "1"}, "model version"),
+    "asset": path_param("asset", {"type": "string", "pattern": r"^[a-z0-9-]{1,40}\.(js|css|svg)$", "example": "app.js"},
+                        "a script, style sheet or icon of the web pages"),
 }
 TIMEOUT = {"name": "X-Request-Timeout-Ms", "in": "header", "required": False, "description": "deadline (504 after)",
            "schema": {"type": "number", "minimum": 1, "maximum": 600000}}

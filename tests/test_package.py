@@ -89,6 +89,9 @@ def test_serving_serve_runs_the_packaged_config_outside_the_checkout(venv: Path,
             time.sleep(0.2)
         answer = requests.post(f"http://127.0.0.1:{port}/predict/label", json={"data": [0.0] * 64}, timeout=10)
         assert answer.status_code == 200 and len(answer.json()["prediction"]) == 1
+        page = requests.get(f"http://127.0.0.1:{port}/", timeout=10)  # the web page ships as package data
+        assert page.status_code == 200 and "/assets/app.js?v=" in page.text and requests.get(
+            f"http://127.0.0.1:{port}/assets/app.js", timeout=10).text.startswith("// The front page")
         log = (tmp_path / "server.log").read_text()
         assert "serving digits-torch version 1 (onnx backend, process)" in log  # the packaged config's hooks ran
     finally:
