@@ -25,16 +25,18 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from serving.errors import ModelLoadError, ModelNotFound, ServingError
-from serving.repository import ModelMetadata, list_versions
+from serving.errors import ModelNotFound, ServingError
+from serving.observability import metrics
+from serving.repository import list_versions
+from serving.versions import Plan, Planner, wanted_names
 
 if TYPE_CHECKING:
+    from serving.loaded_model import LoadedModel
     from serving.service import InferenceService, Key
 
 log = logging.getLogger("serving")
@@ -47,96 +49,63 @@ class ControlError(ServingError):
     status_code = 500
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What a worker should serve: every version with its backend, the default, and what was refused."""
+def reconcile(service: InferenceService, workers: int, names: list[str] | None = None) -> None:
+    """Load what the plan adds, swap the model table in one assignment, then retire what left it.
 
-    served: dict[Key, tuple[ModelMetadata, str]]
-    default: Key
-    failed: dict[Key, str]
-
-
-def policy_count(policy: str) -> int | None:
-    """How many latest versions a policy keeps: ``latest`` 1, ``latest:N`` N, ``all`` None (every one)."""
-    if policy == "all":
-        return None
-    return int(policy.partition(":")[2] or 1)
-
-
-def wanted_names(service: InferenceService) -> tuple[list[str], dict[str, int | None]]:
-    """Model names under the version policy, and pinned versions (``name:N``; None for ``name:*``)."""
-    settings = service.settings
-    names: list[str] = []
-    pinned: dict[str, int | None] = {}
-    for entry in (part.strip() for part in settings.models.split(",") if part.strip()):
-        if entry == "*":
-            names += [name for name in service.repository.models() if name not in names]
-            continue
-        name, _, version = entry.partition(":")
-        if version:
-            pinned[name] = None if version == "*" else int(version)
-        elif name not in names:
-            names.append(name)
-    default = settings.model or service.default_name(list(pinned.items()))
-    if settings.model_version:
-        pinned[default] = settings.model_version
-    elif default not in names and default not in pinned:
-        names.insert(0, default)
-    return names, pinned
-
-
-class Planner:
-    """Works out what should be served, checking each version once (cached by its metadata's mtime)."""
-
-    def __init__(self, service: InferenceService) -> None:
-        self.service = service
-        self._checked: dict[tuple[Key, int], tuple[ModelMetadata, str] | str] = {}
-
-    def check(self, name: str, version: int) -> tuple[ModelMetadata, str] | str:
-        """(metadata, backend) for a version that passes its checks, else the reason it does not."""
-        path = self.service.repository.root / name / str(version)
-        try:
-            stamp = (path / "metadata.json").stat().st_mtime_ns
-        except OSError:
-            stamp = 0
-        key = ((name, version), stamp)
-        if key not in self._checked:
+    ``names``: the explicit mode's wanted models; else the settings' (poll mode). With
+    ``SERVING_SWAP=unload_first`` a replaced version is retired before its successor loads.
+    """
+    with service._load_lock:
+        if service._owner_pid != os.getpid():
+            return
+        service._planner = service._planner or Planner(service)
+        wanted, pinned = wanted_names(service)
+        if names is not None:
+            wanted, pinned = [name for name in names if name not in pinned], pinned
+        default_name = service.meta.name if service.meta is not None else wanted[0]
+        plan = service._planner.plan(wanted, pinned, default_name)
+        current = dict(service._models)
+        added = [key for key in plan.served if key not in current]
+        removed = [key for key in current if key not in plan.served]
+        service.failed = dict(plan.failed)
+        if not added and not removed:
+            return
+        if service.settings.swap == "unload_first":
+            _switch(service, plan, {key: current[key] for key in current if key not in removed}, removed, current)
+            current = dict(service._models)
+            removed = []
+        threads = service.settings.math_threads_for(workers)
+        loaded: dict[Key, LoadedModel] = {}
+        for key in added:
+            meta, backend_name = plan.served[key]
             try:
-                self._checked[key] = self.service.check(self.service.repository.resolve(name, version))
-            except (ModelLoadError, ModelNotFound, ServingError) as exc:
-                reason = getattr(exc, "message", None) or str(exc)
-                self._checked[key] = reason
-                log.warning("not serving %s:%d: %s", name, version, reason)
-        return self._checked[key]
+                loaded[key] = service._load_one(meta, backend_name, threads, workers)
+                metrics.MODEL_CHANGES.labels("load", "ok").inc()
+            except Exception as exc:  # a version that cannot load never replaces a working one
+                reason = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
+                service.failed[key] = reason
+                metrics.MODEL_CHANGES.labels("load", "failed").inc()
+                log.warning("cannot load %s:%d, still serving the others: %s", key[0], key[1], reason)
+        _switch(service, plan, {**{key: current[key] for key in current if key not in removed}, **loaded},
+                     removed, current)
 
-    def plan(self, names: list[str], pinned: dict[str, int | None], default: str) -> Plan:
-        """The latest versions allowed by the policy that pass their checks; pinned versions as pinned."""
-        keep = policy_count(self.service.settings.version_policy)
-        served: dict[Key, tuple[ModelMetadata, str]] = {}
-        failed: dict[Key, str] = {}
-        root = self.service.repository.root
-        for name in [*names, *pinned]:
-            versions = list_versions(root / name)
-            if name in pinned:
-                candidates = versions if pinned[name] is None else [v for v in versions if v == pinned[name]]
-                limit = None
-            else:
-                candidates, limit = sorted(versions, reverse=True), keep
-            good = 0
-            for version in candidates:
-                if limit is not None and good >= limit:
-                    break
-                result = self.check(name, version)
-                if isinstance(result, str):
-                    failed[(name, version)] = result
-                else:
-                    served[(name, version)] = result
-                    good += 1
-        ours = sorted(key for key in served if key[0] == default)
-        if not ours:
-            raise ModelLoadError(f"no servable version of {default}: " + "; ".join(
-                f"{n}:{v}: {reason}" for (n, v), reason in failed.items() if n == default) or "none on disk")
-        return Plan(dict(sorted(served.items())), ours[-1], failed)
+def _switch(service: InferenceService, plan: Plan, models: dict[Key, LoadedModel], removed: list[Key],
+            current: dict[Key, LoadedModel]) -> None:
+    served = {key: plan.served[key] for key in sorted(models)}
+    ours = [key for key in served if service.meta is not None and key[0] == service.meta.name]
+    default = plan.default if plan.default in served else (ours[-1] if ours else None)
+    service._models = {**current, **models}  # the old versions stay reachable for requests already holding them
+    service.served = served
+    if default is not None:
+        service.meta, service.backend_name = served[default]
+    service._models = models
+    log.info("serving %s (default %s)", ", ".join(f"{n}:{v}" for n, v in served) or "nothing",
+             service.default_label)
+    for key in removed:
+        current[key].retire(service._timeout_s + 1.0)
+        metrics.MODEL_CHANGES.labels("unload", "ok").inc()
+        metrics.MODEL_INFO.labels(key[0], str(key[1]), current[key].backend_name, current[key].meta.framework,
+                                  service.settings.mode).set(0)
 
 
 class ControlFiles:
@@ -187,6 +156,13 @@ class ControlFiles:
         return found
 
 
+def control_files(service: InferenceService) -> ControlFiles:
+    """The explicit mode's shared state files (one directory per server, shared by its workers)."""
+    if service._control is None:
+        service._control = ControlFiles(control_directory())
+    return service._control
+
+
 def control_directory() -> Path:
     """``control/`` in the server's metrics directory (shared by its workers), else a private one."""
     base = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -214,14 +190,14 @@ class ModelWatcher(threading.Thread):
     def tick(self) -> None:
         service = self.service
         if service.settings.model_control == "poll":
-            service.reconcile(self.workers)
+            reconcile(service, self.workers)
             return
-        files = service.control_files()
+        files = control_files(service)
         state = files.read()
         generation = state["generation"] if state else 0
         if generation != self.generation:
             if state is not None:
-                service.reconcile(self.workers, names=list(state["models"]))
+                reconcile(service, self.workers, names=list(state["models"]))
             self.generation = generation
         files.ack(str(os.getpid()), generation, service.index(unserved=True))
 
@@ -233,7 +209,7 @@ def load_or_unload(service: InferenceService, name: str, load: bool, timeout_s: 
                            " models through the API", 400)
     if load and not list_versions(service.repository.root / name):
         raise ModelNotFound(f"no model {name!r} in the repository")
-    files = service.control_files()
+    files = control_files(service)
     initial = sorted({key[0] for key in service.served})
 
     def change(names: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,9 +26,12 @@ from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
 from serving.inputs import CONTRACT, IMAGE_TYPES
 from serving.loaded_model import LoadedModel
-from serving.model_control import ControlFiles, Plan, Planner, control_directory, wanted_names
 from serving.observability import metrics
 from serving.repository import ModelMetadata, ModelRepository, sha256_file
+
+if TYPE_CHECKING:
+    from serving.model_control import ControlFiles
+    from serving.versions import Planner
 
 log = logging.getLogger("serving")
 DEFAULT_MODEL = "digits-tf"
@@ -212,71 +215,6 @@ class InferenceService:
         output = backend.predict(np.asarray(data, dtype=np.float32).reshape(1, height, width))
         if output.shape != (1, len(meta.labels)):
             raise ModelLoadError(f"{meta.path}: the model returned shape {output.shape} for one sample")
-
-    # -- models that change while serving (serving.model_control) --------------------------------
-    def reconcile(self, workers: int, names: list[str] | None = None) -> None:
-        """Load what the plan adds, swap the model table in one assignment, then retire what left it.
-
-        ``names``: the explicit mode's wanted models; else the settings' (poll mode). With
-        ``SERVING_SWAP=unload_first`` a replaced version is retired before its successor loads.
-        """
-        with self._load_lock:
-            if self._owner_pid != os.getpid():
-                return
-            self._planner = self._planner or Planner(self)
-            wanted, pinned = wanted_names(self)
-            if names is not None:
-                wanted, pinned = [name for name in names if name not in pinned], pinned
-            default_name = self.meta.name if self.meta is not None else wanted[0]
-            plan = self._planner.plan(wanted, pinned, default_name)
-            current = dict(self._models)
-            added = [key for key in plan.served if key not in current]
-            removed = [key for key in current if key not in plan.served]
-            self.failed = dict(plan.failed)
-            if not added and not removed:
-                return
-            if self.settings.swap == "unload_first":
-                self._switch(plan, {key: current[key] for key in current if key not in removed}, removed, current)
-                current = dict(self._models)
-                removed = []
-            threads = self.settings.math_threads_for(workers)
-            loaded: dict[Key, LoadedModel] = {}
-            for key in added:
-                meta, backend_name = plan.served[key]
-                try:
-                    loaded[key] = self._load_one(meta, backend_name, threads, workers)
-                    metrics.MODEL_CHANGES.labels("load", "ok").inc()
-                except Exception as exc:  # a version that cannot load never replaces a working one
-                    reason = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
-                    self.failed[key] = reason
-                    metrics.MODEL_CHANGES.labels("load", "failed").inc()
-                    log.warning("cannot load %s:%d, still serving the others: %s", key[0], key[1], reason)
-            self._switch(plan, {**{key: current[key] for key in current if key not in removed}, **loaded},
-                         removed, current)
-
-    def _switch(self, plan: Plan, models: dict[Key, LoadedModel], removed: list[Key],
-                current: dict[Key, LoadedModel]) -> None:
-        served = {key: plan.served[key] for key in sorted(models)}
-        ours = [key for key in served if self.meta is not None and key[0] == self.meta.name]
-        default = plan.default if plan.default in served else (ours[-1] if ours else None)
-        self._models = {**current, **models}  # the old versions stay reachable for requests already holding them
-        self.served = served
-        if default is not None:
-            self.meta, self.backend_name = served[default]
-        self._models = models
-        log.info("serving %s (default %s)", ", ".join(f"{n}:{v}" for n, v in served) or "nothing",
-                 self.default_label)
-        for key in removed:
-            current[key].retire(self._timeout_s + 1.0)
-            metrics.MODEL_CHANGES.labels("unload", "ok").inc()
-            metrics.MODEL_INFO.labels(key[0], str(key[1]), current[key].backend_name, current[key].meta.framework,
-                                      self.settings.mode).set(0)
-
-    def control_files(self) -> ControlFiles:
-        """The explicit mode's shared state files (one directory per server, shared by its workers)."""
-        if self._control is None:
-            self._control = ControlFiles(control_directory())
-        return self._control
 
     def close(self) -> None:
         """Answer everything queued, then stop the model threads (worker exit)."""

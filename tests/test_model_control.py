@@ -1,6 +1,6 @@
 """Models that change while serving: version policies, polling, explicit load and unload.
 
-In process for the planning and the switch (``InferenceService.reconcile`` called directly), and
+In process for the planning and the switch (``serving.model_control.reconcile`` called directly), and
 through real gunicorn with two workers under a bounded load that checks every answer.
 """
 
@@ -21,6 +21,7 @@ import requests
 
 from serving.config import Settings
 from serving.data import load_digits_dataset
+from serving.model_control import reconcile
 from serving.service import InferenceService
 from tests.conftest import GunicornServer
 
@@ -56,12 +57,12 @@ def test_a_new_version_is_loaded_then_switched_to_and_the_old_one_retired(repo_c
         old = svc.model()
         assert served(svc) == [("digits-torch", 1)]
         publish(repo_copy, "digits-torch", 2)
-        svc.reconcile(workers=1)
+        reconcile(svc, workers=1)
         assert served(svc) == [("digits-torch", 2)] and svc.meta is not None and svc.meta.version == 2
         assert svc.predict(X).shape == (4, 10) and svc.model().meta.version == 2
         assert old.meta.version == 1 and old.batcher is None
         shutil.rmtree(repo_copy / "digits-torch" / "2")  # a removed version folder stops being served
-        svc.reconcile(workers=1)
+        reconcile(svc, workers=1)
         assert served(svc) == [("digits-torch", 1)]
     finally:
         svc.close()
@@ -72,7 +73,7 @@ def test_a_broken_new_version_never_replaces_the_working_one(repo_copy: Path) ->
     try:
         broken = publish(repo_copy, "digits-torch", 2)
         (broken / "model.onnx").write_bytes(b"not a model")
-        svc.reconcile(workers=1)
+        reconcile(svc, workers=1)
         assert served(svc) == [("digits-torch", 1)]
         index = {(e["name"], e["version"]): e for e in svc.index()}
         assert index[("digits-torch", "2")]["state"] == "UNAVAILABLE"
@@ -87,20 +88,20 @@ def test_version_policies(repo_copy: Path) -> None:
     publish(repo_copy, "digits-torch", 3)
     both = service(repo_copy, version_policy="latest:2")
     try:
-        both.reconcile(workers=1)
+        reconcile(both, workers=1)
         assert served(both) == [("digits-torch", 2), ("digits-torch", 3)] and both.meta.version == 3  # type: ignore[union-attr]
         assert both.model("digits-torch", 2).meta.version == 2
     finally:
         both.close()
     pinned = service(repo_copy, model_version=1, models="digits-tf")
     try:
-        pinned.reconcile(workers=1)
+        reconcile(pinned, workers=1)
         assert served(pinned) == [("digits-tf", 1), ("digits-torch", 1)]
     finally:
         pinned.close()
     everything = service(repo_copy, version_policy="all")
     try:
-        everything.reconcile(workers=1)
+        reconcile(everything, workers=1)
         assert served(everything) == [("digits-torch", 1), ("digits-torch", 2), ("digits-torch", 3)]
     finally:
         everything.close()
@@ -110,7 +111,7 @@ def test_unload_first_swaps_without_doubling(repo_copy: Path) -> None:
     svc = service(repo_copy, swap="unload_first")
     try:
         publish(repo_copy, "digits-torch", 2)
-        svc.reconcile(workers=1)
+        reconcile(svc, workers=1)
         assert served(svc) == [("digits-torch", 2)]
     finally:
         svc.close()
