@@ -240,3 +240,31 @@ def load_or_unload(service: InferenceService, name: str, load: bool, timeout_s: 
         raise ControlError(f"model {name} could not be loaded on {states.count(None)} of {len(acks)} workers:"
                            f" {reason}")
     return {"name": name, "loaded": load, "workers": len(acks), "generation": generation}
+
+
+def every_worker_index(service: InferenceService, own: list[dict[str, str]], unserved: bool) -> list[dict[str, str]]:
+    """The repository index as every live worker sees it: READY only where all are ready, else the state
+    and reason of the workers that differ (``own`` answers alone until the workers have acknowledged)."""
+    acks = control_files(service).acks()
+    if not acks:
+        return own
+    seen: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for ack in acks:
+        for entry in ack["index"]:
+            seen.setdefault((entry["name"], entry["version"]), []).append(entry)
+    merged = []
+    for (name, version), entries in sorted(seen.items(), key=lambda item: (item[0][0], int(item[0][1]))):
+        states = {entry["state"] for entry in entries}
+        if len(entries) == len(acks) and states == {"READY"}:
+            merged.append({"name": name, "version": version, "state": "READY", "reason": ""})
+            continue
+        if not unserved and not any(entry["state"] == "READY" for entry in entries) \
+                and all(entry.get("reason", "").startswith("not ") for entry in entries):
+            continue  # an unselected version: operators only
+        ready = sum(entry["state"] == "READY" for entry in entries)
+        worst = next((e for e in entries if e["state"] == "UNAVAILABLE"), None) or next(
+            (e for e in entries if e["state"] != "READY"), entries[0])
+        state = "UNAVAILABLE" if worst["state"] == "UNAVAILABLE" else "LOADING"
+        merged.append({"name": name, "version": version, "state": state,
+                       "reason": f"ready on {ready} of {len(acks)} workers; {worst.get('reason') or 'loading'}"})
+    return merged

@@ -140,9 +140,10 @@ class Hammer(threading.Thread):
                     self.failures.append(answer.text[:200])
 
 
-@pytest.fixture
-def poll_server(repo_copy: Path, tmp_path: Path) -> Iterator[GunicornServer]:
-    with GunicornServer(repo_copy, tmp_path, model="digits-torch", backend="onnx", workers=2,
+@pytest.fixture(params=["process", "batched"])
+def poll_server(request: pytest.FixtureRequest, repo_copy: Path, tmp_path: Path) -> Iterator[GunicornServer]:
+    """Two workers polling every 0.5 s; in batched mode a switch moves the model thread and its queue."""
+    with GunicornServer(repo_copy, tmp_path, model="digits-torch", backend="onnx", workers=2, mode=request.param,
                         model_control="poll", poll_seconds=0.5) as srv:
         yield srv
 
@@ -184,6 +185,9 @@ def test_explicit_load_and_unload_act_on_every_worker(repo_copy: Path, tmp_path:
         assert requests.post(server.url + "/v2/models/digits-tf/infer", timeout=5).status_code == 404
         loaded = requests.post(server.url + "/v2/repository/models/digits-tf/load", timeout=60)
         assert loaded.status_code == 200 and loaded.json()["workers"] == 2, loaded.text
+        index = {(e["name"], e["version"]): e for e in
+                 requests.get(server.url + "/v2/repository/index", timeout=10).json()}
+        assert index[("digits-tf", "1")]["state"] == "READY"  # READY only when every worker reports it
         hammers = [Hammer(server.url, "digits-tf", 3.0) for _ in range(4)]
         for hammer in hammers:
             hammer.start()

@@ -91,8 +91,15 @@ def infer(request: RequestState, service: InferenceService, name: str, version: 
 
 
 def repository_index(request: RequestState, service: InferenceService) -> Answer:
-    """The served versions (all on disk for an admin key); a POST may filter with ``{"ready": true}`` (as Triton's)."""
+    """The served versions (all on disk for an admin key); a POST may filter with ``{"ready": true}`` (as Triton's).
+
+    With explicit model control, each entry is what every worker reports (serving.model_control).
+    """
     entries = service.index(unserved=request.admin)
+    if service.settings.model_control == "explicit":
+        from serving.model_control import every_worker_index
+
+        entries = every_worker_index(service, entries, unserved=request.admin)
     body = request.body(service.body_limit) if request.method == "POST" else b""
     if body.strip():
         try:
