@@ -529,3 +529,24 @@ def test_stop_stops_a_real_daemon(model_repo: Path, tmp_path: Path) -> None:
     finally:
         if pid and psutil.pid_exists(pid):
             os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+
+def test_tls_and_api_keys_end_to_end_with_curl(server_factory: Any, tmp_path: Path) -> None:
+    """What a user types: curl over HTTPS (verified against the CA) with and without the key."""
+    certs = make_certificates(tmp_path / "tls")
+    key = "curl-key-" + "c" * 16
+    server = server_factory(workers=1, certfile=certs["cert"], keyfile=certs["key"], api_keys=key, **ONNX)
+    https = start_https(server, certs["ca"])
+
+    def curl(*extra: str) -> tuple[int, str]:
+        result = subprocess.run(["curl", "-sS", "--cacert", str(certs["ca"]), "-o", "-", "-w", "\n%{http_code}",
+                                 https + "/predict/label", "-H", "Content-Type: application/json",
+                                 "--data-binary", SAMPLE.decode(), *extra],
+                                capture_output=True, text=True, timeout=30, check=True)
+        body, _, status = result.stdout.rpartition("\n")
+        return int(status), body
+
+    status, body = curl()
+    assert status == 401 and "API key" in body
+    status, body = curl("-H", f"Authorization: Bearer {key}")
+    assert status == 200 and orjson.loads(body)["prediction"]
