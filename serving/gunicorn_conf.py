@@ -59,6 +59,14 @@ if settings.certfile:
 worker_class = ("serving.gunicorn_workers.SyncWorker" if settings.mode == "process"
                 else "serving.gunicorn_workers.ThreadWorker")
 threads = settings.threads_per_worker
+# SERVING_FRONT=asgi: asgi_server:app under an ASGI worker, one event loop per worker holding the
+# connections; the mode's request threads become the app's bounded pool (serving/asgi_pool.py), so
+# gunicorn's own `threads` is 1. uvicorn-worker's worker measured faster than gunicorn's native one
+# (docs/modes.md); `-k asgi` runs gunicorn's (serving.asgi_workers.AsgiWorker adds the app check).
+if settings.front == "asgi":
+    wsgi_app = "asgi_server:app"
+    worker_class = "serving.asgi_workers.UvicornWorker"
+    threads = 1
 
 # Timeouts: a worker silent for `timeout` s is killed and replaced; on reload or shutdown,
 # in-flight requests get `graceful_timeout` s to finish.
@@ -100,6 +108,8 @@ def on_reload(server):
 
 def post_worker_init(worker):
     """Worker, after fork: load the model here, never in the master."""
+    if not hasattr(worker, "wsgi"):  # gunicorn's own asgi worker (-k asgi) keeps its app in worker.asgi
+        worker.wsgi = worker.asgi
     lifecycle.load_in_worker(worker)
 
 
