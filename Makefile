@@ -1,5 +1,6 @@
 # make serve       fresh machine: venv + requirements + the package, trains the default models if models/ is
 #                  empty, starts gunicorn with gunicorn.conf.py on 127.0.0.1:8000
+#                  (SERVING_FRONT=asgi make serve: asgi_server:app under an ASGI worker, docs/modes.md)
 # make test        the whole suite, real servers included (what .ci/run runs); installs the system packages
 # make test-fast   the in-process layer only (Flask test client, unit tests): under a minute
 # make bench       the throughput benchmark (writes reports/bench-<date>.md); installs wrk
@@ -33,9 +34,12 @@ venv: $(VENV)/.installed
 train: venv
 	$(PY) train.py
 
+# SERVING_FRONT=asgi serves the ASGI app; gunicorn.conf.py then picks the ASGI worker.
+SERVE_APP = $(if $(filter asgi,$(SERVING_FRONT)),asgi_server:app,flask_server:app)
+
 serve: venv
 	@if [ -z "$$(ls -A models 2>/dev/null)" ]; then echo "models/ is empty: training the default models"; $(PY) train.py; fi
-	$(VENV)/bin/gunicorn -c gunicorn.conf.py flask_server:app
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py $(SERVE_APP)
 
 serve-mnist: venv
 	@if [ -z "$$(ls -A models/mnist-tf 2>/dev/null)" ]; then echo "no mnist-tf: training the MNIST models (about 5 minutes)"; $(PY) train.py --dataset mnist; fi

@@ -22,6 +22,7 @@ from serving.openapi import (
     ref,
 )
 from serving.protocol import classic, docs, native, ops, web
+from serving.protocol.stream import LINE, NDJSON, predict_stream
 from serving.protocol.v2 import routes as v2
 from serving.routing import Endpoint
 
@@ -125,4 +126,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              doc=MODEL_INPUT),
     Endpoint("POST", "/models/<name>/versions/<version>/input", web.model_input,
              "a picture framed as that version's input (8-bit)", WEB, doc=MODEL_INPUT),
+    # streaming (issue 16): sent line by line by the ASGI front, whole by the WSGI app (serving/protocol/stream.py)
+    Endpoint("POST", "/predict/stream", predict_stream, "one NDJSON line per sample, streamed as each is ready",
+             NATIVE, direct=True,
+             doc=operation({NDJSON: LINE}, PREDICT_ERRORS, body=PREDICT_BODY, params=(TIMEOUT,),
+                           description="Under SERVING_FRONT=asgi each line is sent as soon as its sample is"
+                                       " classified (the model runs chunks of 1, 2, 4, ... samples); the WSGI front"
+                                       " sends the same lines at once. A stream that fails after its first line"
+                                       " ends with a line {\"error\": ...}.")),
 )

@@ -20,11 +20,13 @@ from serving.backends import backend_class
 from serving.data import load_digits_dataset
 from serving.repository import ModelRepository
 from tests import fakes
+from tests.asgi_support import FRONTS
 from tests.conftest import GunicornServer
 
 pytestmark = pytest.mark.slow
 JSON = {"Content-Type": "application/json"}
-CONFIGS = [("digits-tf", "tensorflow"), ("digits-torch", "pytorch"), ("digits-torch", "onnx")]
+CONFIGS = [("digits-tf", "tensorflow", "wsgi"), ("digits-torch", "pytorch", "wsgi"), ("digits-torch", "onnx", "wsgi"),
+           ("digits-torch", "pytorch", "asgi")]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +43,9 @@ def post(url: str, data: Any, headers: dict[str, str] | None = None, timeout: fl
 @pytest.fixture(scope="module", params=CONFIGS, ids=["-".join(c) for c in CONFIGS])
 def batched(request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[tuple[GunicornServer, Any]]:
-    model, backend = request.param
+    model, backend, front = request.param
     srv = GunicornServer(model_repo, tmp_path_factory.mktemp("logs"), model=model, backend=backend, mode="batched",
-                         threads=16, max_batch_size=16, max_delay_ms=10)
+                         threads=16, max_batch_size=16, max_delay_ms=10, **FRONTS[front])
     srv.start()
     direct = backend_class(backend)(ModelRepository(model_repo).resolve(model), math_threads=1)
     direct.load()
@@ -88,13 +90,14 @@ def test_readiness_and_liveness(batched: tuple[GunicornServer, Any]) -> None:
     assert requests.get(srv.url + "/health", timeout=5).json()["model_loaded"] is True
 
 
-def flood_server(server_factory: Any, **settings: Any) -> GunicornServer:
+def flood_server(server_factory: Any, front: str, **settings: Any) -> GunicornServer:
     return server_factory(model="digits-torch", backend="tests.fakes:FaultyOnnx", mode="batched", workers=1,
-                          threads=32, max_batch_size=1, max_delay_ms=0, **settings).start()
+                          threads=32, max_batch_size=1, max_delay_ms=0, **settings, **FRONTS[front]).start()
 
 
-def test_flood_beyond_max_queue_gives_only_200_and_fast_503(server_factory: Any) -> None:
-    server = flood_server(server_factory, max_queue=4)
+@pytest.mark.parametrize("front", FRONTS)
+def test_flood_beyond_max_queue_gives_only_200_and_fast_503(server_factory: Any, front: str) -> None:
+    server = flood_server(server_factory, front, max_queue=4)
     slow = [fakes.SLOW] + [0.0] * 63  # each model call takes 200 ms: the queue fills at once
 
     def ask(_: int) -> tuple[int, float, str]:
@@ -114,8 +117,9 @@ def test_flood_beyond_max_queue_gives_only_200_and_fast_503(server_factory: Any)
     assert f'serving_rejected_requests_total{{reason="queue_full"}} {float(statuses[503])}' in metrics
 
 
-def test_deadline_header_gives_504_in_time(server_factory: Any) -> None:
-    server = flood_server(server_factory, max_queue=8)
+@pytest.mark.parametrize("front", FRONTS)
+def test_deadline_header_gives_504_in_time(server_factory: Any, front: str) -> None:
+    server = flood_server(server_factory, front, max_queue=8)
     slow = [fakes.SLOW] + [0.0] * 63
     with ThreadPoolExecutor(2) as pool:
         blocker = pool.submit(post, server.url + "/predict", slow)
@@ -130,8 +134,9 @@ def test_deadline_header_gives_504_in_time(server_factory: Any) -> None:
     assert bad.status_code == 400 and "X-Request-Timeout-Ms" in bad.json()["error"]
 
 
-def test_a_failing_batch_is_a_clean_500_and_the_worker_keeps_serving(server_factory: Any) -> None:
-    server = flood_server(server_factory, max_queue=8)
+@pytest.mark.parametrize("front", FRONTS)
+def test_a_failing_batch_is_a_clean_500_and_the_worker_keeps_serving(server_factory: Any, front: str) -> None:
+    server = flood_server(server_factory, front, max_queue=8)
     for corner in (fakes.RAISE, fakes.WRONG_SHAPE):
         answer = post(server.url + "/predict", [corner] + [0.0] * 63)
         assert answer.status_code == 500 and set(answer.json()) == {"error"}
@@ -139,8 +144,10 @@ def test_a_failing_batch_is_a_clean_500_and_the_worker_keeps_serving(server_fact
     assert post(server.url + "/predict", [0.0] * 64).status_code == 200
 
 
-def test_metrics_add_up_across_workers(server_factory: Any, digits: Any) -> None:
-    server = server_factory(model="digits-torch", backend="onnx", mode="batched", workers=2, threads=8).start()
+@pytest.mark.parametrize("front", FRONTS)
+def test_metrics_add_up_across_workers(server_factory: Any, digits: Any, front: str) -> None:
+    server = server_factory(model="digits-torch", backend="onnx", mode="batched", workers=2, threads=8,
+                            **FRONTS[front]).start()
     sample = digits.x_test[0].tolist()
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda _: post(server.url + "/predict/label", sample).status_code, range(200)))
@@ -155,8 +162,10 @@ def test_metrics_add_up_across_workers(server_factory: Any, digits: Any) -> None
     assert "serving_model_load_seconds" in text and "serving_queue_depth" in text
 
 
-def test_sighup_under_load_loses_no_request(server_factory: Any, digits: Any) -> None:
-    server = server_factory(model="digits-torch", backend="onnx", mode="batched", workers=2, threads=8).start()
+@pytest.mark.parametrize("front", FRONTS)
+def test_sighup_under_load_loses_no_request(server_factory: Any, digits: Any, front: str) -> None:
+    server = server_factory(model="digits-torch", backend="onnx", mode="batched", workers=2, threads=8,
+                            **FRONTS[front]).start()
     sample = digits.x_test[3].tolist()
     stop = threading.Event()
     results: list[int | str] = []
