@@ -73,7 +73,8 @@ class Settings:
                         hint="is not HOST:PORT or unix:PATH; e.g. 127.0.0.1:8000", accepts="HOST:PORT or unix:PATH")
     workers: int = setting(doc="gunicorn worker processes", factory=available_cores, minimum=1,
                            default_doc="the number of cores")
-    threads: int = setting(0, "request threads per worker (threaded, batched); 0 = 4 threaded, 16 batched", minimum=0)
+    threads: int = setting(0, "request threads per worker (threaded, batched; the pool of the asgi front, 1 in process"
+                              " mode); 0 = 4 threaded, 16 batched", minimum=0)
     mode: Mode = setting("process", "process (sync), threaded (gthread, shared model) or batched (micro-batching)")
     front: Front = setting("wsgi", "wsgi (flask_server:app, sync/gthread workers) or asgi (asgi_server:app, one event"
                                   " loop per worker, SERVING_MODE's request threads as a bounded pool)")
@@ -107,7 +108,8 @@ class Settings:
     max_batch_size: int = setting(32, "batched: most samples the model runs at once", minimum=1)
     max_delay_ms: float = setting(5.0, "batched: longest wait for more requests, from a batch's first request",
                                   minimum=0, maximum=1000, hint="; batching waits are ~1-10 ms")
-    max_queue: int = setting(64, "batched: requests waiting per model before 503", minimum=1)
+    max_queue: int = setting(64, "batched: requests waiting per model before 503; asgi front: also requests"
+                                 " waiting for a pool thread", minimum=1)
     request_timeout_ms: int = setting(5000, "deadline per request (504 after); header X-Request-Timeout-Ms overrides",
                                       minimum=1)
     metrics_dir: str = setting("", "prometheus multiprocess directory of its own (one holding other files is refused);"
