@@ -76,7 +76,7 @@ docs: venv
 	$(VENV)/bin/serving docs
 
 lint: venv
-	$(VENV)/bin/ruff check serving tests bench train.py flask_server.py gunicorn.conf.py locustfile.py
+	$(VENV)/bin/ruff check serving tests bench deploy train.py flask_server.py asgi_server.py gunicorn.conf.py locustfile.py
 
 clean:
 	rm -rf .pytest_cache reports/*/ run/*.pid run/*.log

@@ -23,8 +23,18 @@ USAGE = (__doc__ or "").split("\n\n")[1]
 
 
 def serve(argv: list[str]) -> int:
-    """Replace this process with gunicorn, configured exactly as ``gunicorn -c gunicorn.conf.py flask_server:app``."""
-    config, app = "python:serving.gunicorn_conf", "serving.app:create_app()"
+    """Replace this process with gunicorn, configured as ``gunicorn -c gunicorn.conf.py flask_server:app``
+    (``asgi_server:app`` with ``SERVING_FRONT=asgi``)."""
+    from serving.config import Settings
+    from serving.errors import ConfigError
+
+    try:
+        front = Settings.from_env().front
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = "serving.asgi:create_asgi_app()" if front == "asgi" else "serving.app:create_app()"
+    config = "python:serving.gunicorn_conf"
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", config, *argv, app])
     return 0  # pragma: no cover - execv does not return
 
