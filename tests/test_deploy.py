@@ -7,12 +7,10 @@
 - The manifests agree with the code: every SERVING_* name is a setting and its value is accepted, the
   container port is the bind port, the probe paths answer 200 on a real server, the grace periods exceed
   the graceful timeout, workers follow the CPU limit as an integer.
-- deploy/prometheus.yml scrapes a real 2-worker server with Debian's Prometheus, and the request counter
-  summed over the workers equals the requests sent; every Grafana expression runs in that Prometheus and
-  names only metrics the server exports.
 - The systemd unit passes systemd-analyze verify; gunicorn really sends READY=1 for Type=notify.
 
-The container images themselves are checked by deploy/test-image.sh (too slow for the suite).
+Prometheus and the Grafana dashboard are tested in tests/test_monitoring.py, the replicas behind nginx in
+tests/test_replicas.py; the container images by deploy/test-image.sh (too slow for the suite).
 """
 
 from __future__ import annotations
@@ -26,8 +24,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +37,7 @@ from serving.config import PREFIX, Settings
 from serving.errors import ConfigError
 from serving.security import Gate
 from tests import kustomize
-from tests.conftest import ROOT, GunicornServer, clean_env, free_port
+from tests.conftest import ROOT
 
 #: The Kubernetes release the manifests target (its schemas ship with kubernetes-validate).
 K8S_VERSION = "1.32.0"
@@ -341,170 +337,7 @@ def test_the_systemd_unit_verifies_and_gunicorn_notifies(tmp_path: Path) -> None
     assert "kill mode" in result.stderr.lower()
 
 
-# --- real servers ----------------------------------------------------------------------------------------
-
-def promtool_check(config: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is missing: apt-get install prometheus")
-    result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60,
-                            check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_the_prometheus_configs_pass_promtool(tmp_path: Path) -> None:
-    """deploy/prometheus.yml as it is (its key file made); the Kubernetes job with its pod discovery replaced by a
-    static target, because Debian's Prometheus is built without Kubernetes discovery."""
-    key_file = tmp_path / "admin-key"
-    key_file.write_text(ADMIN_KEY)
-    local = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    local["scrape_configs"][0]["authorization"]["credentials_file"] = str(key_file)
-    (tmp_path / "local.yml").write_text(yaml.safe_dump(local))
-    promtool_check(tmp_path / "local.yml")
-    pods = yaml.safe_load((K8S / "prometheus-scrape.yml").read_text())
-    (job,) = pods["scrape_configs"]
-    assert job["kubernetes_sd_configs"][0]["role"] == "pod"
-    annotations = documents(K8S / "base" / "deployment.yaml")[0]["spec"]["template"]["metadata"]["annotations"]
-    kept = {rule["source_labels"][-1] for rule in job["relabel_configs"]}
-    for annotation in annotations:
-        label = "__meta_kubernetes_pod_annotation_" + re.sub(r"[^a-zA-Z0-9_]", "_", annotation)
-        assert label in kept, f"the scrape job ignores the Deployment's {annotation} annotation"
-    del job["kubernetes_sd_configs"]
-    job["static_configs"] = [{"targets": ["127.0.0.1:8000"]}]
-    job["authorization"]["credentials_file"] = str(key_file)
-    (tmp_path / "pods.yml").write_text(yaml.safe_dump(pods))
-    promtool_check(tmp_path / "pods.yml")
-
-
-@pytest.fixture(scope="module")
-def scraped_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A real 2-worker server with keys, and Debian's Prometheus scraping it with deploy/prometheus.yml."""
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.fail("prometheus is missing: apt-get install prometheus")
-    work = tmp_path_factory.mktemp("prometheus")
-    (work / "admin-keys").write_text(ADMIN_KEY + "\n")
-    (work / "api-keys").write_text(API_KEY + "\n")
-    server = GunicornServer(model_repo, work, model="digits-torch", backend="onnx", workers=2,
-                            admin_keys_file=work / "admin-keys", api_keys_file=work / "api-keys")
-    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    config["global"]["scrape_interval"] = "1s"
-    (job,) = config["scrape_configs"]
-    job.update(scrape_interval="1s", scrape_timeout="1s")
-    job["authorization"]["credentials_file"] = str(work / "admin-keys")
-    port = free_port()
-    log = open(work / "prometheus.log", "wb")  # noqa: SIM115 - closed in the finally below
-    process = None
-    try:
-        server.start()
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{server.port}"]}]
-        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-        process = subprocess.Popen(
-            [prometheus, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT, env=clean_env())
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(url + "/-/ready", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (work / "prometheus.log").read_text()
-            time.sleep(0.2)
-        yield {"server": server, "prometheus": url, "job": job["job_name"]}
-    finally:
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        server.stop()
-        log.close()
-
-
-def query(prometheus: str, expr: str) -> dict[str, Any]:
-    answer = requests.get(prometheus + "/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert answer["status"] == "success", (expr, answer)
-    return answer["data"]  # type: ignore[no-any-return]
-
-
-def scalar(prometheus: str, expr: str) -> float | None:
-    result = query(prometheus, expr)["result"]
-    return float(result[0]["value"][1]) if result else None
-
-
-@pytest.mark.slow
-def test_prometheus_scrapes_the_request_counter_summed_over_workers(scraped_server: dict[str, Any]) -> None:
-    server, prometheus = scraped_server["server"], scraped_server["prometheus"]
-    sent, refused = 150, 3
-    with requests.Session() as session:
-        session.headers["Authorization"] = f"Bearer {API_KEY}"
-        for _ in range(sent):
-            assert session.post(server.url + "/predict", json=SAMPLE, timeout=10).status_code == 200
-        for _ in range(refused):
-            assert session.post(server.url + "/predict", json={"data": [1, 2]}, timeout=10).status_code == 422
-    total = 'sum(serving_requests_total{endpoint="/predict"})'
-    deadline = time.monotonic() + 15  # workers add their counts once a second; Prometheus scrapes every second
-    while scalar(prometheus, total) != sent + refused and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert scalar(prometheus, total) == sent + refused
-    assert scalar(prometheus, 'sum(serving_requests_total{endpoint="/predict", status="200"})') == sent
-    assert scalar(prometheus, 'sum(serving_requests_total{endpoint="/predict", status="422"})') == refused
-    # Two live workers answered: one series per worker process in the model-info gauge.
-    assert scalar(prometheus, "count(count by (pid) (serving_model_info))") == 2
-    targets = requests.get(prometheus + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-    assert [target["health"] for target in targets] == ["up"], targets  # with the admin key from the file
-
-
-DASHBOARD = DEPLOY / "grafana" / "serving-dashboard.json"
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-                "offset", "le", "inf", "nan"}
-
-
-def dashboard_expressions() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects: identifiers that are not functions, keywords, labels or numbers."""
-    expr = re.sub(r'"[^"]*"', '""', expr)  # label values
-    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range windows
-    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)  # grouping labels
-    names = set(re.findall(r"(?<![A-Za-z0-9_.])[A-Za-z_:][A-Za-z0-9_:]*\b(?!\s*\()", expr))
-    functions = set(re.findall(r"([A-Za-z_]+)\s*\(", expr))
-    return {name for name in names - functions if name.lower() not in PROMQL_WORDS}
-
-
-@pytest.mark.slow
-def test_every_dashboard_expression_runs_and_names_exported_metrics(scraped_server: dict[str, Any]) -> None:
-    server, prometheus = scraped_server["server"], scraped_server["prometheus"]
-    exposition = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                              timeout=10).text
-    exported = {line.split("{")[0].split()[0] for line in exposition.splitlines() if line and not line.startswith("#")}
-    assert "process_resident_memory_bytes" not in exported  # why the dashboard has no per-worker RSS panel
-    with requests.Session() as session:
-        session.headers["Authorization"] = f"Bearer {API_KEY}"
-        for _ in range(20):
-            session.post(server.url + "/predict", json=SAMPLE, timeout=10)
-    time.sleep(3)  # a flush and two scrapes
-    expressions = dashboard_expressions()
-    assert len(expressions) >= 12
-    empty = []
-    for expr in expressions:
-        names = metric_names(expr)
-        assert names and names <= exported, f"{expr}: {sorted(names - exported)} not exported by the server"
-        concrete = expr.replace("$__rate_interval", "15s").replace("$job", scraped_server["job"])
-        if not query(prometheus, concrete)["result"]:
-            empty.append(expr)
-    # Only what this process-mode, error-free traffic cannot produce may be empty: refusals and queues.
-    assert all("serving_rejected_requests_total" in expr or "serving_queue_depth" in expr or "5.." in expr
-               or "4..|5.." in expr for expr in empty), empty
-
+# --- a real server -------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_manifest_probe_paths_answer_200_without_a_key_on_a_real_server(server_factory: Any, tmp_path: Path) -> None:
