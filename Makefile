@@ -17,10 +17,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 LOADTEST_ARGS ?=
 # Debian packages (package[:command]) each target needs; scripts/system-packages.sh installs them as root.
-TEST_PACKAGES := nginx chromium
+TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: venv train serve serve-mnist train-mnist test test-fast bench bench-batching bench-uploads loadtest docs lint clean
+.PHONY: venv train serve serve-mnist train-mnist test test-fast test-image bench bench-batching bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,13 @@ bench-batching: venv
 loadtest: venv
 	@if [ -z "$$(ls -A models 2>/dev/null)" ]; then $(PY) train.py; fi
 	$(PY) -m bench.loadtest --step-ramp onnx-batched --update-docs $(LOADTEST_ARGS)
+
+test-image:
+	deploy/test-image.sh
+
+bench-replicas: venv
+	scripts/system-packages.sh nginx iproute2:ip
+	$(PY) -m bench.replicas
 
 docs: venv
 	$(VENV)/bin/serving docs

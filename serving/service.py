@@ -154,7 +154,8 @@ class InferenceService:
         """The native API's model when SERVING_MODEL is empty: digits-tf, else the first selected or only one."""
         models = self.repository.models()
         if not models:
-            raise ModelLoadError(f"no model in {self.repository.root}/: run `python train.py`")
+            raise ModelLoadError(f"no model in {self.repository.root}/: train one (`python train.py`), import one"
+                                 " (`serving import`), or mount a model repository there")
         if selected:  # digits-tf's latest selected version if selected, else the first selected version
             tf = [key for key in selected if key[0] == DEFAULT_MODEL]
             return tf[-1] if tf else selected[0]

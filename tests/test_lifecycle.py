@@ -47,7 +47,7 @@ def test_missing_model_stops_at_start_with_a_clear_message(tmp_path: Path) -> No
     result = run_until_exit(env)
     assert result.returncode != 0
     assert time.monotonic() - started < 30, "no respawn loop"
-    assert f"no model in {tmp_path / 'empty'}/: run `python train.py`" in result.stderr
+    assert f"no model in {tmp_path / 'empty'}/: train one (`python train.py`)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
