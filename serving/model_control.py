@@ -175,6 +175,7 @@ class ModelWatcher(threading.Thread):
     def __init__(self, service: InferenceService, workers: int) -> None:
         super().__init__(name="model-watcher", daemon=True)
         self.service, self.workers = service, workers
+        service.worker_count = workers  # how many acknowledgements a load or unload waits for
         self.stopping = threading.Event()
         self.generation = -1
 
@@ -223,18 +224,20 @@ def load_or_unload(service: InferenceService, name: str, load: bool, timeout_s: 
         raise ControlError(f"model {name} serves the native API (SERVING_MODEL) and stays loaded", 400)
     generation = files.update(change, initial)
     deadline = time.monotonic() + timeout_s
+    expected = service.worker_count  # a worker that has not acknowledged yet counts as behind
     while time.monotonic() < deadline:
         acks = files.acks()
-        if acks and all(ack["generation"] >= generation for ack in acks):
+        if len(acks) >= expected and all(ack["generation"] >= generation for ack in acks):
             break
         time.sleep(0.05)
     acks = files.acks()
-    behind = [ack["pid"] for ack in acks if ack["generation"] < generation]
+    behind = [ack["pid"] for ack in acks if ack["generation"] < generation] + [0] * max(0, expected - len(acks))
     states = [next((e for e in ack["index"] if e["name"] == name and e["state"] == "READY"), None) for ack in acks]
     failed = [e for ack in acks for e in ack["index"] if e["name"] == name and e["state"] == "UNAVAILABLE"
               and e.get("reason") and not e["reason"].startswith("not ")]
     if behind:
-        raise ControlError(f"{len(behind)} of {len(acks)} workers did not apply the change within {timeout_s:g}s")
+        raise ControlError(f"{len(behind)} of {max(expected, len(acks))} workers did not apply the change within"
+                           f" {timeout_s:g}s")
     if load and not all(states):
         reason = failed[0]["reason"] if failed else "not loaded"
         raise ControlError(f"model {name} could not be loaded on {states.count(None)} of {len(acks)} workers:"

@@ -71,6 +71,8 @@ class InferenceService:
         #: Versions left out because they failed their checks or their load (model control): key -> reason.
         self.failed: dict[Key, str] = {}
         self._planner: Planner | None = None
+        #: Workers of this server (model control waits for each one's acknowledgement); set by the watcher.
+        self.worker_count = 1
         self._control: ControlFiles | None = None
 
     # -- start-up -------------------------------------------------------------------------------
