@@ -68,6 +68,7 @@ class Gate:
         self.inference_keys = read_keys(settings.api_keys, settings.api_keys_file, "SERVING_API_KEYS")
         self.admin_keys = read_keys(settings.admin_keys, settings.admin_keys_file, "SERVING_ADMIN_KEYS")
         self.hosts = allowed_hosts(settings)
+        self._hosts_seen: dict[str, bool] = {}
         # Inference takes an inference or an admin key once inference keys exist; admin endpoints take
         # an admin key when admin keys exist, else an inference key when those exist (never open while
         # inference is closed).
@@ -87,7 +88,7 @@ class Gate:
             return
         if self.hosts is not None:
             header = request.environ.get("HTTP_HOST")
-            if header is not None and host_name(header) not in self.hosts:
+            if header is not None and not self._host_allowed(header):
                 raise MisdirectedHost(f"this server does not answer for Host {header[:64]!r}: set"
                                       " SERVING_ALLOWED_HOSTS to the names clients use")
         keys = self.required[scope]
@@ -99,6 +100,15 @@ class Gate:
         if scope == "admin" and self._matches(request, self.inference_keys):
             raise Forbidden(f"{endpoint.path} needs an admin key (SERVING_ADMIN_KEYS)")
         raise Unauthorized("this endpoint needs an API key: send Authorization: Bearer <key>")
+
+    def _host_allowed(self, header: str) -> bool:
+        """Whether a Host header names this server (answers cached: clients send a handful of values)."""
+        allowed = self._hosts_seen.get(header)
+        if allowed is None:
+            allowed = self.hosts is None or host_name(header) in self.hosts
+            if len(self._hosts_seen) < 1024:  # bounded: invented Host values cannot grow it without end
+                self._hosts_seen[header] = allowed
+        return allowed
 
     @staticmethod
     def _matches(request: RequestState, keys: tuple[bytes, ...]) -> bool:

@@ -71,6 +71,7 @@ class InferenceService:
         #: Versions left out because they failed their checks or their load (model control): key -> reason.
         self.failed: dict[Key, str] = {}
         self._planner: Planner | None = None
+        self._body_limit: tuple[object, int] = (None, 0)
         #: Workers of this server (model control waits for each one's acknowledgement); set by the watcher.
         self.worker_count = 1
         self._control: ControlFiles | None = None
@@ -243,8 +244,12 @@ class InferenceService:
             return self.settings.max_body_bytes
         if not self.served:
             self._ensure_resolved()
-        pixels = max(meta.input_shape[0] * meta.input_shape[1] for meta, _ in self.served.values())
-        return max(MIN_BODY_LIMIT, BODY_ENVELOPE + self.settings.max_batch * pixels * BYTES_PER_VALUE)
+        served = self.served
+        if self._body_limit[0] is not served:  # computed once per model table, not per request
+            pixels = max(meta.input_shape[0] * meta.input_shape[1] for meta, _ in served.values())
+            self._body_limit = (served, max(MIN_BODY_LIMIT, BODY_ENVELOPE + self.settings.max_batch * pixels
+                                            * BYTES_PER_VALUE))
+        return self._body_limit[1]
 
     # -- requests -------------------------------------------------------------------------------
     @property

@@ -37,6 +37,11 @@ class Backend(ABC):
     def __init__(self, metadata: ModelMetadata, math_threads: int) -> None:
         self.metadata = metadata
         self.math_threads = math_threads
+        spec = metadata.raw.get("input", {})
+        # Read once: ``_layout`` and ``_probabilities`` run on every model call.
+        self._layout_kind: str = spec.get("layout", "NHWC")
+        self._uint8 = spec.get("dtype") == "uint8"
+        self._activation: str | None = metadata.raw.get("output", {}).get("activation")
 
     @abstractmethod
     def load(self) -> None:
@@ -52,19 +57,16 @@ class Backend(ABC):
 
     def _layout(self, batch: np.ndarray) -> np.ndarray:
         """The batch as the model takes it: channel axis (NHWC, NCHW), as is (NHW) or flat; uint8 if asked."""
-        spec = self.metadata.raw.get("input", {})
-        layout = spec.get("layout", "NHWC")
-        if layout == "NCHW":
+        layout = self._layout_kind
+        if layout == "NHWC":
+            shaped = batch[..., np.newaxis]
+        elif layout == "NCHW":
             shaped = batch[:, np.newaxis, :, :]
         elif layout == "NHW":
             shaped = batch
-        elif layout == "flat":
-            shaped = batch.reshape(len(batch), -1)
         else:
-            shaped = batch[..., np.newaxis]
-        if spec.get("dtype") == "uint8":
-            return np.rint(shaped).astype(np.uint8)
-        return shaped
+            shaped = batch.reshape(len(batch), -1)
+        return np.rint(shaped).astype(np.uint8) if self._uint8 else shaped
 
     def _probabilities(self, output: np.ndarray) -> np.ndarray:
         """The model's output as float32 probabilities: a softmax when ``output.activation`` says logits.
@@ -72,8 +74,10 @@ class Backend(ABC):
         ``auto`` (a TF Serving folder, where nothing records it) decides once, from the first output:
         rows that are already distributions stay as they are.
         """
+        activation = self._activation
+        if activation is None or activation == "softmax":
+            return output if output.dtype == np.float32 else output.astype(np.float32)
         output = np.asarray(output, dtype=np.float32)
-        activation = getattr(self, "_activation", None) or self.metadata.raw.get("output", {}).get("activation")
         if activation == "auto":
             sums = output.sum(axis=1)
             activation = "softmax" if output.min() >= 0 and np.allclose(sums, 1.0, atol=1e-3) else "logits"
