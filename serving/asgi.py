@@ -93,7 +93,7 @@ class AsgiApp:
     async def _serve(self, request: RequestState, receive: Receive, send: Send) -> None:
         environ = request.environ
         method, path = environ["REQUEST_METHOD"], request.path
-        match = route(self.router, method, path)
+        match = self.router.match(method, path)
         if match is None:
             await self._unrouted(request, method, path, send)
             return
@@ -165,7 +165,7 @@ class AsgiApp:
             answer = answer_for_exception(MethodNotAllowed(valid_methods=methods), request, None)
             await self._answer(request, "unmatched", answer, send)
             return
-        match = route(self.router, allowed[0], path)
+        match = self.router.match(allowed[0], path)
         assert match is not None
         answer = Answer(200, b"", OPTIONS_TYPE, {"Allow": ", ".join(methods)})
         await self._answer(request, match[0].metric_label, answer, send)
@@ -209,25 +209,6 @@ class AsgiApp:
         """Answer everything queued for the model threads, then stop them and the pool."""
         self.service.close()
         self.pool.shutdown()
-
-
-def route(router: Router, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
-    """``Router.match``, also for a path with non-ASCII segments (a model name like ``é``).
-
-    The compiled matcher takes ASCII paths only (the direct routes leave the rest to Flask, whose
-    converter accepts any segment). Literal segments are ASCII, so a non-ASCII segment can only fill a
-    variable: match with a placeholder there, then take the variables from the real segments.
-    """
-    if path.isascii():
-        return router.match(method, path)
-    parts = path.split("/")
-    probe = "/".join(part if part.isascii() or not part else "_" for part in parts)
-    match = router.match(method, probe)
-    if match is None:
-        return None
-    endpoint, _ = match
-    pattern = endpoint.path.split("/")
-    return endpoint, {name: parts[pattern.index(f"<{name}>")] for name in endpoint.variables}
 
 
 def environ_for(scope: Scope) -> dict[str, Any]:

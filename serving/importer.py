@@ -26,6 +26,7 @@ import orjson
 
 from serving.repository import ONNX_ARTIFACT, next_version, parse_metadata, sha256_file, valid_name
 from serving.signatures import ImportRefused, Signature, detect, signature
+from serving.training import write_json
 
 BACKENDS = {"keras": "tensorflow", "savedmodel": "savedmodel", "torchscript": "pytorch", "onnx": "onnx"}
 ARTIFACTS = {"keras": "model.keras", "torchscript": "model.pt", "onnx": ONNX_ARTIFACT}
@@ -180,13 +181,13 @@ def import_model(args: argparse.Namespace) -> Path:
                 raise ImportRefused(f"the ONNX export disagrees with the model: max abs diff {diff:.3g}")
             raw["onnx_max_abs_diff"] = diff
         final = _run(backend, raw, staging, batch[:1])
-        (staging / "labels.json").write_bytes(orjson.dumps(labels))
-        (staging / "sample.json").write_bytes(orjson.dumps(
-            {"data": batch[0].tolist(), "label": labels[int(final.argmax(axis=1)[0])]}))
+        write_json(staging / "labels.json", labels)
+        write_json(staging / "sample.json", {"data": batch[0].tolist(), "label": labels[int(final.argmax(axis=1)[0])]},
+                   indent=False)
         raw["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         raw["artifacts"] = {path.relative_to(staging).as_posix(): {"sha256": sha256_file(path)}
                             for path in sorted(staging.rglob("*")) if path.is_file() and path.name != "metadata.json"}
-        (staging / "metadata.json").write_bytes(orjson.dumps(raw, option=orjson.OPT_INDENT_2))
+        write_json(staging / "metadata.json", raw)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -46,8 +46,9 @@ class LoadedModel:
         self._batch_sizes = metrics.BATCH_SIZE.labels(self.label)
         self._depth = metrics.QUEUE_DEPTH.labels(self.label)
         self.batcher: MicroBatcher | None = None
-        self._users = 0  # requests inside ``infer`` now: a retired version waits for them
+        self._users = 0  # requests inside ``infer`` now: a retired version waits for them (model control only)
         self._users_lock = threading.Lock()
+        self._count_users = settings.model_control != "none"  # no switch can happen: no lock per request
         if settings.mode == "batched":
             self.batcher = MicroBatcher(
                 self.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, name=self.label,
@@ -79,6 +80,8 @@ class LoadedModel:
 
     def infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         """Probabilities for ``batch``: through the batcher in batched mode, else a direct timed call."""
+        if not self._count_users:
+            return self._infer(batch, timeout_s)
         with self._users_lock:
             self._users += 1
         try:

@@ -87,14 +87,14 @@ class _Table:
             variables = tuple((i, match.group(1)) for i, part in enumerate(parts) if (match := _VARIABLE.match(part)))
             self.patterns.setdefault((endpoint.method, len(parts)), []).append(_Pattern(literals, variables, endpoint))
 
-    def match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
+    def match(self, method: str, path: str, ascii_only: bool) -> tuple[Endpoint, dict[str, str]] | None:
         static = self.static.get(path)
         if static is not None:
             endpoint = static.get(method)
             return (endpoint, {}) if endpoint is not None else None
         parts = path.split("/")
         candidates = self.patterns.get((method, len(parts)))
-        if not candidates or not path.isascii():
+        if not candidates or (ascii_only and not path.isascii()):
             return None
         for pattern in candidates:
             if all(parts[i] == literal for i, literal in pattern.literals):
@@ -133,15 +133,18 @@ class Router:
 
         A variable matches one non-empty ASCII segment, as Flask's default converter does for ASCII.
         """
-        return self._direct.match(method, path)
+        return self._direct.match(method, path, ascii_only=True)  # Flask decodes a non-ASCII path (UTF-8 as latin-1)
 
     def match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
-        """Any endpoint (not only the direct ones) for a request: the ASGI front routes with this."""
-        return self._all.match("GET" if method == "HEAD" else method, path)
+        """Any endpoint (not only the direct ones) for a decoded path: the ASGI front routes with this.
+
+        Literal segments are ASCII; a variable takes any non-empty segment, a model name like ``é`` too.
+        """
+        return self._all.match("GET" if method == "HEAD" else method, path, ascii_only=False)
 
     def allowed(self, path: str) -> list[str]:
         """The methods some endpoint answers on ``path`` (for a 405's Allow header); empty for a 404."""
-        return sorted({method for method in METHODS if self._all.match(method, path) is not None})
+        return sorted({method for method in METHODS if self._all.match(method, path, ascii_only=False) is not None})
 
     def register(self, app: Any, view: Callable[[Endpoint], Callable[..., Any]]) -> None:
         """Add one Flask URL rule per endpoint; ``view(endpoint)`` makes its view function."""

@@ -136,8 +136,8 @@ def train(config: TrainConfig, dataset: Dataset, log: Log = print) -> TrainResul
         outcome = RUNNERS[config.framework](config, dataset, staging, log)
         accuracy = float(np.mean(outcome.native.argmax(axis=1) == dataset.y_test))
         diff = check_onnx(staging / ONNX_ARTIFACT, outcome.native, _layout_input(config.framework, dataset.x_test))
-        _write_json(staging / "labels.json", dataset.labels)
-        _write_json(staging / "sample.json", _sample(dataset, outcome.native), indent=False)
+        write_json(staging / "labels.json", dataset.labels)
+        write_json(staging / "sample.json", _sample(dataset, outcome.native), indent=False)
         artifacts = [NATIVE_ARTIFACTS[config.framework], ONNX_ARTIFACT, "labels.json", "sample.json"]
         version = _publish(config, dataset, staging, artifacts, accuracy, diff, outcome.versions)
     finally:
@@ -316,7 +316,8 @@ def _sample(dataset: Dataset, probabilities: np.ndarray) -> dict[str, Any]:
     return {"data": dataset.x_test[index].tolist(), "label": dataset.labels[int(dataset.y_test[index])]}
 
 
-def _write_json(path: Path, value: Any, indent: bool = True) -> None:
+def write_json(path: Path, value: Any, indent: bool = True) -> None:
+    """A JSON file as train.py and serving import write them (orjson, indented, a final newline)."""
     path.write_bytes(orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else None) + b"\n")
 
 
@@ -350,7 +351,7 @@ def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: li
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": versions,
         }
-        _write_json(staging / "metadata.json", metadata)
+        write_json(staging / "metadata.json", metadata)
         staging.chmod(0o755)  # mkdtemp made it private; servers may run as another user
         try:
             os.rename(staging, model_dir / str(version))

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from serving.app import create_app
-from serving.asgi import AsgiApp, create_asgi_app, environ_for, route
+from serving.asgi import AsgiApp, create_asgi_app, environ_for
 from serving.asgi_pool import RequestPool
 from serving.config import Settings
 from serving.endpoints import ENDPOINTS
@@ -102,9 +102,10 @@ def test_keys_and_hosts_are_checked_alike(settings: Settings) -> None:
 
 def test_routes_non_ascii_segments_and_builds_a_wsgi_environ() -> None:
     router = Router(ENDPOINTS)
-    endpoint, params = route(router, "GET", "/v2/models/é/versions/1")  # type: ignore[misc]
+    endpoint, params = router.match("GET", "/v2/models/é/versions/1")  # type: ignore[misc]
     assert endpoint.path == "/v2/models/<name>/versions/<version>" and params == {"name": "é", "version": "1"}
-    assert route(router, "GET", "/é") is None
+    assert router.match("GET", "/é") is None and router.allowed("/v2/models/é/ready") == ["GET"]
+    assert router.match_direct("POST", "/v2/models/é/infer") is None  # the direct routes leave it to Flask
     environ = environ_for({"method": "POST", "path": "/v2/models/é", "http_version": "1.1", "query_string": b"a=1",
                            "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"a"),
                                        (b"x_request_id", b"spoof"), (b"accept", b"a"), (b"accept", b"b")]})

@@ -35,7 +35,7 @@ def labels(request: RequestState, service: InferenceService) -> Answer:
 
 def predict(request: RequestState, service: InferenceService, labels: bool = False) -> Answer:
     """``POST /predict`` (probabilities) or ``/predict/label`` (labels)."""
-    batch, request_id = _decode(request, service)
+    batch, request_id = decode(request, service)
     probabilities = service.predict(batch, request.timeout())
     prediction = service.labels_for(probabilities) if labels else probabilities
     return json_answer({"prediction": prediction, "id": request_id})
@@ -58,7 +58,7 @@ def test_label(request: RequestState, service: InferenceService) -> Answer:
     return json_answer({"prediction": label, "expected": expected, "correct": correct})
 
 
-def _decode(request: RequestState, service: InferenceService) -> tuple[np.ndarray, Any]:
+def decode(request: RequestState, service: InferenceService) -> tuple[np.ndarray, Any]:
     """The validated batch and the id to answer with (the body's ``id`` when it has a plain one)."""
     meta = service.model().meta
     settings = service.settings

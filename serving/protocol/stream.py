@@ -25,7 +25,7 @@ from serving.answers import Answer
 from serving.encoding import json_bytes
 from serving.errors import DeadlineExceeded
 from serving.openapi import INTEGER, NUMBER, STRING, array, obj
-from serving.protocol.native import _decode
+from serving.protocol.native import decode
 from serving.request import RequestState
 from serving.service import InferenceService
 
@@ -56,7 +56,7 @@ class StreamingHandler:
 
 def predict_lines(request: RequestState, service: InferenceService) -> Iterator[bytes]:
     """Decode and validate the batch now; return the iterator of its result lines."""
-    batch, _ = _decode(request, service)
+    batch, _ = decode(request, service)
     timeout = request.timeout() or service.settings.request_timeout_ms / 1000.0
     return _classify(batch, service, time.monotonic() + timeout)
 
