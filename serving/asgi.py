@@ -4,8 +4,12 @@
 # builds the same ``RequestState`` (from a WSGI-style environ made of the ASGI scope, with the body
 # already read into ``wsgi.input``), routes with ``Router.match`` (the compiled endpoint table), checks
 # ``Gate.check``, calls the endpoint's handler in a bounded thread pool (``serving.asgi_pool``), renders
-# failures with ``answer_for_exception`` and ends in ``dispatch.finish`` (metrics, access line). Nothing
-# about a protocol is decided here. What the event loop does itself is what it is good at: holding
+# failures with ``answer_for_exception`` and ends in ``dispatch.finish`` (metrics, access line). In
+# batched mode an inference handler (a ``direct`` endpoint) with a body up to ``INLINE_BODY_BYTES``
+# runs on the event loop instead and awaits the batcher there (``serving.suspend``): no thread waits
+# for a batch, and the batcher's bounded queue answers 503 when full. A larger body, whose decoding
+# would hold the loop for milliseconds, goes to the pool as in the other modes. Nothing about a
+# protocol is decided here. What the event loop does itself is what it is good at: holding
 # many idle or slow connections, reading bodies without a thread each (a declared length over the
 # limit is refused before a byte is read; a chunked body stops one byte past it), and streaming the
 # lines of a ``StreamingHandler`` as they come. Models load after fork in gunicorn's post_worker_init
@@ -25,6 +29,7 @@ from typing import Any, TypeVar
 
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from serving import suspend
 from serving.answers import DRAIN_LIMIT, Answer, answer_for_exception
 from serving.asgi_pool import RequestPool
 from serving.config import Settings
@@ -47,6 +52,8 @@ T = TypeVar("T")
 NOSNIFF = (b"x-content-type-options", b"nosniff")
 #: Flask's automatic OPTIONS answer (empty, with Allow), which the WSGI app gives on every routed path.
 OPTIONS_TYPE = "text/html; charset=utf-8"
+#: The largest body an inference handler decodes on the event loop in batched mode (about 0.3 ms of JSON).
+INLINE_BODY_BYTES = 64 * 1024
 
 
 def create_asgi_app(settings: Settings | None = None, endpoints: Iterable[Endpoint] = ENDPOINTS) -> AsgiApp:
@@ -66,7 +73,8 @@ class AsgiApp:
         self.access_log = AccessLog(settings)
         longest_s = (settings.max_client_timeout_ms or settings.request_timeout_ms) / 1000.0
         self.pool = RequestPool(settings.threads_per_worker, settings.max_queue, longest_s, float(settings.timeout))
-        self.count_in_flight = settings.mode == "batched"  # the batcher waits only while others are in flight
+        self.batched = settings.mode == "batched"
+        self.count_in_flight = self.batched  # the batcher waits only while others are in flight
         #: What gunicorn's hooks (serving.lifecycle) look up on the app, as on the Flask app.
         self.extensions: dict[str, Any] = {"serving": self.service, "serving.gate": self.gate,
                                            "serving.settings": settings, "serving.router": self.router}
@@ -99,28 +107,27 @@ class AsgiApp:
             return
         endpoint, params = match
         handler = endpoint.handler
-        context = contextvars.copy_context()
+        run = self._in_pool(contextvars.copy_context())
         lines: Iterator[bytes] | None = None
         try:
             self.gate.check(request, endpoint)
-            if has_body(request):
-                body = await read_body(request, receive, self.service.body_limit)
-                if body is None:
-                    return  # the client went away
-                environ["wsgi.input"] = io.BytesIO(body)
-            else:
-                environ["wsgi.input"] = io.BytesIO(b"")
+            body = await read_body(request, receive, self.service.body_limit) if has_body(request) else b""
+            if body is None:
+                return  # the client went away
+            environ["wsgi.input"] = io.BytesIO(body)
+            if self.batched and endpoint.direct and len(body) <= INLINE_BODY_BYTES:
+                run = self._inline
             if isinstance(handler, StreamingHandler):
-                lines = await self._in_pool(context, partial(handler.lines, request, self.service, **params))
-                first = await self._in_pool(context, partial(next, lines, b""))  # a failure here: a plain answer
+                lines = await run(partial(handler.lines, request, self.service, **params))
+                first = await run(partial(next, lines, b""))  # a failure here: a plain answer
             else:
-                answer = await self._in_pool(context, partial(handler, request, self.service, **params))
+                answer = await run(partial(handler, request, self.service, **params))
         except Exception as error:
             answer = answer_for_exception(error, request, self._body_limit())
             lines = None
         if lines is not None:
             assert isinstance(handler, StreamingHandler)
-            await self._stream(request, endpoint.metric_label, handler.content_type, lines, first, context, send)
+            await self._stream(request, endpoint.metric_label, handler.content_type, lines, first, run, send)
             return
         await self._answer(request, endpoint.metric_label, answer, send)
         if answer.status == 413:
@@ -133,9 +140,13 @@ class AsgiApp:
         except Exception:
             return None
 
-    def _in_pool(self, context: contextvars.Context, call: Callable[[], T]) -> Awaitable[T]:
-        """``call()`` in a pool thread, in the request's context (its id in log records), counted in flight."""
-        return self.pool.run(context.run, self._counted, call)
+    def _in_pool(self, context: contextvars.Context) -> Callable[[Callable[[], T]], Awaitable[T]]:
+        """Runs a call in a pool thread, in the request's context (its id in log records), counted in flight."""
+        return partial(self.pool.run, context.run, self._counted)
+
+    def _inline(self, call: Callable[[], T]) -> Awaitable[T]:
+        """``call()`` on the event loop, counted in flight, awaiting the batcher where it calls the model."""
+        return suspend.run(self._counted, call)
 
     def _counted(self, call: Callable[[], T]) -> T:
         in_flight = self.service.in_flight if self.count_in_flight else None
@@ -171,7 +182,7 @@ class AsgiApp:
         await self._answer(request, match[0].metric_label, answer, send)
 
     async def _stream(self, request: RequestState, label: str, content_type: str, lines: Iterator[bytes],
-                      first: bytes, context: contextvars.Context, send: Send) -> None:
+                      first: bytes, run: Callable[[Callable[[], bytes]], Awaitable[bytes]], send: Send) -> None:
         """Send each line as the pool computes it; a failure after the first line becomes the last line."""
         finish(request, label, 200, self.service.default_label, self.access_log)
         await send({"type": "http.response.start", "status": 200,
@@ -180,7 +191,7 @@ class AsgiApp:
         while line:
             await send({"type": "http.response.body", "body": line, "more_body": True})
             try:
-                line = await self._in_pool(context, partial(next, lines, b""))
+                line = await run(partial(next, lines, b""))
             except Exception as error:  # the status is sent already
                 line = answer_for_exception(error, request, None).body + b"\n"
                 await send({"type": "http.response.body", "body": line, "more_body": True})

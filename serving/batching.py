@@ -11,6 +11,12 @@
 # the model. A failing batch hands its exception to every waiter in it, and the thread keeps going.
 # ``stop`` refuses new work, lets the thread drain everything queued, then joins it.
 #
+# Two request sides share the queue and the model thread: ``submit`` blocks its thread on an event
+# (the WSGI app's request threads, the ASGI front's pool), ``submit_async`` awaits an asyncio future
+# that the model thread resolves with ``call_soon_threadsafe`` (the ASGI front, through
+# ``serving.suspend``), so a request waiting for its batch blocks neither a thread nor the event loop.
+# Both get the same 503 when the queue is full and the same 504 at their deadline.
+#
 # Waiting only pays when more requests are on their way. Given ``in_flight`` (requests the worker
 # is serving right now), the thread stops collecting as soon as every in-flight request is already in
 # the batch or the queue: a lone client never waits ``max_delay_ms`` for company that cannot come,
@@ -19,12 +25,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -42,14 +50,24 @@ class Pending:
 
     batch: np.ndarray
     deadline: float  # time.monotonic() by which the answer is useless
+    notify: Callable[[], object]  # wakes the waiter: an event's ``set``, or a future's resolution on its loop
     enqueued: float = field(default_factory=time.monotonic)
-    done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: BaseException | None = None
 
     def finish(self, result: np.ndarray | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
-        self.done.set()
+        try:
+            self.notify()
+        except RuntimeError:  # an asyncio waiter whose event loop is closed: its worker is exiting
+            pass
+
+    def outcome(self) -> np.ndarray:
+        """The result, or the error raised (once finished)."""
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 @dataclass
@@ -106,19 +124,33 @@ class MicroBatcher:
     # -- request side ---------------------------------------------------------------------------
     def submit(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         """The model's output for ``batch``; QueueFull (503) at once, DeadlineExceeded (504) in time."""
+        done = threading.Event()
+        pending = self._enqueue(batch, timeout_s, done.set)
+        if not done.wait(timeout_s + WAIT_MARGIN_S):
+            raise _late(timeout_s)
+        return pending.outcome()
+
+    async def submit_async(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        """``submit`` for a coroutine: the same answers, awaiting a future instead of blocking a thread."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        pending = self._enqueue(batch, timeout_s, partial(loop.call_soon_threadsafe, _resolve, done))
+        timer = loop.call_later(timeout_s + WAIT_MARGIN_S, _resolve, done, _late(timeout_s))
+        try:
+            await done
+        finally:
+            timer.cancel()
+        return pending.outcome()
+
+    def _enqueue(self, batch: np.ndarray, timeout_s: float, notify: Callable[[], object]) -> Pending:
         if not self._accepting:
             raise ServiceStopping("the server is shutting down; retry on another instance")
-        pending = Pending(batch, time.monotonic() + timeout_s)
+        pending = Pending(batch, time.monotonic() + timeout_s, notify)
         try:
             self._queue.put_nowait(pending)
         except queue.Full:
             raise QueueFull(f"the request queue is full ({self._queue.maxsize} waiting); retry shortly") from None
-        if not pending.done.wait(timeout_s + WAIT_MARGIN_S):
-            raise DeadlineExceeded(f"no answer within the request deadline of {timeout_s * 1000:.0f} ms")
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+        return pending
 
     # -- model thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -214,6 +246,20 @@ class MicroBatcher:
             offset += size
         if self._on_batch:
             self._on_batch(BatchStats(len(items), len(joined), time.perf_counter() - started))
+
+
+def _late(timeout_s: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"no answer within the request deadline of {timeout_s * 1000:.0f} ms")
+
+
+def _resolve(done: asyncio.Future[None], error: BaseException | None = None) -> None:
+    """Wake a ``submit_async`` waiter (on its loop): the pending's outcome is set, or ``error`` if it is late."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 class InFlight:

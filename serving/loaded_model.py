@@ -4,6 +4,7 @@
 # thread is its only caller; otherwise request threads call it directly, and a backend that is not
 # thread-safe gets a lock so even a misconfigured server serialises its calls. Metrics are labelled
 # ``name:version``, so every served model version has its own latency, batch size and queue depth.
+# A batched request from the ASGI front (``serving.suspend``) awaits the batcher on the event loop.
 # A direct call made from the main thread (process mode: sync workers serve requests there) is bounded
 # by the request deadline with SIGALRM, so a model call that overruns returns 504 JSON as soon as
 # control comes back to Python; gunicorn's ``timeout`` stays the backstop for calls stuck in C code.
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from serving import suspend
 from serving.backends import Backend
 from serving.batching import BatchStats, InFlight, MicroBatcher
 from serving.config import Settings
@@ -94,6 +96,8 @@ class LoadedModel:
         if self.batcher is not None:
             self._depth.set(self.batcher.depth() + 1)
             try:
+                if suspend.suspended():  # the ASGI front: wait on the event loop, not in a thread
+                    return suspend.wait(self.batcher.submit_async(batch, timeout_s))
                 return self.batcher.submit(batch, timeout_s)
             finally:
                 self._depth.set(self.batcher.depth())

@@ -139,15 +139,22 @@ class Router:
         """Any endpoint (not only the direct ones) for a decoded path: the ASGI front routes with this.
 
         Literal segments are ASCII; a variable takes any non-empty segment, a model name like ``é`` too.
+        Leading slashes count as one, as werkzeug routes them (``//health`` is ``/health`` on both fronts).
         """
-        return self._all.match("GET" if method == "HEAD" else method, path, ascii_only=False)
+        return self._all.match("GET" if method == "HEAD" else method, _one_leading_slash(path), ascii_only=False)
 
     def allowed(self, path: str) -> list[str]:
         """The methods some endpoint answers on ``path`` (for a 405's Allow header); empty for a 404."""
+        path = _one_leading_slash(path)
         return sorted({method for method in METHODS if self._all.match(method, path, ascii_only=False) is not None})
 
     def register(self, app: Any, view: Callable[[Endpoint], Callable[..., Any]]) -> None:
-        """Add one Flask URL rule per endpoint; ``view(endpoint)`` makes its view function."""
+        """Add one Flask URL rule per endpoint; ``view(endpoint)`` makes its view function.
+
+        Doubled slashes inside a path are not merged: werkzeug would answer ``/v2//models`` with an
+        HTML 308; here, as on the ASGI front, it is a JSON 404.
+        """
+        app.url_map.merge_slashes = False
         for endpoint in self.endpoints:
             app.add_url_rule(endpoint.path, endpoint=endpoint.name, view_func=view(endpoint),
                              methods=[endpoint.method])
@@ -156,3 +163,7 @@ class Router:
         """The endpoint Flask matched, by the name ``register`` gave its rule."""
         return self._by_name.get(name)
 
+
+
+def _one_leading_slash(path: str) -> str:
+    return "/" + path.lstrip("/") if path.startswith("//") else path

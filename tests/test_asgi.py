@@ -51,7 +51,10 @@ def fronts(settings: Settings) -> Iterator[tuple[Any, AsgiApp]]:
 
 
 def flask_request(client: Any, probe: Probe) -> Reply:
-    answer = client.open(probe.path, method=probe.method, data=probe.body, headers=list(probe.headers))
+    # The test client would read "//health" as a URL with the host "health": a real server passes the path.
+    overrides = {"PATH_INFO": probe.path, "HTTP_HOST": "localhost"} if probe.path.startswith("//") else {}
+    answer = client.open(probe.path, method=probe.method, data=probe.body, headers=list(probe.headers),
+                         environ_overrides=overrides)
     headers = {name.lower(): value for name, value in answer.headers.items()}
     return Reply(answer.status_code, headers.get("content-type", ""), answer.get_data(), headers)
 

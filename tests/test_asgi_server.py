@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,45 @@ def test_two_thousand_idle_keep_alive_connections_on_two_workers(server_factory:
     assert connections >= 2008, f"the workers hold {connections} connections"
     assert during_ms < 2 * before_ms + 5, f"p99 {during_ms:.1f} ms with 2,008 idle connections, {before_ms:.1f} before"
     assert during_mb - before_mb < 60, f"RSS of 2 workers {before_mb:.0f} -> {during_mb:.0f} MB"
+
+
+def test_batched_requests_wait_on_the_event_loop_without_a_thread_each(server_factory: Any) -> None:
+    """Batched mode on the ASGI front with a request pool of ONE thread: while the model thread is busy,
+    47 requests wait for their batch without a thread each (the worker runs no more threads than idle),
+    then run as batches of many, and every one gets its own sample's answer. A design where a request
+    holds a pool thread until its batch returns could only run them one by one here."""
+    server = server_factory(model="digits-torch", backend="tests.fakes:FaultyOnnx", mode="batched", workers=1,
+                            threads=1, max_batch_size=32, max_delay_ms=20, max_queue=64, **FRONTS["asgi"]).start()
+    worker = psutil.Process(server.pid).children()[0]
+    idle_threads = worker.num_threads()
+    samples = [[0.0] + [i / 64.0] * 63 for i in range(48)]
+    samples[0][0] = fakes.SLOW  # holds the model thread for fakes.SLOW_S while the others arrive
+
+    def ask(i: int) -> list[float]:
+        answer = requests.post(server.url + "/predict", data=orjson.dumps({"data": samples[i]}), timeout=10,
+                               headers={"Content-Type": JSON, "Connection": "close"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["prediction"][0]
+
+    with ThreadPoolExecutor(48) as pool:
+        slow = pool.submit(ask, 0)
+        time.sleep(0.05)
+        rest = [pool.submit(ask, i) for i in range(1, 48)]
+        time.sleep(0.1)
+        waiting_threads = worker.num_threads()  # 47 requests are waiting now
+        got = [slow.result(), *(future.result() for future in rest)]
+    for i in (1, 17, 47):
+        alone = requests.post(server.url + "/predict", data=orjson.dumps({"data": samples[i]}), timeout=10,
+                              headers={"Content-Type": JSON}).json()["prediction"][0]
+        assert got[i] == pytest.approx(alone, abs=1e-5)
+    assert waiting_threads <= idle_threads, f"{idle_threads} threads idle, {waiting_threads} with 47 waiting"
+
+    def count(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    text = server.metrics(until=lambda t: count(t, "serving_batch_size_sum") >= 48 + 3)
+    batches = count(text, "serving_batch_size_count")
+    at_most_four = [float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("serving_batch_size_bucket") and 'le="4.0"' in line]
+    assert at_most_four, text
+    assert batches - sum(at_most_four) >= 1, f"no batch of more than 4 samples among {batches:.0f} batches"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -207,3 +208,47 @@ def test_a_lone_request_does_not_wait_for_company_that_cannot_come(model: FakeMo
     finally:
         alone.stop()
         expecting.stop()
+
+
+# -- the asyncio side (the ASGI front, through serving.suspend) ------------------------------------
+def test_async_submits_share_batches_with_threads_and_hold_no_thread(make, model: FakeModel) -> None:  # type: ignore[no-untyped-def]
+    batcher = make(max_batch_size=32, max_delay_ms=50)
+    threads_before = threading.active_count()
+
+    async def many() -> list[np.ndarray]:
+        return await asyncio.gather(*(batcher.submit_async(sample(i / 100), 5.0) for i in range(24)))
+
+    with ThreadPoolExecutor(8) as pool:  # blocking submitters join the same batches
+        blocking = [pool.submit(batcher.submit, sample(0.5 + i / 100), 5.0) for i in range(8)]
+        results = asyncio.run(many())
+        assert threading.active_count() <= threads_before + 8, "an awaiting request must not hold a thread"
+        for i, future in enumerate(blocking):
+            assert future.result()[0, 0] == pytest.approx(0.5 + i / 100)
+    for i, result in enumerate(results):
+        assert result.shape == (1, 10) and result[0, 0] == pytest.approx(i / 100)
+    assert sum(model.batches) == 32 and max(model.batches) > 8, model.batches
+
+
+def test_async_submit_gets_the_same_503_504_and_500(make, model: FakeModel) -> None:  # type: ignore[no-untyped-def]
+    model.gate = threading.Event()
+    batcher = make(max_queue=1, max_batch_size=1, max_delay_ms=0)
+
+    async def scenario() -> None:
+        running = asyncio.ensure_future(batcher.submit_async(sample(0.1), 5.0))
+        await asyncio.sleep(0.05)  # the model thread holds it
+        queued = asyncio.ensure_future(batcher.submit_async(sample(0.2), 0.1))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        with pytest.raises(QueueFull):
+            await batcher.submit_async(sample(0.3), 5.0)
+        assert time.monotonic() - started < 0.01
+        with pytest.raises(DeadlineExceeded):  # the model is still busy: answered at the deadline
+            await queued
+        assert time.monotonic() - started < 0.1 + 0.15
+        model.gate.set()
+        assert (await running)[0, 0] == pytest.approx(0.1)
+        model.fail = True
+        with pytest.raises(InferenceError):
+            await batcher.submit_async(sample(0.4), 5.0)
+
+    asyncio.run(scenario())

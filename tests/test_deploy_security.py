@@ -28,6 +28,7 @@ import psutil
 import pytest
 import requests
 
+from tests.asgi_support import FRONTS
 from tests.conftest import GUNICORN, PYTHON, ROOT, GunicornServer, clean_env, free_port
 
 pytestmark = pytest.mark.slow
@@ -387,9 +388,11 @@ def test_half_open_requests_hold_a_worker_only_briefly(server_factory: Any, tmp_
 
 # --- gunicorn's own error pages -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["process", "threaded"])
-def test_gunicorn_error_pages_are_json(server_factory: Any, mode: str) -> None:
-    server = server_factory(mode=mode, workers=1, **ONNX).start()
+@pytest.mark.parametrize(("mode", "front"), [("process", "wsgi"), ("threaded", "wsgi"), ("threaded", "asgi")])
+def test_gunicorn_error_pages_are_json(server_factory: Any, mode: str, front: str) -> None:
+    """What the server answers before the app sees a request, on the sync and gthread workers and on the
+    ASGI front's uvicorn worker (whose own answers would be plain text, and which has no head limits)."""
+    server = server_factory(mode=mode, workers=1, **ONNX, **FRONTS[front]).start()
     cases = {
         400: b"GARBAGE\r\n\r\n",
         414: b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -399,6 +402,29 @@ def test_gunicorn_error_pages_are_json(server_factory: Any, mode: str) -> None:
         assert_json_error(raw_exchange(server.port, request), status)
     big_field = assert_json_error(raw_exchange(server.port, b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n"), 431)
     assert len(big_field["error"]) < 300
+    assert requests.get(server.url + "/health", timeout=5).ok, "the worker lives on"
+
+
+def test_an_endless_header_is_refused_without_growing_the_asgi_worker(server_factory: Any) -> None:
+    """A head that never ends (one header line of 8 MiB, never finished) is cut off at the head limit."""
+    server = server_factory(mode="threaded", workers=1, **ONNX, **FRONTS["asgi"]).start()
+    worker = psutil.Process(server.pid).children()[0]
+    before = worker.memory_info().rss
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        reply = b""
+        try:
+            for _ in range(128):
+                sock.sendall(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            pass
+    assert "head" in assert_json_error(reply, 431)["error"]
+    assert worker.memory_info().rss - before < 16 * 2**20, "the worker buffered the endless header"
     assert requests.get(server.url + "/health", timeout=5).ok, "the worker lives on"
 
 
