@@ -3,8 +3,8 @@
 #                  (SERVING_FRONT=asgi make serve: asgi_server:app under an ASGI worker, docs/modes.md)
 # make test        the whole suite, real servers included (what .ci/run runs); installs the system packages
 # make test-fast   the in-process layer only (Flask test client, unit tests): under a minute
-# make bench       the throughput benchmark (writes reports/bench-<date>.md); installs wrk
-# make loadtest    locust matrix of modes (LOADTEST_ARGS=--quick for ~2 min)
+# make bench       the throughput benchmark, WSGI and ASGI fronts (writes reports/bench-<date>.md); installs wrk
+# make loadtest    locust matrix of modes on both fronts, ~10 min (LOADTEST_ARGS=--quick for ~4 min)
 # make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
 #                  then serves mnist-tf
 # make bench-uploads  upload accuracy of the MNIST and 8x8 models (reports/upload-accuracy-<date>.md)

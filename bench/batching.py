@@ -1,11 +1,13 @@
-"""Process vs threaded vs batched mode on the heavy ``large`` model, across client concurrency.
+"""Process vs threaded vs batched mode on the heavy ``large`` model, across client concurrency, on both fronts.
 
     python -m bench.batching [--seconds 8] [--concurrency 1,8,32,64] [--backends pytorch,onnx,tensorflow]
+                             [--fronts wsgi,asgi]
 
 Trains ``digits-large-tf`` / ``digits-large-torch`` with ``train.py --arch large`` if they are missing,
-then for each backend and mode starts gunicorn (-w 2, as shipped) and drives ``POST /predict`` (one
-sample per request) with wrk at each concurrency. Writes ``reports/batching-<stamp>.md`` with a table,
-the targets, and a PNG chart of throughput against p99 latency per mode.
+then for each backend, mode and front starts gunicorn (-w 2, as shipped; the fronts of a mode back to
+back) and drives ``POST /predict`` (one sample per request) with wrk at each concurrency. Writes
+``reports/batching-<stamp>.md`` with a table, the targets, and a PNG chart of throughput against p99
+latency per mode and front.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from pathlib import Path
 
 import orjson
 
-from bench.harness import ROOT, WrkResult, run_wrk, wrk_script
+from bench.harness import ROOT, WrkResult, model_server, parse_fronts, run_wrk, wrk_script
 from serving.data import load_digits_dataset
-from serving.testing import GunicornServer
 
 MODELS = {"pytorch": "digits-large-torch", "onnx": "digits-large-torch", "tensorflow": "digits-large-tf"}
 MODES = {"pytorch": ["process", "batched"], "onnx": ["process", "threaded", "batched"],
          "tensorflow": ["process", "threaded", "batched"]}
+Row = tuple[str, str, str, int, WrkResult]  # backend, mode, front, concurrency, what wrk measured
 
 
 def ensure_large_models(repo: Path, backends: list[str]) -> None:
@@ -46,39 +48,40 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4, help="request threads per worker in threaded mode")
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
+    parser.add_argument("--fronts", default="wsgi,asgi", help="comma-separated fronts to run every mode on")
+    parser.add_argument("--reports", type=Path, default=ROOT / "reports", help="where the report and raw output go")
+    parser.add_argument("--no-head-to-head", action="store_true", help="skip the alternating c=1 runs (WSGI)")
     args = parser.parse_args()
     backends = args.backends.split(",")
     levels = [int(c) for c in args.concurrency.split(",")]
+    fronts = parse_fronts(args.fronts)
     ensure_large_models(args.repo, backends)
 
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
-    out_dir = ROOT / "reports" / f"batching-{stamp}"
+    out_dir = args.reports / f"batching-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     body = orjson.dumps({"data": load_digits_dataset(seed=0).x_test[0].reshape(-1).tolist()})
     script = wrk_script(out_dir / "predict.lua", body)
-    rows: list[tuple[str, str, int, WrkResult]] = []
+    rows: list[Row] = []
     for backend in backends:
         for mode in MODES[backend]:
-            env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": MODELS[backend],
-                   "SERVING_BACKEND": backend, "SERVING_MODE": mode, "SERVING_WORKERS": str(args.workers),
-                   "SERVING_ACCESS_LOG": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
-            if mode == "threaded":
-                env["SERVING_THREADS"] = str(args.threads)
-            slug = f"{backend}-{mode}"
-            with GunicornServer(None, out_dir, ["--no-control-socket"], cwd=ROOT, env=env,
-                                log_file=out_dir / f"{slug}.log") as server:
-                for level in levels:
-                    result = run_wrk(server.url + "/predict", script, level, args.seconds)
-                    (out_dir / f"{slug}-c{level}.txt").write_text(result.raw)
-                    rows.append((backend, mode, level, result))
-                    print(f"{backend:10} {mode:9} c={level:<3} {result.requests_per_s:8,.0f} samples/s"
-                          f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
-                          flush=True)
-    solo = head_to_head(backends, args, out_dir, script)
+            for front in fronts:
+                threads = {"threads": args.threads} if mode == "threaded" else {}  # else the mode's default
+                slug = f"{backend}-{mode}-{front}"
+                with model_server(front, args.repo, out_dir, slug, model=MODELS[backend], backend=backend, mode=mode,
+                                  workers=args.workers, access_log="true", **threads) as server:
+                    for level in levels:
+                        result = run_wrk(server.url + "/predict", script, level, args.seconds)
+                        (out_dir / f"{slug}-c{level}.txt").write_text(result.raw)
+                        rows.append((backend, mode, front, level, result))
+                        print(f"{backend:10} {mode:9} {front} c={level:<3} {result.requests_per_s:8,.0f} samples/s"
+                              f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  errors {result.errors}",
+                              flush=True)
+    solo = {} if args.no_head_to_head or "wsgi" not in fronts else head_to_head(backends, args, out_dir, script)
     chart = out_dir / "throughput-vs-p99.png"
     draw(rows, backends, chart)
     report = render(rows, backends, levels, args, stamp, chart, solo)
-    path = ROOT / "reports" / f"batching-{stamp}.md"
+    path = args.reports / f"batching-{stamp}.md"
     path.write_text(report)
     print(report)
     print(f"report: {path}")
@@ -86,7 +89,7 @@ def main() -> None:
 
 def head_to_head(backends: list[str], args: argparse.Namespace, out_dir: Path, script: Path
                  ) -> dict[str, tuple[list[float], list[float]]]:
-    """One client: process and batched servers up side by side, wrk runs alternating, 3 rounds each.
+    """One client, WSGI front: process and batched servers up side by side, wrk runs alternating, 3 rounds each.
 
     A single client is the most noise-sensitive case on a shared machine, so the two modes are
     measured in alternation rather than minutes apart.
@@ -96,12 +99,9 @@ def head_to_head(backends: list[str], args: argparse.Namespace, out_dir: Path, s
         servers = {}
         with contextlib.ExitStack() as stack:
             for mode in ("process", "batched"):
-                env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": MODELS[backend],
-                       "SERVING_BACKEND": backend, "SERVING_MODE": mode, "SERVING_WORKERS": str(args.workers),
-                       "TF_CPP_MIN_LOG_LEVEL": "2"}
-                log = out_dir / f"solo-{backend}-{mode}.log"
-                server = GunicornServer(None, out_dir, ["--no-control-socket"], cwd=ROOT, env=env, log_file=log)
-                servers[mode] = stack.enter_context(server)
+                servers[mode] = stack.enter_context(model_server(
+                    "wsgi", args.repo, out_dir, f"solo-{backend}-{mode}", model=MODELS[backend], backend=backend,
+                    mode=mode, workers=args.workers))
             runs: dict[str, list[float]] = {"process": [], "batched": []}
             for _ in range(3):
                 for mode, server in servers.items():
@@ -111,7 +111,7 @@ def head_to_head(backends: list[str], args: argparse.Namespace, out_dir: Path, s
     return solo
 
 
-def draw(rows: list[tuple[str, str, int, WrkResult]], backends: list[str], path: Path) -> None:
+def draw(rows: list[Row], backends: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,11 +119,14 @@ def draw(rows: list[tuple[str, str, int, WrkResult]], backends: list[str], path:
 
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4.2), squeeze=False)
     for ax, backend in zip(axes[0], backends, strict=True):
-        for mode in MODES[backend]:
-            points = [(r.p99_ms, r.requests_per_s, c) for b, m, c, r in rows if b == backend and m == mode]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=mode)
-            for p99, rps, level in points:
-                ax.annotate(f"c{level}", (p99, rps), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for number, mode in enumerate(MODES[backend]):
+            for front in dict.fromkeys(f for b, m, f, _, _ in rows if b == backend and m == mode):
+                points = [(r.p99_ms, r.requests_per_s, c) for b, m, f, c, r in rows
+                          if (b, m, f) == (backend, mode, front)]
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{mode} {front}",
+                        color=f"C{number}", linestyle="--" if front == "asgi" else "-")
+                for p99, rps, level in points:
+                    ax.annotate(f"c{level}", (p99, rps), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_title(f"{backend} ({MODELS[backend]})")
         ax.set_xlabel("p99 latency (ms)")
         ax.set_ylabel("samples/s")
@@ -134,27 +137,33 @@ def draw(rows: list[tuple[str, str, int, WrkResult]], backends: list[str], path:
     fig.savefig(path, dpi=110)
 
 
-def render(rows: list[tuple[str, str, int, WrkResult]], backends: list[str], levels: list[int],
+def render(rows: list[Row], backends: list[str], levels: list[int],
            args: argparse.Namespace, stamp: str, chart: Path,
            solo: dict[str, tuple[list[float], list[float]]]) -> str:
     lines = [
         f"# Batching benchmark, {stamp} UTC", "",
         f"`POST /predict` with one sample per request (so samples/s = requests/s), wrk -d{args.seconds}s on"
         f" 127.0.0.1, gunicorn -w {args.workers}, the `large` model (train.py --arch large), default batching"
-        " settings, access log on.", "",
-        f"![throughput vs p99]({chart.relative_to(ROOT / 'reports')})", "",
-        "| backend | mode | concurrency | samples/s | p50 ms | p99 ms | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        f" settings, access log on. Fronts: {args.fronts} (`asgi`: SERVING_FRONT=asgi, `asgi_server:app` under"
+        " the ASGI worker gunicorn.conf.py picks, the same mode's threads as its pool), each mode's fronts back to"
+        " back; `ASGI / WSGI` compares the two at the same backend, mode and concurrency.", "",
+        f"![throughput vs p99]({chart.relative_to(args.reports)})", "",
+        "| backend | mode | front | concurrency | samples/s | p50 ms | p99 ms | errors | ASGI / WSGI |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for backend, mode, level, r in rows:
-        lines.append(f"| {backend} | {mode} | {level} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |"
-                     f" {r.errors} |")
-    lines += ["", "## Targets", "",
-              "| backend | check | batched | process | ratio | met |", "| --- | --- | ---: | ---: | ---: | --- |"]
-    index = {(b, m, c): r for b, m, c, r in rows}
+    index = {(b, m, f, c): r for b, m, f, c, r in rows}
+    for backend, mode, front, level, r in rows:
+        wsgi = index.get((backend, mode, "wsgi", level))
+        versus = f"{r.requests_per_s / wsgi.requests_per_s:.2f}" if front == "asgi" and wsgi else ""
+        lines.append(f"| {backend} | {mode} | {front} | {level} | {r.requests_per_s:,.0f} | {r.p50_ms:.2f}"
+                     f" | {r.p99_ms:.2f} | {r.errors} | {versus} |")
+    lines += ["", "## Targets", "", "Batched against process mode on the WSGI front, then batched ASGI against"
+              " batched WSGI.", "",
+              "| backend | check | batched | against | ratio | met |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for backend in backends:
         for level in levels:
-            batched, process = index.get((backend, "batched", level)), index.get((backend, "process", level))
+            batched = index.get((backend, "batched", "wsgi", level))
+            process = index.get((backend, "process", "wsgi", level))
             if batched is None or process is None:
                 continue
             ratio = batched.requests_per_s / process.requests_per_s
@@ -173,6 +182,15 @@ def render(rows: list[tuple[str, str, int, WrkResult]], backends: list[str], lev
             else:
                 continue
             lines.append(f"| {backend} | {check} | {detail} | {base} | {ratio:.2f} | {'yes' if met else 'NO'} |")
+    for backend in backends:  # issue 16: the ASGI front keeps what batching gains under concurrency
+        for level in (level for level in levels if level >= 32):
+            asgi, wsgi = index.get((backend, "batched", "asgi", level)), index.get((backend, "batched", "wsgi", level))
+            if asgi is None or wsgi is None:
+                continue
+            ratio = asgi.requests_per_s / wsgi.requests_per_s
+            met = ratio >= 1.0 and not asgi.errors
+            lines.append(f"| {backend} | c={level}: batched ASGI samples/s >= batched WSGI | {asgi.requests_per_s:,.0f}"
+                         f" | {wsgi.requests_per_s:,.0f} | {ratio:.2f} | {'yes' if met else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,7 @@
-"""Shared benchmark plumbing: drive a server with wrk and parse what wrk says (servers: ``serving.testing``).
+"""Shared benchmark plumbing: start the model server on either front, drive it with wrk, parse what wrk says.
 
-Load only ever targets 127.0.0.1 and every run is bounded by wrk's ``-d`` duration.
+Servers come from ``serving.testing`` (always stopped); load only ever targets 127.0.0.1 and every
+run is bounded by wrk's ``-d`` duration.
 """
 
 from __future__ import annotations
@@ -8,10 +9,35 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from serving.testing import GunicornServer
 
 ROOT = Path(__file__).resolve().parent.parent
+# SERVING_FRONT -> the app gunicorn serves; gunicorn.conf.py picks the worker class for the front.
+FRONT_APPS = {"wsgi": "flask_server:app", "asgi": "asgi_server:app"}
+
+
+def parse_fronts(text: str) -> list[str]:
+    """``--fronts wsgi,asgi`` as a list, or exit saying what is allowed."""
+    fronts = [front.strip().lower() for front in text.split(",") if front.strip()]
+    if not fronts or any(front not in FRONT_APPS for front in fronts):
+        raise SystemExit(f"--fronts {text!r}: a comma-separated list of {', '.join(FRONT_APPS)}")
+    return fronts
+
+
+def model_server(front: str, repo: Path, log_dir: Path, slug: str, args: Sequence[str] = ("--no-control-socket",),
+                 **settings: Any) -> GunicornServer:
+    """The model server as shipped (gunicorn.conf.py) on ``front``, logging to ``log_dir/<slug>.log``.
+
+    ``settings`` become SERVING_* variables. On ``asgi`` the same settings give the same model, mode and
+    workers: gunicorn.conf.py picks the ASGI worker and the mode's request threads become the app's pool.
+    """
+    return GunicornServer(repo, log_dir, args, cwd=ROOT, app=FRONT_APPS[front], log_file=log_dir / f"{slug}.log",
+                          front=front, **settings)
 
 
 @dataclass

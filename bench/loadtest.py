@@ -1,11 +1,13 @@
 """Which mode should I run? A bounded matrix of real servers under locust, with a readable report.
 
-    make loadtest                                   # the full matrix (about 5 minutes)
-    python -m bench.loadtest --quick                # three configurations, about two minutes
-    python -m bench.loadtest --configs tf-threaded,onnx-batched --users 32 --duration 30 --workers 2
+    make loadtest                                   # the matrix on both fronts and a step ramp (~10 minutes)
+    python -m bench.loadtest --quick                # four configurations, one on ASGI: under 3 minutes
+    python -m bench.loadtest --configs tf-threaded,onnx-batched,onnx-batched-asgi --users 32 --duration 30
     python -m bench.loadtest --step-ramp onnx-batched   # also find that configuration's saturation point
 
-For each configuration: start ``gunicorn -c gunicorn.conf.py flask_server:app`` on a free loopback
+Every configuration runs on the WSGI front (``tf-threaded``) and, right after it, on the ASGI front
+(``tf-threaded-asgi``: SERVING_FRONT=asgi, ``asgi_server:app``; same model, mode, workers and threads).
+For each configuration: start ``gunicorn -c gunicorn.conf.py`` with the front's app on a free loopback
 port, wait until every worker is ready, run ``locust --headless`` (locustfile.py, tag ``native``) for
 a fixed time and user count while sampling CPU% and RSS of every worker process, stop the server,
 and collect locust's CSV stats. Writes ``reports/loadtest-<stamp>/`` (raw CSVs, ``summary.md``,
@@ -28,11 +30,10 @@ from typing import Any
 
 import psutil
 
-from bench.harness import ROOT
-from serving.testing import GunicornServer
+from bench.harness import ROOT, model_server
 
 LOCUST = str(Path(sys.executable).with_name("locust"))
-CONFIGS = {  # name: (label, model, backend, mode)
+MATRIX = {  # name: (label, model, backend, mode)
     "tf-threaded": ("TensorFlow threaded", "digits-tf", "tensorflow", "threaded"),
     "tf-process": ("TensorFlow process", "digits-tf", "tensorflow", "process"),
     "torch-process": ("PyTorch process", "digits-torch", "pytorch", "process"),
@@ -41,7 +42,11 @@ CONFIGS = {  # name: (label, model, backend, mode)
     "torch-batched": ("PyTorch batched", "digits-torch", "pytorch", "batched"),
     "onnx-batched": ("ONNX batched", "digits-torch", "onnx", "batched"),
 }
-QUICK = ["tf-threaded", "torch-process", "onnx-batched"]
+FRONT_SUFFIXES = {"wsgi": "", "asgi": "-asgi"}
+CONFIGS = {  # name: (label, model, backend, mode, front): each MATRIX entry on WSGI, then on ASGI as <name>-asgi
+    name + suffix: (*config, front) for name, config in MATRIX.items() for front, suffix in FRONT_SUFFIXES.items()
+}
+QUICK = ["tf-threaded", "torch-process", "onnx-batched", "onnx-batched-asgi"]
 SECTION_START, SECTION_END = "<!-- loadtest:start -->", "<!-- loadtest:end -->"
 
 
@@ -51,6 +56,7 @@ class Result:
 
     name: str
     shape: str
+    front: str
     requests: int = 0
     failures: int = 0
     rps: float = 0.0
@@ -85,15 +91,12 @@ class ResourceSampler(threading.Thread):
 
 
 def run_config(name: str, args: argparse.Namespace, out_dir: Path, step_ramp: bool = False) -> Result:
-    label, model, backend, mode = CONFIGS[name]
-    threads = {"process": 1, "threaded": 4, "batched": 16}[mode]
-    env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": model, "SERVING_BACKEND": backend,
-           "SERVING_MODE": mode, "SERVING_WORKERS": str(args.workers), "SERVING_THREADS": str(threads),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    label, model, backend, mode, front = CONFIGS[name]
+    threads = {"process": 1, "threaded": 4, "batched": 16}[mode]  # on ASGI: the app's pool
     tag = f"{name}-ramp" if step_ramp else name
-    result = Result(label + (" (step ramp)" if step_ramp else ""), f"{args.workers} x {threads}")
-    with GunicornServer(None, out_dir, ["--no-control-socket"], cwd=ROOT, env=env,
-                        log_file=out_dir / f"{tag}.log") as server:
+    result = Result(label + (" (step ramp)" if step_ramp else ""), f"{args.workers} x {threads}", front)
+    with model_server(front, args.repo, out_dir, tag, model=model, backend=backend, mode=mode, workers=args.workers,
+                      threads=threads) as server:
         assert server.proc is not None
         sampler = ResourceSampler(server.proc.pid)
         command = [LOCUST, "-f", str(ROOT / "locustfile.py"), "--host", server.url, "--headless", "--only-summary",
@@ -127,13 +130,17 @@ def _read_stats(path: Path, result: Result) -> None:
 
 
 def summary_table(results: list[Result]) -> str:
-    lines = ["| config | workers x threads | requests/s | p50 ms | p95 ms | p99 ms | failures | CPU % per worker"
-             " | RSS MB per worker |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    """The comparison table; ASGI rows also get their requests/s against the WSGI row of the same configuration."""
+    lines = ["| config | workers x threads | front | requests/s | ASGI / WSGI | p50 ms | p95 ms | p99 ms | failures"
+             " | CPU % per worker | RSS MB per worker |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    wsgi = {r.name: r.rps for r in results if r.front == "wsgi"}
     for r in results:
         cpu = " / ".join(f"{c:.0f}" for c in r.cpu) or "-"
         rss = " / ".join(f"{m:.0f}" for m in r.rss_mb) or "-"
-        lines.append(f"| {r.name} | {r.shape} | {r.rps:,.0f} | {r.p50:.0f} | {r.p95:.0f} | {r.p99:.0f} |"
-                     f" {r.failures} of {r.requests} | {cpu} | {rss} |")
+        ratio = f"{r.rps / wsgi[r.name]:.2f}" if r.front == "asgi" and wsgi.get(r.name) else ""
+        lines.append(f"| {r.name} | {r.shape} | {r.front} | {r.rps:,.0f} | {ratio} | {r.p50:.0f} | {r.p95:.0f} |"
+                     f" {r.p99:.0f} | {r.failures} of {r.requests} | {cpu} | {rss} |")
     return "\n".join(lines)
 
 
@@ -148,19 +155,19 @@ def draw_charts(results: list[Result], out_dir: Path, ramp_history: Path | None)
         paths.append(out_dir / name)
         fig.savefig(paths[-1], dpi=100)
 
-    names = [r.name for r in results]
+    names = [f"{r.name}, {r.front}" for r in results]
     paths: list[Path] = []
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    height = max(3.8, 0.3 * len(results) + 1.0)
+    fig, ax = plt.subplots(figsize=(9, height))
     ax.barh(names, [r.rps for r in results], color="tab:blue")
     ax.set_xlabel("requests/s (locust, native API)")
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
     save(fig, "throughput.png")
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    height = 0.27
+    fig, ax = plt.subplots(figsize=(9, height))
     for offset, (key, color) in enumerate((("p50", "tab:green"), ("p95", "tab:orange"), ("p99", "tab:red"))):
-        ax.barh([i + (offset - 1) * height for i in range(len(results))], [getattr(r, key) for r in results],
-                height=height, label=key, color=color)
+        ax.barh([i + (offset - 1) * 0.27 for i in range(len(results))], [getattr(r, key) for r in results],
+                height=0.27, label=key, color=color)
     ax.set_yticks(range(len(results)), names)
     ax.invert_yaxis()
     ax.set_xlabel("latency (ms)")
@@ -194,7 +201,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--duration", type=int, default=30, help="seconds of load per configuration")
-    parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK)} for 20 s each (~2 minutes)")
+    parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK)} for 20 s each (~2.5 minutes)")
     parser.add_argument("--step-ramp", default="", help="also run a step ramp against this configuration")
     parser.add_argument("--ramp-step", type=int, default=8, help="users added per ramp step")
     parser.add_argument("--ramp-seconds", type=int, default=10, help="seconds per ramp step")
@@ -215,7 +222,8 @@ def main() -> None:
 
     results = []
     for index, name in enumerate(names, start=1):
-        print(f"[{index}/{len(names)}] {CONFIGS[name][0]}: {args.users} users for {args.duration}s ...", flush=True)
+        print(f"[{index}/{len(names)}] {CONFIGS[name][0]}, {CONFIGS[name][4]}: {args.users} users for"
+              f" {args.duration}s ...", flush=True)
         started = time.monotonic()
         result = run_config(name, args, out_dir)
         results.append(result)
@@ -224,8 +232,8 @@ def main() -> None:
               f" ({time.monotonic() - started:.0f}s)", flush=True)
     ramp_history = None
     if args.step_ramp:
-        print(f"[ramp] {CONFIGS[args.step_ramp][0]}: +{args.ramp_step} users every {args.ramp_seconds}s ...",
-              flush=True)
+        print(f"[ramp] {CONFIGS[args.step_ramp][0]}, {CONFIGS[args.step_ramp][4]}: +{args.ramp_step} users every"
+              f" {args.ramp_seconds}s ...", flush=True)
         ramp = run_config(args.step_ramp, args, out_dir, step_ramp=True)
         ramp_history = out_dir / f"{args.step_ramp}-ramp_stats_history.csv"
         print(f"    peak window {ramp.rps:,.0f} req/s overall, p99 {ramp.p99:.0f} ms", flush=True)
@@ -234,7 +242,9 @@ def main() -> None:
     header = (f"# Load test, {stamp} UTC\n\nlocust (FastHttpUser, tag `native`: 60% `/predict/label` JSON, 30%"
               f" `/predict` JSON, 10% PNG upload; a wrong label counts as a failure), {args.users} users for"
               f" {args.duration}s per configuration, gunicorn -w {args.workers}, locust and the server on the same"
-              f" {psutil.cpu_count()}-core machine.\n\n")
+              f" {psutil.cpu_count()}-core machine. Front `asgi`: SERVING_FRONT=asgi, `asgi_server:app` under the"
+              " ASGI worker gunicorn.conf.py picks, with the same model, mode, workers and threads (its pool) as the"
+              " WSGI row of the same configuration; `ASGI / WSGI` compares the two.\n\n")
     charts_md = "\n".join(f"![{p.stem}]({p.name})" for p in charts)
     (out_dir / "summary.md").write_text(header + table + "\n\n" + charts_md + "\n")
     print("\n" + table + f"\n\nreport: {out_dir / 'summary.md'}")
