@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import orjson
 
+from serving.export import INPUT_NAME, ONNX_TOLERANCE, export_tf_function, export_torch
 from serving.repository import ONNX_ARTIFACT, next_version, parse_metadata, sha256_file, valid_name
 from serving.signatures import ImportRefused, Signature, detect, signature
 from serving.training import write_json
 
 BACKENDS = {"keras": "tensorflow", "savedmodel": "savedmodel", "torchscript": "pytorch", "onnx": "onnx"}
 ARTIFACTS = {"keras": "model.keras", "torchscript": "model.pt", "onnx": ONNX_ARTIFACT}
-ONNX_TOLERANCE = 1e-4
 
 
 def _labels(args: argparse.Namespace, classes: int) -> list[str]:
@@ -99,17 +99,12 @@ def _export_onnx(fmt: str, staging: Path, raw: dict[str, Any], sig: Signature) -
 
         module = torch.jit.load(str(staging / ARTIFACTS[fmt]), map_location="cpu").eval()
         example = torch.zeros(tuple(1 if d is None else d for d in dims))
-        torch.onnx.export(module, (example,), str(staging / ONNX_ARTIFACT), input_names=["input"],
-                          output_names=["probabilities"], dynamic_axes={"input": {0: "batch"}}, dynamo=False,
-                          opset_version=17)
+        export_torch(module, example, staging / ONNX_ARTIFACT)
         return
     import tensorflow as tf
-    import tf2onnx
-
-    from serving.training import rename_onnx_io
 
     dtype = tf.uint8 if sig.dtype == "uint8" else tf.float32
-    spec = (tf.TensorSpec(dims, dtype, name="input"),)
+    spec = (tf.TensorSpec(dims, dtype, name=INPUT_NAME),)
     if fmt == "keras":
         import keras
 
@@ -120,11 +115,7 @@ def _export_onnx(fmt: str, staging: Path, raw: dict[str, Any], sig: Signature) -
         serve = loaded.signatures["serving_default"]
         function = tf.function(lambda x: serve(**{sig.input_name: x})[sig.output_name], input_signature=spec,
                                autograph=False)
-    onnx_model, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=17)
-    rename_onnx_io(onnx_model, "input", "probabilities")
-    import onnx
-
-    onnx.save(onnx_model, str(staging / ONNX_ARTIFACT))
+    export_tf_function(function, spec, staging / ONNX_ARTIFACT)
 
 
 def import_model(args: argparse.Namespace) -> Path:

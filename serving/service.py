@@ -16,18 +16,18 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serving.backends import Backend, backend_class, is_thread_safe
+from serving.admission import admit
+from serving.backends import Backend, backend_class
 from serving.batching import InFlight, MicroBatcher
 from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError, ModelNotFound, ModelNotReady
-from serving.inputs import CONTRACT, IMAGE_TYPES
 from serving.loaded_model import LoadedModel
 from serving.observability import metrics
-from serving.repository import ModelMetadata, ModelRepository, sha256_file
+from serving.repository import ModelMetadata, ModelRepository
 
 if TYPE_CHECKING:
     from serving.model_control import ControlFiles
@@ -39,15 +39,6 @@ MIN_BODY_LIMIT, BODY_ENVELOPE, BYTES_PER_VALUE = 256 * 1024, 64 * 1024, 24
 Key = tuple[str, int]
 
 __all__ = ["DEFAULT_MODEL", "InferenceService", "LoadedModel"]
-
-
-def model_pins(setting: str) -> dict[str, str]:
-    """``name:version=sha256,...`` (SERVING_MODEL_SHA256) as a dict."""
-    pins = {}
-    for entry in filter(None, (part.strip() for part in setting.split(","))):
-        key, _, digest = entry.partition("=")
-        pins[key.strip()] = digest.strip().lower()
-    return pins
 
 
 class InferenceService:
@@ -92,11 +83,11 @@ class InferenceService:
             wanted: tuple[str, int | None] = (self.settings.model, self.settings.model_version or None)
         else:
             wanted = self._default_model(selected)
-        default, backend = self._check(self._find(*wanted))
+        default, backend = self.check(self._find(*wanted))
         served = {(default.name, default.version): (default, backend)}
         for key in selected:
             if key not in served:
-                served[key] = self._check(self._find(*key))
+                served[key] = self.check(self._find(*key))
         self.served = dict(sorted(served.items()))
         self.meta, self.backend_name = default, backend
         return default
@@ -108,50 +99,12 @@ class InferenceService:
             raise ModelLoadError(exc.message) from None
 
     def check(self, meta: ModelMetadata) -> tuple[ModelMetadata, str]:
-        """The backend that serves ``meta`` once its files pass their checks (ModelLoadError otherwise)."""
-        return self._check(meta)
+        """The backend that serves ``meta`` once its files pass their checks (``serving.admission``)."""
+        return admit(meta, self.settings)
 
     def default_name(self, selected: list[Key]) -> str:
         """The native API's model name: SERVING_MODEL, else as ``resolve`` chooses it."""
         return self.settings.model or self._default_model([key for key in selected if key[1] is not None])[0]
-
-    def _check(self, meta: ModelMetadata) -> tuple[ModelMetadata, str]:
-        """The backend for ``meta``, refusing contradictions with the settings; verifies the artifact."""
-        backend = self.settings.backend or str(meta.raw.get("backend") or meta.framework)
-        cls = backend_class(backend)  # refuses an unknown backend with a message naming the known ones
-        if cls.framework and cls.framework != meta.framework:
-            raise ModelLoadError(
-                f"model {meta.name} was trained with {meta.framework}; the {backend} backend cannot load it"
-                f" (use SERVING_BACKEND={meta.raw.get('backend') or meta.framework} or onnx)"
-            )
-        if self.settings.mode == "threaded" and not is_thread_safe(backend):
-            raise ConfigError(
-                f"the {backend} backend is process-only: use SERVING_MODE=process, SERVING_MODE=batched (one model"
-                " thread), or SERVING_BACKEND=onnx to serve its ONNX export with threads"
-            )
-        if meta.verified:
-            meta.verify(cls.artifact)
-        elif not (meta.path / cls.artifact).is_file():
-            raise ModelLoadError(f"{meta.path / cls.artifact} is missing: the {backend} backend loads it")
-        self._check_pin(meta)
-        return meta, backend
-
-    def _check_pin(self, meta: ModelMetadata) -> None:
-        """With ``SERVING_MODEL_SHA256`` set, every served version's metadata.json must match its pinned digest."""
-        pins = model_pins(self.settings.model_sha256)
-        if not pins:
-            return
-        key = f"{meta.name}:{meta.version}"
-        if not meta.verified:
-            raise ModelLoadError(f"{key} is a TF Serving folder with no metadata.json to pin: import it with"
-                                 f" `serving import {meta.path} --name {meta.name}` and pin the imported version")
-        if key not in pins:
-            raise ModelLoadError(f"SERVING_MODEL_SHA256 pins no digest for {key}: add {key}=<sha256 of its"
-                                 " metadata.json> (serving digest prints them), or stop serving it")
-        actual = sha256_file(meta.path / "metadata.json")
-        if actual != pins[key]:
-            raise ModelLoadError(f"{meta.path}/metadata.json does not match SERVING_MODEL_SHA256 ({actual[:12]}..."
-                                 f" != {pins[key][:12]}...): the model was changed since it was pinned")
 
     def _default_model(self, selected: list[Key]) -> tuple[str, int | None]:
         """The native API's model when SERVING_MODEL is empty: digits-tf, else the first selected or only one."""
@@ -341,35 +294,3 @@ class InferenceService:
                 entry.update(state="READY" if ready else "LOADING", reason="" if ready else "not loaded yet")
             entries.append(entry)
         return entries
-
-    def metadata(self) -> dict[str, Any]:
-        """Model metadata and the input contract, as served by ``GET /metadata``."""
-        model = self.model()
-        meta, raw = model.meta, model.meta.raw
-        document: dict[str, Any] = {
-            "name": meta.name,
-            "version": meta.version,
-            "framework": meta.framework,
-            "backend": model.backend_name,
-            "mode": self.settings.mode,
-            "arch": raw.get("arch"),
-            "dataset": raw.get("dataset"),
-            "accuracy": raw.get("test_accuracy"),
-            "created": raw.get("created"),
-            "input": {
-                "name": meta.input_name,
-                "shape": list(meta.input_shape),
-                "dtype": meta.input_dtype,
-                "range": list(meta.input_range),
-                "max_batch": self.settings.max_batch,
-                "contract": CONTRACT,
-                "content_types": ["application/json", "multipart/form-data", *IMAGE_TYPES],
-            },
-            "output": {"name": meta.output_name, "shape": [len(meta.labels)], "dtype": "float32"},
-            "labels": meta.labels,
-        }
-        if model.batcher is not None:
-            s = self.settings
-            document["batching"] = {"max_batch_size": s.max_batch_size, "max_delay_ms": s.max_delay_ms,
-                                    "max_queue": s.max_queue, "request_timeout_ms": s.request_timeout_ms}
-        return document

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from serving.data import DATASETS, Dataset, DatasetError, load_dataset, locate_mnist, mirrors_from, mnist_cache_dir
+from serving.export import ExportError
 from serving.nets import ARCHS
 from serving.repository import valid_name
 from serving.training import FRAMEWORKS, TrainConfig, TrainingError, default_arch, defaults, model_name, train
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
     except DatasetError as exc:
         return fail(str(exc))
-    except TrainingError as exc:
+    except (TrainingError, ExportError) as exc:
         return fail(str(exc), code=1)
     for result in results:
         print(f"wrote {result.path}/  accuracy {result.accuracy:.4f}")

@@ -22,15 +22,21 @@ import numpy as np
 import orjson
 
 from serving.data import Dataset
+from serving.export import (
+    INPUT_NAME,
+    ONNX_OPSET,
+    OUTPUT_NAME,
+    check_onnx,
+    export_tf_function,
+    export_torch,
+    in_chunks,
+    onnxruntime_version,
+)
 from serving.repository import NATIVE_ARTIFACTS, ONNX_ARTIFACT, next_version, sha256_file
 
 FRAMEWORKS = ("tensorflow", "pytorch")
 NAME_SUFFIX = {"tensorflow": "tf", "pytorch": "torch"}
 LAYOUT = {"tensorflow": "NHWC", "pytorch": "NCHW"}
-ONNX_OPSET = 17
-ONNX_TOLERANCE = 1e-4
-INPUT_NAME = "input"
-OUTPUT_NAME = "probabilities"
 # One thread: the small nets gain nothing from two, and under contention (tests, servers sharing the 2 cores)
 # spinning thread pools made a 2-thread run 4x slower.
 TRAIN_THREADS = 1
@@ -135,7 +141,8 @@ def train(config: TrainConfig, dataset: Dataset, log: Log = print) -> TrainResul
             raise ValueError(f"unknown schedule {config.schedule!r} (choose from {', '.join(SCHEDULES)})")
         outcome = RUNNERS[config.framework](config, dataset, staging, log)
         accuracy = float(np.mean(outcome.native.argmax(axis=1) == dataset.y_test))
-        diff = check_onnx(staging / ONNX_ARTIFACT, outcome.native, _layout_input(config.framework, dataset.x_test))
+        diff = check_onnx(staging / ONNX_ARTIFACT, outcome.native, _layout_input(config.framework, dataset.x_test),
+                          TRAIN_THREADS)
         write_json(staging / "labels.json", dataset.labels)
         write_json(staging / "sample.json", _sample(dataset, outcome.native), indent=False)
         artifacts = [NATIVE_ARTIFACTS[config.framework], ONNX_ARTIFACT, "labels.json", "sample.json"]
@@ -188,9 +195,7 @@ def _train_keras(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
 
     spec = (tf.TensorSpec((None, *dataset.shape, 1), tf.float32, name=INPUT_NAME),)
     serve = tf.function(lambda x: model(x, training=False), input_signature=spec, autograph=False)
-    onnx_model, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=ONNX_OPSET)
-    rename_onnx_io(onnx_model, INPUT_NAME, OUTPUT_NAME)
-    onnx.save(onnx_model, str(staging / ONNX_ARTIFACT))
+    export_tf_function(serve, spec, staging / ONNX_ARTIFACT)
 
     reloaded = keras.models.load_model(native_path)
     native = reloaded.predict(_layout_input("tensorflow", dataset.x_test), batch_size=256, verbose=0)
@@ -237,10 +242,7 @@ def _train_torch(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
     model.eval()
     native_path = staging / NATIVE_ARTIFACTS["pytorch"]
     torch.jit.save(torch.jit.script(model), str(native_path))
-    torch.onnx.export(
-        model, (x_train[:1],), str(staging / ONNX_ARTIFACT), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
-    )
+    export_torch(model, x_train[:1], staging / ONNX_ARTIFACT)
     reloaded = torch.jit.load(str(native_path))
     with torch.inference_mode():
         native = in_chunks(lambda x: reloaded(torch.from_numpy(x)).numpy(), _layout_input("pytorch", dataset.x_test))
@@ -258,10 +260,6 @@ RUNNERS: dict[str, Callable[[TrainConfig, Dataset, Path, Log], Outcome]] = {
 }
 
 
-def in_chunks(predict: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, size: int = 500) -> np.ndarray:
-    """Run ``predict`` over ``inputs`` a chunk at a time (10k MNIST samples at once would need gigabytes)."""
-    outputs = [predict(inputs[start : start + size]) for start in range(0, len(inputs), size)]
-    return np.concatenate(outputs).astype(np.float32, copy=False)
 
 
 def _layout_input(framework: str, images: np.ndarray) -> np.ndarray:
@@ -270,41 +268,8 @@ def _layout_input(framework: str, images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.expand_dims(images, axis=axis), dtype=np.float32)
 
 
-def check_onnx(path: Path, expected: np.ndarray, inputs: np.ndarray) -> float:
-    """Max abs difference between onnxruntime on ``path`` and the native outputs; raise if too large."""
-    import onnx
-    import onnxruntime as ort
-
-    graph = onnx.load(str(path)).graph
-    names = ([i.name for i in graph.input], [o.name for o in graph.output])
-    if names != ([INPUT_NAME], [OUTPUT_NAME]):
-        raise TrainingError(f"{path.name} has inputs/outputs {names}, expected ([{INPUT_NAME!r}], [{OUTPUT_NAME!r}])")
-    batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
-    if batch_dim.HasField("dim_value"):
-        raise TrainingError(f"{path.name} has a fixed batch dimension {batch_dim.dim_value}; it must be dynamic")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = TRAIN_THREADS
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    actual = in_chunks(lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], inputs)
-    diff = float(np.max(np.abs(actual - expected)))
-    if not diff < ONNX_TOLERANCE:
-        raise TrainingError(f"ONNX export disagrees with the native model: max abs diff {diff:.3g} >= {ONNX_TOLERANCE}")
-    return diff
 
 
-def rename_onnx_io(model: Any, input_name: str, output_name: str) -> None:
-    """Rename an ONNX graph's single input and output (and every reference to them) in place."""
-    graph = model.graph
-    renames = {graph.input[0].name: input_name, graph.output[0].name: output_name}
-    for node in graph.node:
-        node.input[:] = [renames.get(name, name) for name in node.input]
-        node.output[:] = [renames.get(name, name) for name in node.output]
-    graph.input[0].name = input_name
-    graph.output[0].name = output_name
-    for value in (graph.input[0], graph.output[0]):  # tf2onnx names the batch axis "unk__NN"
-        batch = value.type.tensor_type.shape.dim[0]
-        if not batch.HasField("dim_value"):
-            batch.dim_param = "batch"
 
 
 def _sample(dataset: Dataset, probabilities: np.ndarray) -> dict[str, Any]:
@@ -326,7 +291,7 @@ def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: li
     """Write metadata.json into the staging directory and rename it to the next free version."""
     model_dir = config.out / config.name
     version = next_version(config.out, config.name)
-    versions = {**versions, "onnxruntime": _onnxruntime_version(), "numpy": np.__version__}
+    versions = {**versions, "onnxruntime": onnxruntime_version(), "numpy": np.__version__}
     while True:
         metadata = {
             "name": config.name,
@@ -362,8 +327,3 @@ def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: li
             raise
         return version
 
-
-def _onnxruntime_version() -> str:
-    import onnxruntime
-
-    return str(onnxruntime.__version__)

@@ -81,7 +81,8 @@ def parity_probes(model: str = "digits-torch") -> list[Probe]:
     probes += [
         Probe("HEAD", "/health"), Probe("HEAD", "/predict"), Probe("OPTIONS", "/predict"), Probe("OPTIONS", "/health"),
         Probe("OPTIONS", "/nope"), Probe("PUT", "/predict"), Probe("DELETE", "/v2/models/x"),
-        Probe("GET", "//health"), Probe("GET", "/v2//health/live"), Probe("POST", "//predict", *_json({"data": SAMPLE})),
+        Probe("GET", "//health"), Probe("GET", "/v2//health/live"),
+        Probe("POST", "//predict", *_json({"data": SAMPLE})),
         Probe("POST", "/predict", *_json({"data": SAMPLE, "id": "mine"})),
         Probe("POST", "/predict", *_json({"data": [SAMPLE, SAMPLE]}, ("X-Request-ID", "parity-1"))),
         Probe("POST", "/predict/label", *_json({"data": [[255] * 8] * 8, "pixel_range": [0, 255]})),

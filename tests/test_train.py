@@ -16,8 +16,9 @@ import orjson
 import pytest
 
 from serving.data import MNIST_FILES, load_digits_dataset, write_idx
+from serving.export import ExportError, check_onnx
 from serving.repository import ModelRepository, sha256_file
-from serving.training import TrainingError, check_onnx, learning_rate, model_name
+from serving.training import learning_rate, model_name
 from tests.conftest import ROOT, clean_env, train
 from tests.mnist_support import mnist_dir, run_train
 
@@ -214,7 +215,7 @@ def test_check_onnx_refuses_a_mismatch(model_repo: Path) -> None:
     images = load_digits_dataset(seed=0).x_test[:, None]
     good = onnx_probabilities(path, images)
     assert check_onnx(path, good, images) == 0.0
-    with pytest.raises(TrainingError, match="disagrees"):
+    with pytest.raises(ExportError, match="disagrees"):
         check_onnx(path, good + 1e-3, images)
 
 

@@ -15,7 +15,7 @@ from werkzeug.formparser import parse_form_data
 from serving.answers import Answer, json_answer
 from serving.encoding import parse_json_object
 from serving.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from serving.inputs import IMAGE_TYPES, batch_from_data, batch_from_image, pixel_range_of
+from serving.inputs import CONTRACT, IMAGE_TYPES, batch_from_data, batch_from_image, pixel_range_of
 from serving.request import RequestState
 from serving.service import InferenceService
 
@@ -25,7 +25,40 @@ MAX_FORM_PARTS = 1000
 
 def metadata(request: RequestState, service: InferenceService) -> Answer:
     """``GET /metadata``: the default model and its input contract."""
-    return json_answer(service.metadata())
+    return json_answer(metadata_document(service))
+
+
+def metadata_document(service: InferenceService) -> dict[str, Any]:
+    """The default model's metadata and its input contract, as ``GET /metadata`` serves them."""
+    model = service.model()
+    meta, raw = model.meta, model.meta.raw
+    document: dict[str, Any] = {
+        "name": meta.name,
+        "version": meta.version,
+        "framework": meta.framework,
+        "backend": model.backend_name,
+        "mode": service.settings.mode,
+        "arch": raw.get("arch"),
+        "dataset": raw.get("dataset"),
+        "accuracy": raw.get("test_accuracy"),
+        "created": raw.get("created"),
+        "input": {
+            "name": meta.input_name,
+            "shape": list(meta.input_shape),
+            "dtype": meta.input_dtype,
+            "range": list(meta.input_range),
+            "max_batch": service.settings.max_batch,
+            "contract": CONTRACT,
+            "content_types": ["application/json", "multipart/form-data", *IMAGE_TYPES],
+        },
+        "output": {"name": meta.output_name, "shape": [len(meta.labels)], "dtype": "float32"},
+        "labels": meta.labels,
+    }
+    if model.batcher is not None:
+        s = service.settings
+        document["batching"] = {"max_batch_size": s.max_batch_size, "max_delay_ms": s.max_delay_ms,
+                                "max_queue": s.max_queue, "request_timeout_ms": s.request_timeout_ms}
+    return document
 
 
 def labels(request: RequestState, service: InferenceService) -> Answer:

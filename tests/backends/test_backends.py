@@ -11,6 +11,7 @@ from serving.backends import REGISTRY, backend_class
 from serving.config import Settings
 from serving.data import load_digits_dataset
 from serving.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound
+from serving.protocol.native import metadata_document
 from serving.repository import ModelRepository
 from serving.service import InferenceService
 
@@ -105,7 +106,7 @@ def test_service_predict_and_labels(model_repo: Path, digits) -> None:  # type: 
     assert not svc.ready
     probabilities = svc.predict(digits.x_test[:5])
     assert svc.ready and svc.labels_for(probabilities) == [str(i) for i in probabilities.argmax(axis=1)]
-    document = svc.metadata()
+    document = metadata_document(svc)
     assert document["input"]["shape"] == [8, 8] and document["labels"][0] == "0"
     assert not isinstance(InvalidInput("x"), ModelLoadError)
 
