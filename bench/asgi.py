@@ -17,7 +17,6 @@ import contextlib
 import http.client
 import os
 import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,16 +32,14 @@ import psutil
 import requests
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, WrkResult, run_wrk, wrk_script
+from bench.harness import ROOT, WrkResult, model_server, run_wrk, wrk_script
 from serving.data import load_digits_dataset
-from serving.testing import GunicornServer, clean_env, free_port
+from serving.testing import GunicornServer, clean_env, free_port, stop_group
 
-FRONTS: dict[str, dict[str, Any]] = {  # label -> GunicornServer keyword arguments
-    "WSGI": {},
-    "ASGI uvicorn-worker": {"env": {"SERVING_FRONT": "asgi"}, "app": "asgi_server:app",
-                            "args": ["-k", "serving.asgi_workers.UvicornWorker"]},
-    "ASGI gunicorn asgi": {"env": {"SERVING_FRONT": "asgi"}, "app": "asgi_server:app",
-                           "args": ["-k", "serving.asgi_workers.AsgiWorker"]},
+FRONTS: dict[str, tuple[str, tuple[str, ...]]] = {  # label -> (SERVING_FRONT, the worker class it runs under)
+    "WSGI": ("wsgi", ()),
+    "ASGI uvicorn-worker": ("asgi", ("-k", "serving.asgi_workers.UvicornWorker")),
+    "ASGI gunicorn asgi": ("asgi", ("-k", "serving.asgi_workers.AsgiWorker")),
 }
 CONFIGS = [  # the throughput benchmark's 8x8 configurations: (label, model, backend, mode)
     ("onnx / process", "digits-torch", "onnx", "process"),
@@ -71,14 +68,12 @@ class Bench:
         self.script = wrk_script(self.out / "predict.lua", self.body)
         self.lines: list[str] = []
 
-    def server(self, front: str, model: str, backend: str, mode: str, **settings: Any) -> GunicornServer:
-        options = dict(FRONTS[front])
-        env = {"SERVING_MODEL_REPOSITORY": str(self.args.repo), "SERVING_MODEL": model, "SERVING_BACKEND": backend,
-               "SERVING_MODE": mode, "SERVING_WORKERS": str(self.args.workers), "TF_CPP_MIN_LOG_LEVEL": "2",
-               **options.pop("env", {}), **{f"SERVING_{k.upper()}": str(v) for k, v in settings.items()}}
-        slug = f"{front}-{model}-{backend}-{mode}".replace(" ", "_")
-        return GunicornServer(None, self.out, options.pop("args", []), cwd=ROOT, env=env,
-                              log_file=self.out / f"{slug}-{time.monotonic_ns()}.log", **options)
+    def server(self, label: str, model: str, backend: str, mode: str, **settings: Any) -> GunicornServer:
+        """The model server on the front ``label`` names (harness.model_server), -w ``--workers`` by default."""
+        front, worker = FRONTS[label]
+        slug = f"{label}-{model}-{backend}-{mode}-{time.monotonic_ns()}".replace(" ", "_")
+        return model_server(front, self.args.repo, self.out, slug, ("--no-control-socket", *worker), model=model,
+                            backend=backend, mode=mode, **{"workers": self.args.workers, **settings})
 
     def wrk(self, url: str, connections: int, tag: str, script: Path | None = None) -> WrkResult:
         result = run_wrk(url, script or self.script, connections, self.args.seconds)
@@ -116,13 +111,7 @@ def plain_server(module: str, app: str, workers: int, log: Path, *extra: str) ->
         time.sleep(1.0)  # the other workers' start-up
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        stop_group(process, 20)
 
 
 def throughput(bench: Bench) -> None:
@@ -239,6 +228,11 @@ def open_idle(port: int, count: int, body: bytes) -> list[socket.socket]:
     return sockets
 
 
+def close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
 def connections(bench: Bench) -> None:
     """Idle keep-alive connections per worker, and slow clients against both fronts."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -253,33 +247,32 @@ def connections(bench: Bench) -> None:
         "| front | workers | round | idle connections | client median ms | client p99 ms | RSS MB |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    def row(server: GunicornServer, workers: int, round_number: int, level: int) -> None:
+        """A client's latency with ``level`` idle connections held (opened a second before)."""
+        time.sleep(1.0)
+        median, p99 = keep_alive_ms(server.port, bench.body, samples)
+        bench.lines.append(f"| ASGI uvicorn-worker | {workers} | {round_number} | {level:,} | {median:.2f}"
+                           f" | {p99:.2f} | {rss_mb(server):.0f} |")
+        print(f"  {workers} workers, round {round_number}, {level} idle: p99 {p99:.2f} ms,"
+              f" {rss_mb(server):.0f} MB", flush=True)
+
+    held: list[socket.socket] = []
     with bench.server("ASGI uvicorn-worker", "digits-torch", "onnx", "threaded", workers=1, keepalive=300) as server:
-        held: list[socket.socket] = []
         try:
             for level in (0, 1000, 2000, 4000):
                 held += open_idle(server.port, level - len(held), bench.body)
-                time.sleep(1.0)
-                median, p99 = keep_alive_ms(server.port, bench.body, samples)
-                bench.lines.append(f"| ASGI uvicorn-worker | 1 | 1 | {level:,} | {median:.2f} | {p99:.2f}"
-                                   f" | {rss_mb(server):.0f} |")
-                print(f"  1 worker, {level} idle: p99 {p99:.2f} ms, {rss_mb(server):.0f} MB", flush=True)
+                row(server, 1, 1, level)
         finally:
-            for sock in held:
-                sock.close()
+            close_all(held)
     with bench.server("ASGI uvicorn-worker", "digits-torch", "onnx", "threaded", workers=2, keepalive=300) as server:
         keep_alive_ms(server.port, bench.body, samples)  # warm both workers
         for round_number in (1, 2, 3):
             for level in (0, 2000):
                 held = open_idle(server.port, level, bench.body)
                 try:
-                    time.sleep(1.0)
-                    median, p99 = keep_alive_ms(server.port, bench.body, samples)
-                    bench.lines.append(f"| ASGI uvicorn-worker | 2 | {round_number} | {level:,} | {median:.2f}"
-                                       f" | {p99:.2f} | {rss_mb(server):.0f} |")
-                    print(f"  2 workers, round {round_number}, {level} idle: p99 {p99:.2f} ms", flush=True)
+                    row(server, 2, round_number, level)
                 finally:
-                    for sock in held:
-                        sock.close()
+                    close_all(held)
                 time.sleep(1.0)
     bench.lines += [
         "", "## Slow clients", "",

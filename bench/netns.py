@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from serving.testing import clean_env, free_port, gunicorn_command
+from serving.testing import clean_env, free_port, gunicorn_command, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "deploy" / "replicas" / "nginx.conf"
@@ -91,18 +91,8 @@ class Replica:
         return self.proc
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
+            stop_group(self.proc)
 
 
 @contextmanager

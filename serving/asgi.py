@@ -107,7 +107,7 @@ class AsgiApp:
             return
         endpoint, params = match
         handler = endpoint.handler
-        run = self._in_pool(contextvars.copy_context())
+        run: Callable[[Callable[[], Any]], Awaitable[Any]] = self._inline
         lines: Iterator[bytes] | None = None
         try:
             self.gate.check(request, endpoint)
@@ -115,8 +115,8 @@ class AsgiApp:
             if body is None:
                 return  # the client went away
             environ["wsgi.input"] = io.BytesIO(body)
-            if self.batched and endpoint.direct and len(body) <= INLINE_BODY_BYTES:
-                run = self._inline
+            if not (self.batched and endpoint.direct and len(body) <= INLINE_BODY_BYTES):
+                run = self._in_pool(contextvars.copy_context())
             if isinstance(handler, StreamingHandler):
                 lines = await run(partial(handler.lines, request, self.service, **params))
                 first = await run(partial(next, lines, b""))  # a failure here: a plain answer

@@ -79,20 +79,19 @@ class LimitedHttpProtocol(HttpToolsProtocol):  # type: ignore[misc]
     """
 
     line_limit, fields_limit, field_size_limit = 4094, 100, 8190  # gunicorn's defaults
+    head_bytes = 4094 + 2 + 100 * (8190 + 2) + 2  # the largest head those limits allow
     refusal: tuple[int, str, str] | None = None
     head_read = 0
     in_head = True
+    fields = 0
 
     @classmethod
     def with_limits(cls, line: int, fields: int, field_size: int) -> type[LimitedHttpProtocol]:
         unlimited = 2**31  # gunicorn's 0
-        limits = {"line_limit": line or unlimited, "fields_limit": fields or unlimited,
-                  "field_size_limit": field_size or unlimited}
+        line, fields, field_size = line or unlimited, fields or unlimited, field_size or unlimited
+        limits = {"line_limit": line, "fields_limit": fields, "field_size_limit": field_size,
+                  "head_bytes": line + 2 + min(fields, 32768) * (field_size + 2) + 2}
         return type(cls.__name__, (cls,), limits)
-
-    @property
-    def head_bytes(self) -> int:
-        return self.line_limit + 2 + min(self.fields_limit, 32768) * (self.field_size_limit + 2) + 2
 
     def data_received(self, data: bytes) -> None:
         if self.in_head:

@@ -135,7 +135,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         pending = self._enqueue(batch, timeout_s, partial(loop.call_soon_threadsafe, _resolve, done))
-        timer = loop.call_later(timeout_s + WAIT_MARGIN_S, _resolve, done, _late(timeout_s))
+        timer = loop.call_later(timeout_s + WAIT_MARGIN_S, _expire, done, timeout_s)
         try:
             await done
         finally:
@@ -252,14 +252,16 @@ def _late(timeout_s: float) -> DeadlineExceeded:
     return DeadlineExceeded(f"no answer within the request deadline of {timeout_s * 1000:.0f} ms")
 
 
-def _resolve(done: asyncio.Future[None], error: BaseException | None = None) -> None:
-    """Wake a ``submit_async`` waiter (on its loop): the pending's outcome is set, or ``error`` if it is late."""
-    if done.done():
-        return
-    if error is None:
+def _resolve(done: asyncio.Future[None]) -> None:
+    """Wake a ``submit_async`` waiter (on its loop): the pending's outcome is set."""
+    if not done.done():
         done.set_result(None)
-    else:
-        done.set_exception(error)
+
+
+def _expire(done: asyncio.Future[None], timeout_s: float) -> None:
+    """Wake a ``submit_async`` waiter whose deadline passed first, with the 504."""
+    if not done.done():
+        done.set_exception(_late(timeout_s))
 
 
 class InFlight:

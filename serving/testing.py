@@ -137,20 +137,7 @@ class GunicornServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the master, wait; SIGKILL the whole process group if it lingers."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        try:  # workers orphaned by a crashed master
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return self.proc.returncode
+        return None if self.proc is None else stop_group(self.proc, timeout)
 
     def __enter__(self) -> GunicornServer:
         try:
@@ -161,6 +148,23 @@ class GunicornServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stop_group(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int | None:
+    """Stop a server started with ``start_new_session=True``: SIGTERM its leader and wait up to ``timeout``,
+    then SIGKILL whatever is left of its process group (workers orphaned by a crashed master too)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+    return proc.returncode
 
 
 def _workers(args: Sequence[str], env: dict[str, str]) -> int:

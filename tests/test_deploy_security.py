@@ -28,6 +28,7 @@ import psutil
 import pytest
 import requests
 
+from serving.testing import stop_group
 from tests.asgi_support import FRONTS
 from tests.conftest import GUNICORN, PYTHON, ROOT, GunicornServer, clean_env, free_port
 
@@ -452,12 +453,7 @@ def test_unix_socket_is_not_world_writable(model_repo: Path, tmp_path: Path) -> 
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o007 == 0, f"socket mode {mode:o}: others may connect"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_group(proc)
 
 
 # --- the metrics directory ----------------------------------------------------------------------------------------
