@@ -8,6 +8,8 @@
 # make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
 #                  then serves mnist-tf
 # make bench-uploads  upload accuracy of the MNIST and 8x8 models (reports/upload-accuracy-<date>.md)
+# make test-image  build both container images and check them for real (.ci/run runs it after make test)
+# make lock        regenerate requirements-runtime.txt / -frameworks.txt (the images' pins) from pyproject.toml
 # make docs        regenerate docs/settings.md and the endpoint table in docs/api.md
 
 VENV ?= .venv
@@ -20,7 +22,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: venv train serve serve-mnist train-mnist test test-fast test-image bench bench-batching bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-batching bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,8 +74,12 @@ loadtest: venv
 	@if [ -z "$$(ls -A models 2>/dev/null)" ]; then $(PY) train.py; fi
 	$(PY) -m bench.loadtest --step-ramp onnx-batched --update-docs $(LOADTEST_ARGS)
 
-test-image:
+test-image: venv
 	deploy/test-image.sh
+
+# The images' constraints files, from pyproject.toml's dependencies at the versions requirements.txt installed.
+lock: venv
+	$(PY) scripts/lock_requirements.py
 
 bench-replicas: venv
 	scripts/system-packages.sh nginx iproute2:ip

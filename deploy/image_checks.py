@@ -17,7 +17,11 @@ only, so it runs with the system's python3 as well as the project's venv.
 - no compiler, pip or test tool in the image (and no TensorFlow or PyTorch in the ONNX image);
 - ``docker stop`` (its default 10 s timeout) while a request is in flight: the request still gets a
   right answer, new connections are refused while it drains, the container exits 0 before the timeout;
+- the ASGI front (``SERVING_FRONT=asgi``) in batched mode answers a prediction right: both fronts are in both images;
 - with nothing at /models the image refuses to start, with one log line saying so.
+
+A check that cannot run (the server never became ready, a refused connection) is a FAIL row, and the other
+checks and images still run: the report always lists every check.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 DOCKER = os.environ.get("DOCKER", "docker")
@@ -107,20 +113,59 @@ def check_image(image: Image, models_dir: Path) -> None:
     docker("rm", "-f", name, check=False)
     models = SERVED[image.role]
     sample = json.loads((models_dir / models[0] / "1" / "sample.json").read_text())
-    run_container(image, name, port, models_dir, f"SERVING_MODEL={models[0]}", f"SERVING_MODELS={','.join(models)}")
     try:
-        check_running(image, name, port, models, sample)
-        check_drain(image, name, port, sample)
+        run_container(image, name, port, models_dir, f"SERVING_MODEL={models[0]}",
+                      f"SERVING_MODELS={','.join(models)}")
+        ready = guarded(image, "the default container (WSGI front, process mode)",
+                        lambda: check_running(image, name, port, models, sample))
+        if ready:
+            guarded(image, "docker stop drains an in-flight request", lambda: check_drain(image, name, port, sample))
+        else:
+            image.record("docker stop drains an in-flight request", False, "not run: the server never became ready")
+    finally:
+        docker("rm", "-f", name, check=False)
+    guarded(image, "the ASGI front in batched mode", lambda: check_asgi_front(image, models_dir, models[0], sample))
+
+
+def guarded(image: Image, check: str, run: Callable[[], object]) -> object:
+    """``run()``, or a FAIL row for ``check`` when the checker itself fails (a refused connection, a timeout)."""
+    try:
+        return run()
+    except (OSError, ValueError, KeyError, IndexError, subprocess.SubprocessError) as exc:
+        image.record(check, False, f"the check stopped: {type(exc).__name__}: {exc}")
+        return None
+
+
+def check_asgi_front(image: Image, models_dir: Path, model: str, sample: dict) -> None:
+    """Both fronts are in both images: asgi_server:app under the uvicorn worker, batched mode (greenlets)."""
+    name, port = f"serving-check-{image.role}-asgi", free_port()
+    docker("rm", "-f", name, check=False)
+    run_container(image, name, port, models_dir, f"SERVING_MODEL={model}", f"SERVING_MODELS={model}",
+                  "SERVING_FRONT=asgi", "SERVING_MODE=batched")
+    try:
+        waited = wait_until(lambda: request(port, "GET", "/health/ready")[0] == 200, 180)
+        if waited is None:
+            image.record("ASGI front, batched mode: a prediction is right", False, "not ready within 180 s")
+            print(docker("logs", name, check=False).stderr[-4000:])
+            return
+        code, body = request(port, "POST", "/predict/label", json.dumps({"data": [sample["data"]]}).encode(),
+                             {"Content-Type": "application/json"})
+        predicted = json.loads(body).get("prediction", [None])[0] if code == 200 else body[:200].decode()
+        server = docker("exec", name, "sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '").stdout.strip()
+        image.record("ASGI front, batched mode: a prediction is right", code == 200 and predicted == sample["label"],
+                     f"ready after {waited:.1f} s; POST /predict/label ({model}) -> {code}, {predicted!r}"
+                     f" (expected {sample['label']!r}); PID 1: {server}")
     finally:
         docker("rm", "-f", name, check=False)
 
 
-def check_running(image: Image, name: str, port: int, models: tuple[str, ...], sample: dict) -> None:
+def check_running(image: Image, name: str, port: int, models: tuple[str, ...], sample: dict) -> bool:
+    """The checks of a running server; False when it never became ready (the rest are then not run)."""
     waited = wait_until(lambda: request(port, "GET", "/health/ready")[0] == 200, 180)
     if not image.record("/health/ready turns 200", waited is not None,
                         f"after {waited:.1f} s" if waited is not None else "not within 180 s"):
         print(docker("logs", name, check=False).stderr[-4000:])
-        return
+        return False
     status = docker("exec", name, "sh", "-c", "id -u; id -g; grep '^Uid:' /proc/1/status").stdout.split()
     uid, gid, pid1_uid = status[0], status[1], status[3]
     image.record("runs as non-root", uid != "0" and pid1_uid != "0",
@@ -162,6 +207,7 @@ def check_running(image: Image, name: str, port: int, models: tuple[str, ...], s
     present = docker("exec", name, "python", "-c", script, timeout=300).stdout.split()
     expected = {"onnxruntime"} if image.role == "onnx" else {"torch", "tensorflow", "keras", "onnxruntime"}
     image.record("Python packages as intended", set(present) == expected, f"import succeeds: {present}")
+    return True
 
 
 #: What TensorFlow's C++ runtime writes itself when it loads (absl logging, before any Python logging): the
@@ -292,9 +338,12 @@ def main() -> int:
     for image in images:
         check_image(image, options.models)
         if image.models == "mounted":
-            check_no_model(image)
+            guarded(image, "refuses to start without a model", partial(check_no_model, image))
         if image.role == "full":
-            notes.append(measure_onednn(image))
+            try:
+                notes.append(measure_onednn(image))
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                notes.append(f"TensorFlow's oneDNN switch was not measured: {type(exc).__name__}: {exc}")
     write_report(options.report, images, options.base, notes)
     return 0 if all(ok for image in images for _, ok, _ in image.rows) else 1
 

@@ -8,7 +8,7 @@
 # 2. Base: BASE_IMAGE (default serving-base:bookworm). When that image is missing it is built from
 #    Debian's packages: debootstrap --variant=minbase bookworm with python3 and python3-venv, imported
 #    with docker import. Set BASE_IMAGE=python:3.11-slim where Docker Hub is reachable.
-# 3. Models: ./models must hold digits-tf/1 and digits-torch/1 (python train.py makes them). The full
+# 3. Models: ./models must hold digits-tf/1 and digits-torch/1 (trained here when missing). The full
 #    image bakes both (--build-arg MODELS=...); the ONNX image is built without models and is run with
 #    ./models mounted read-only at /models.
 # 4. Packages: the Dockerfile installs from PyPI, and torch from PyTorch's CPU index. Where that index is
@@ -77,9 +77,10 @@ if ! "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
 fi
 
 # --- 3. models ---------------------------------------------------------------------------------------
-for model in digits-tf digits-torch; do
-  [ -f "models/$model/1/model.onnx" ] || { echo "models/$model/1 is missing: run python train.py" >&2; exit 1; }
-done
+if [ ! -f models/digits-tf/1/model.onnx ] || [ ! -f models/digits-torch/1/model.onnx ]; then
+  log "training digits-tf and digits-torch into ./models (about 25 s)"
+  "$PY" train.py --dataset digits >"$WORK/train.log" 2>&1 || { tail -20 "$WORK/train.log" >&2; exit 1; }
+fi
 
 # --- 4. build ----------------------------------------------------------------------------------------
 serve_dir() {  # serve_dir DIR: an HTTP server for DIR on 127.0.0.1; sets SERVED_URL
