@@ -89,7 +89,8 @@ docs: venv
 	$(VENV)/bin/serving docs
 
 lint: venv
-	$(VENV)/bin/ruff check serving tests bench deploy train.py flask_server.py asgi_server.py gunicorn.conf.py locustfile.py
+	$(VENV)/bin/ruff check serving tests bench deploy scripts train.py flask_server.py asgi_server.py gunicorn.conf.py locustfile.py
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf .pytest_cache reports/*/ run/*.pid run/*.log

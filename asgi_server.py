@@ -4,6 +4,6 @@
 same SERVING_* variables as for flask_server:app.
 """
 
-from serving.asgi import create_asgi_app
+from serving.fronts.asgi import create_asgi_app
 
 app = create_asgi_app()

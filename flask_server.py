@@ -1,5 +1,5 @@
 """WSGI entry point: ``gunicorn flask_server:app`` (settings: SERVING_* variables, gunicorn.conf.py)."""
 
-from serving.app import create_app
+from serving.fronts.wsgi import create_app
 
 app = create_app()

@@ -80,7 +80,7 @@ def _calibrate(environment: Environment, **_: Any) -> None:
         return
     from PIL import Image
 
-    from serving.data import load_digits_dataset
+    from serving.toolchain.data import load_digits_dataset
 
     key = environment.parsed_options.api_key if environment.parsed_options else ""
     if key:

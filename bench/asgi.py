@@ -33,13 +33,13 @@ import requests
 
 from bench.batching import ensure_large_models
 from bench.harness import ROOT, WrkResult, model_server, run_wrk, wrk_script
-from serving.data import load_digits_dataset
-from serving.testing import GunicornServer, clean_env, free_port, stop_group
+from serving.toolchain.data import load_digits_dataset
+from serving.tools.testing import GunicornServer, clean_env, free_port, stop_group
 
 FRONTS: dict[str, tuple[str, tuple[str, ...]]] = {  # label -> (SERVING_FRONT, the worker class it runs under)
     "WSGI": ("wsgi", ()),
-    "ASGI uvicorn-worker": ("asgi", ("-k", "serving.asgi_workers.UvicornWorker")),
-    "ASGI gunicorn asgi": ("asgi", ("-k", "serving.asgi_workers.AsgiWorker")),
+    "ASGI uvicorn-worker": ("asgi", ("-k", "serving.host.asgi_workers.UvicornWorker")),
+    "ASGI gunicorn asgi": ("asgi", ("-k", "serving.host.asgi_workers.AsgiWorker")),
 }
 CONFIGS = [  # the throughput benchmark's 8x8 configurations: (label, model, backend, mode)
     ("onnx / process", "digits-torch", "onnx", "process"),

@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 
 from bench.harness import ROOT, WrkResult, model_server, parse_fronts, run_wrk, wrk_script
-from serving.data import load_digits_dataset
+from serving.toolchain.data import load_digits_dataset
 
 MODELS = {"pytorch": "digits-large-torch", "onnx": "digits-large-torch", "tensorflow": "digits-large-tf"}
 MODES = {"pytorch": ["process", "batched"], "onnx": ["process", "threaded", "batched"],

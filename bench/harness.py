@@ -1,6 +1,6 @@
 """Shared benchmark plumbing: start the model server on either front, drive it with wrk, parse what wrk says.
 
-Servers come from ``serving.testing`` (always stopped); load only ever targets 127.0.0.1 and every
+Servers come from ``serving.tools.testing`` (always stopped); load only ever targets 127.0.0.1 and every
 run is bounded by wrk's ``-d`` duration.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.testing import GunicornServer
+from serving.tools.testing import GunicornServer
 
 ROOT = Path(__file__).resolve().parent.parent
 # SERVING_FRONT -> the app gunicorn serves; gunicorn.conf.py picks the worker class for the front.

@@ -4,10 +4,10 @@
 
 The product serves MNIST-style classifiers, whose inputs are 28x28, but MNIST itself cannot be
 downloaded here. This stands in for it honestly: it takes scikit-learn's bundled 8x8 digits (1,797
-images, the same stratified, seeded 80/20 split as ``serving.data.load_digits_dataset``), upscales each
+images, the same stratified, seeded 80/20 split as ``serving.toolchain.data.load_digits_dataset``), upscales each
 image to 20x20 with PIL's bilinear filter and centres it on a black 28x28 canvas (MNIST's own framing:
 a 20x20 box with a 4-pixel margin), stores it as uint8 0..255 like MNIST, and writes the four
-standard MNIST IDX files (``train-images-idx3-ubyte`` and friends, the names ``serving.data.load_mnist``
+standard MNIST IDX files (``train-images-idx3-ubyte`` and friends, the names ``serving.toolchain.data.load_mnist``
 looks for) into ``--data-dir``. It then trains through the real user path::
 
     python train.py --dataset mnist --arch small --data-dir DIR --framework pytorch --name mnist28-torch --out REPO \\
@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.harness import ROOT
-from serving.data import MNIST_FILES, load_digits_dataset, load_mnist, write_idx
+from serving.toolchain.data import MNIST_FILES, load_digits_dataset, load_mnist, write_idx
 
 NAME = "mnist28-torch"
 SIDE = 28
 BOX = 20  # MNIST centres each digit's 20x20 box in the 28x28 image; so do we
-EPOCHS = 20  # the digits recipe (serving.training.DEFAULTS["small", "digits"]): same 1,437 training images
+EPOCHS = 20  # the digits recipe (serving.toolchain.training.DEFAULTS["small", "digits"]): same 1,437 training images
 BATCH_SIZE = 32
 
 
@@ -58,7 +58,7 @@ def upscale(images: np.ndarray, side: int = SIDE, box: int = BOX) -> np.ndarray:
 def write_mnist_shaped(data_dir: Path, side: int = SIDE, seed: int = 0) -> Path:
     """Write the upscaled digits as the four MNIST IDX files into ``data_dir``; returns ``data_dir``.
 
-    Reads them back with ``serving.data.load_mnist`` (the loader ``train.py`` uses) before returning.
+    Reads them back with ``serving.toolchain.data.load_mnist`` (the loader ``train.py`` uses) before returning.
     """
     digits = load_digits_dataset(seed=seed)
     arrays = {

@@ -29,8 +29,8 @@ import psutil
 import requests
 
 from bench.harness import ROOT
-from serving.data import load_digits_dataset
-from serving.testing import GunicornServer, clean_env
+from serving.toolchain.data import load_digits_dataset
+from serving.tools.testing import GunicornServer, clean_env
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from serving.testing import clean_env, free_port, gunicorn_command, stop_group
+from serving.tools.testing import clean_env, free_port, gunicorn_command, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "deploy" / "replicas" / "nginx.conf"

@@ -13,7 +13,7 @@ the requests nginx retried on another replica, and the latency quantiles. A seco
 nginx's default for POSTs (not retried once sent), to show what the shipped retries do.
 
 It is the one-machine rehearsal of a Kubernetes rolling update: what it proves and what it does not is in
-docs/deploy.md#replica-failover. tests/test_replicas.py runs a short version.
+docs/deploy.md#replica-failover. tests/server/test_replicas.py runs a short version.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 import orjson
 
 from bench.netns import ROOT, Replica, balancer, namespace
-from serving.testing import clean_env
+from serving.tools.testing import clean_env
 
 
 @dataclass

@@ -22,7 +22,7 @@ import psutil
 
 from bench.harness import ROOT
 from bench.loadtest import LOCUST
-from serving.testing import GunicornServer
+from serving.tools.testing import GunicornServer
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import numpy as np
 import orjson
 
 from bench.harness import ROOT, WrkResult, model_server, parse_fronts, run_wrk, wrk_script
-from serving.data import load_digits_dataset, load_mnist
-from serving.testing import GunicornServer
+from serving.toolchain.data import load_digits_dataset, load_mnist
+from serving.tools.testing import GunicornServer
 
 DEFAULT_MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 ASGI_TARGET = 0.8  # issue 16: the ASGI front within 0.8 of WSGI threaded mode, single samples

@@ -1,6 +1,6 @@
 """Train the default MNIST models once and report what they reach: t10k accuracy, seconds, epochs, arch.
 
-    python bench/train_mnist.py [--repo models] [--framework tensorflow pytorch] [--data-dir DIR]
+    python -m bench.train_mnist [--repo models] [--framework tensorflow pytorch] [--data-dir DIR]
 
 Runs ``python train.py --dataset mnist --framework F --out REPO`` (default epochs and recipe, MNIST found
 as train.py finds it: ``--data-dir``, ``$MNIST_DIR``, the per-user cache, else a download) once per
@@ -21,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.harness import ROOT  # noqa: E402
-from serving.data import load_mnist  # noqa: E402
-from serving.repository import ModelMetadata, ModelRepository  # noqa: E402
-from serving.training import FRAMEWORKS, NAME_SUFFIX, TRAIN_THREADS  # noqa: E402
+from bench.harness import ROOT
+from serving.store.repository import ModelMetadata, ModelRepository
+from serving.toolchain.data import load_mnist
+from serving.toolchain.training import FRAMEWORKS, NAME_SUFFIX, TRAIN_THREADS
 
 TARGET, STRETCH = 0.990, 0.992
 

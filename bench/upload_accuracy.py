@@ -7,7 +7,7 @@ Takes ``--count`` digits drawn (seeded) from the MNIST t10k set (``$MNIST_DIR``,
 scaled by a random factor in [0.5, 4] (bicubic), padded by a random 0-40 px on each side (which also
 moves it off centre), light-on-dark or dark-on-light at random. Each rendering is encoded twice, as a
 grayscale PNG and as an RGB JPEG (quality 75), and every upload goes through
-``serving.inputs.batch_from_image`` (what ``POST /predict`` runs on an image body) and then the
+``serving.protocol.inputs.batch_from_image`` (what ``POST /predict`` runs on an image body) and then the
 model's ONNX export in ONNX Runtime, in process. For comparison the same uploads also go through the
 preprocessing this product used before issue 11 (``legacy_input``: grayscale, invert when the mean is
 light, resize the whole picture to the model's input). Models: the latest ``mnist-tf``, ``mnist-torch``,
@@ -20,20 +20,17 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.harness import ROOT  # noqa: E402
-from serving.data import load_mnist  # noqa: E402
-from serving.inputs import batch_from_image  # noqa: E402
-from serving.preprocess import model_input  # noqa: E402
-from serving.repository import ModelMetadata, ModelRepository  # noqa: E402
+from bench.harness import ROOT
+from serving.protocol.inputs import batch_from_image
+from serving.protocol.preprocess import model_input
+from serving.store.repository import ModelMetadata, ModelRepository
+from serving.toolchain.data import load_mnist
 
 MODELS = ("mnist-tf", "mnist-torch", "digits-tf", "digits-torch")
 MAX_PIXELS = 4_000_000  # SERVING_MAX_IMAGE_PIXELS' default
@@ -81,7 +78,7 @@ def own_digit_uploads(scale: int = 8) -> tuple[list[bytes], np.ndarray]:
     PNG: what the 8x8 path must still read after learning to frame MNIST-style digits."""
     from PIL import Image
 
-    from serving.data import load_digits_dataset
+    from serving.toolchain.data import load_digits_dataset
 
     dataset = load_digits_dataset(seed=0)
     bodies = []
@@ -203,7 +200,7 @@ def write_report(args: argparse.Namespace, metas: list[ModelMetadata], rows: lis
         f"[{SCALES[0]}, {SCALES[1]}] (bicubic), padded by 0-{MAX_PAD} px on each side at random, and drawn "
         f"dark-on-light ({dark_count}) or light-on-dark ({args.count - dark_count}); each encoded as a grayscale "
         f"PNG and an RGB JPEG (quality {JPEG_QUALITY}): {2 * args.count} uploads. *after*: "
-        "`serving.inputs.batch_from_image` (LeCun's 20x20 box centred by mass in 28x28 for 28x28 models, "
+        "`serving.protocol.inputs.batch_from_image` (LeCun's 20x20 box centred by mass in 28x28 for 28x28 models, "
         "optdigits' 4x4 block counts of a 32x32 bitmap for 8x8 models); *before*: the image path before issue 11 "
         "(grayscale, invert when mostly light, resize the whole picture). Predictions from each model's ONNX "
         "export in ONNX Runtime, in process (`bench/upload_accuracy.py`). The machine (2 cores) was shared "

@@ -37,13 +37,13 @@ import requests
 from bench import mnist_shaped
 from bench.harness import ROOT, WrkResult, run_wrk, wrk_script
 from serving.backends import backend_class
-from serving.data import load_digits_dataset, load_mnist
-from serving.encoding import json_bytes
-from serving.inputs import batch_from_data
+from serving.http.encoding import json_bytes
+from serving.protocol.inputs import batch_from_data
 from serving.protocol.v2.codec import InferenceRequest, decode_request, encode_response
 from serving.protocol.v2.tensors import batch_from_request, output_tensors
-from serving.repository import ModelMetadata, ModelRepository
-from serving.testing import GunicornServer
+from serving.store.repository import ModelMetadata, ModelRepository
+from serving.toolchain.data import load_digits_dataset, load_mnist
+from serving.tools.testing import GunicornServer
 
 HEADER = "Inference-Header-Content-Length"
 TARGET = 3.0

@@ -33,14 +33,14 @@ def serve(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = "serving.asgi:create_asgi_app()" if front == "asgi" else "serving.app:create_app()"
-    config = "python:serving.gunicorn_conf"
+    app = "serving.fronts.asgi:create_asgi_app()" if front == "asgi" else "serving.fronts.wsgi:create_app()"
+    config = "python:serving.host.conf"
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "-c", config, *argv, app])
     return 0  # pragma: no cover - execv does not return
 
 
 def train(argv: list[str]) -> int:
-    from serving.train_cli import main
+    from serving.toolchain.train_cli import main
 
     return main(argv)
 
@@ -52,7 +52,7 @@ def config(argv: list[str]) -> int:
         print("usage: serving config [--markdown]", file=sys.stderr)
         return 2
     if argv:
-        from serving.docgen import settings_markdown
+        from serving.tools.docgen import settings_markdown
 
         print(settings_markdown(), end="")
         return 0
@@ -60,19 +60,19 @@ def config(argv: list[str]) -> int:
 
 
 def import_(argv: list[str]) -> int:
-    from serving.importer import main
+    from serving.toolchain.importer import main
 
     return main(argv)
 
 
 def stop(argv: list[str]) -> int:
-    from serving.control import main
+    from serving.host.stop import main
 
     return main(argv)
 
 
 def bench(argv: list[str]) -> int:
-    from serving.modelbench import main
+    from serving.tools.modelbench import main
 
     return main(argv)
 
@@ -81,8 +81,8 @@ def docs(argv: list[str]) -> int:
     """Write the generated docs (``--check``: only report stale ones, exit 1) under ``--root`` (default: .)."""
     import argparse
 
-    from serving import docgen
-    from serving.endpoints import ENDPOINTS
+    from serving.protocol.endpoints import ENDPOINTS
+    from serving.tools import docgen
 
     parser = argparse.ArgumentParser(prog="serving docs", description=docs.__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 when a generated file is stale")
@@ -101,7 +101,7 @@ def docs(argv: list[str]) -> int:
 def digest(argv: list[str]) -> int:
     """Print ``SERVING_MODEL_SHA256=name:version=sha256(metadata.json),...`` for a repository's versions."""
     from serving.config import Settings
-    from serving.repository import ModelRepository, sha256_file
+    from serving.store.repository import ModelRepository, sha256_file
 
     if len(argv) > 1 or argv[:1] in (["-h"], ["--help"]):
         print("usage: serving digest [REPOSITORY]   (default: SERVING_MODEL_REPOSITORY, else models)")

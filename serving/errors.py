@@ -1,7 +1,7 @@
 """One error root for everything the server answers with a non-2xx status.
 
-Every failure a client can see is a ``ServingError`` carrying its HTTP status; ``serving.app``
-renders all of them, and Flask's own HTTP errors, as ``{"error": message}``. Anything else that
+Every failure a client can see is a ``ServingError`` carrying its HTTP status; both fronts render all of
+them (and the WSGI front Flask's own HTTP errors, translated into these) as ``{"error": message}``. Anything else that
 escapes a view is logged with its traceback and answered as a plain 500 without details.
 """
 
@@ -64,6 +64,22 @@ class ModelNotFound(ServingError):
     """No such model or version in the repository."""
 
     status_code = 404
+
+
+class NoRoute(ServingError):
+    """No endpoint at this path."""
+
+    status_code = 404
+
+
+class MethodNotAllowed(ServingError):
+    """The path exists, but not for this method: the answer's Allow header lists the methods it takes."""
+
+    status_code = 405
+
+    def __init__(self, message: str, allowed: list[str]) -> None:
+        super().__init__(message)
+        self.headers = {"Allow": ", ".join(allowed)} if allowed else {}
 
 
 class PayloadTooLarge(ServingError):

@@ -16,13 +16,13 @@ from typing import Any, NamedTuple
 import orjson
 from PIL import Image
 
-from serving.routing import Endpoint
+from serving.http.routing import Endpoint
 
 FRONTS: dict[str, dict[str, Any]] = {"wsgi": {}, "asgi": {"front": "asgi", "app": "asgi_server:app"}}
 #: What gunicorn's log says when max_requests recycles a worker, per front (gunicorn's line, uvicorn's line).
 RECYCLED = {"wsgi": "Autorestarting worker", "asgi": "Maximum request limit of"}
 #: The two ASGI workers: the default (uvicorn-worker's, as configured) and gunicorn's native one.
-ASGI_WORKERS = {"uvicorn": (), "gunicorn": ("-k", "serving.asgi_workers.AsgiWorker")}
+ASGI_WORKERS = {"uvicorn": (), "gunicorn": ("-k", "serving.host.asgi_workers.AsgiWorker")}
 JSON = "application/json"
 SAMPLE = [0.0] * 64
 
@@ -119,7 +119,7 @@ def parity_probes(model: str = "digits-torch") -> list[Probe]:
 def covering_probes(endpoints: Iterable[Endpoint], probes: list[Probe], model: str = "digits-torch") -> list[Probe]:
     """``probes`` plus a plain request for each endpoint none of them reaches (an endpoint added later
     is compared too: path variables filled with the model, version 1 and app.js, an empty JSON body)."""
-    from serving.routing import Router
+    from serving.http.routing import Router
 
     router = Router(endpoints)
     reached = set()

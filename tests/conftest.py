@@ -1,7 +1,7 @@
 """Shared fixtures: a model repository trained once per session, and real gunicorn servers.
 
 Servers are real ``gunicorn -c gunicorn.conf.py flask_server:app`` processes on a free loopback
-port, from the harness tests and benchmarks share (``serving.testing``); ``GunicornServer.stop``
+port, from the harness tests and benchmarks share (``serving.tools.testing``); ``GunicornServer.stop``
 always runs (context manager / fixture finalizer), so a failing test leaves no process behind.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from serving.testing import GunicornServer as _Harness
-from serving.testing import clean_env, free_port, gunicorn_command
+from serving.tools.testing import GunicornServer as _Harness
+from serving.tools.testing import clean_env, free_port, gunicorn_command
 
 __all__ = ["GUNICORN", "PYTHON", "ROOT", "GunicornServer", "clean_env", "free_port", "train"]
 
@@ -60,7 +60,7 @@ def mnist_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class GunicornServer(_Harness):
-    """``serving.testing.GunicornServer`` running this checkout's ``gunicorn.conf.py`` and ``flask_server:app``."""
+    """The harness's ``GunicornServer`` running this checkout's ``gunicorn.conf.py`` and ``flask_server:app``."""
 
     def __init__(self, repo: Path, log_dir: Path, args: tuple[str, ...] = (), **settings: Any) -> None:
         super().__init__(repo, log_dir, args, cwd=ROOT, **settings)

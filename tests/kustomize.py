@@ -5,7 +5,7 @@ Supported ``kustomization.yaml`` fields: ``resources`` (files, or folders with a
 strategic-merge patch, matched by kind and name. Strategic merge follows Kubernetes' merge keys for the
 lists deploy/k8s patches (containers, env, volumes by ``name``; volumeMounts by ``mountPath``; ports by
 ``containerPort``); other lists are replaced. Any other field is refused, so that a manifest using a
-feature this does not implement fails here instead of rendering wrong. ``tests/test_deploy.py`` compares
+feature this does not implement fails here instead of rendering wrong. ``tests/deploy/test_deploy.py`` compares
 the result with the rendered files that real kustomize (``kubectl kustomize``) wrote to deploy/k8s/rendered/.
 """
 

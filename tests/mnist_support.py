@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.data import MNIST_FILES, has_mnist, load_mnist
+from serving.toolchain.data import MNIST_FILES, has_mnist, load_mnist
 from tests.conftest import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from serving.repository import ModelMetadata
+from serving.store.repository import ModelMetadata
 
 #: How a model wants its input, from ``metadata.json`` (``input.layout``); the server's batch is (N, H, W).
 LAYOUTS = ("NHWC", "NCHW", "NHW", "flat")

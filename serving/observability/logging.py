@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import orjson
 
 from serving.config import Settings
-from serving.request import CURRENT_REQUEST
+from serving.observability.context import CURRENT_REQUEST
 
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
 _UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029"\\]')

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from serving.answers import Answer, json_answer
-from serving.encoding import parse_json_object
 from serving.errors import InvalidInput, UnsupportedMediaType
-from serving.inputs import PIXELS_8BIT, batch_from_data
-from serving.request import RequestState
-from serving.service import InferenceService
+from serving.http.answers import Answer, json_answer
+from serving.http.encoding import parse_json_object
+from serving.http.request import RequestState
+from serving.protocol.inputs import PIXELS_8BIT, batch_from_data
+from serving.runtime.service import InferenceService
 
 
 def inference_text(request: RequestState, service: InferenceService) -> Answer:

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from serving.answers import Answer, json_answer
-from serving.openapi import document
-from serving.request import RequestState
-
-if TYPE_CHECKING:
-    from serving.routing import Endpoint
-    from serving.service import InferenceService
+from serving.http.answers import Answer, json_answer
+from serving.http.request import RequestState
+from serving.http.routing import Endpoint
+from serving.protocol.openapi import document
+from serving.runtime.service import InferenceService
 
 STYLE = (
     "body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
@@ -32,9 +30,9 @@ STYLE = (
 
 
 def _endpoints(request: RequestState) -> tuple[Endpoint, ...]:
-    if request.router is None:
-        raise RuntimeError("the API documents are built from the router serving the request")
-    return request.router.endpoints
+    if not request.endpoints:
+        raise RuntimeError("the API documents are built from the endpoint table serving the request")
+    return tuple(request.endpoints)
 
 
 def openapi(request: RequestState, service: InferenceService) -> Answer:

@@ -1,6 +1,6 @@
 """The native REST API's handlers: decode the request, call the service, encode the answer.
 
-Routes are declared in ``serving.endpoints``; each handler takes the request and the service and
+Routes are declared in ``serving.protocol.endpoints``; each handler takes the request and the service and
 returns an ``Answer``, whichever dispatcher (direct or Flask) called it.
 """
 
@@ -12,12 +12,12 @@ import numpy as np
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import parse_form_data
 
-from serving.answers import Answer, json_answer
-from serving.encoding import parse_json_object
 from serving.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from serving.inputs import CONTRACT, IMAGE_TYPES, batch_from_data, batch_from_image, pixel_range_of
-from serving.request import RequestState
-from serving.service import InferenceService
+from serving.http.answers import Answer, json_answer
+from serving.http.encoding import parse_json_object
+from serving.http.request import RequestState
+from serving.protocol.inputs import CONTRACT, IMAGE_TYPES, batch_from_data, batch_from_image, pixel_range_of
+from serving.runtime.service import InferenceService
 
 MAX_FORM_MEMORY = 500_000  # Flask's defaults for form fields held in memory and the number of parts
 MAX_FORM_PARTS = 1000

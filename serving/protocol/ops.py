@@ -1,13 +1,13 @@
-"""Operational handlers: liveness, readiness and Prometheus metrics (routes in ``serving.endpoints``)."""
+"""Operational handlers: liveness, readiness and Prometheus metrics (routes in ``serving.protocol.endpoints``)."""
 
 from __future__ import annotations
 
 import os
 
-from serving.answers import Answer, json_answer
+from serving.http.answers import Answer, json_answer
+from serving.http.request import RequestState
 from serving.observability.metrics import exposition
-from serving.request import RequestState
-from serving.service import InferenceService
+from serving.runtime.service import InferenceService
 
 _WORKER = {"id": ""}
 

@@ -2,7 +2,7 @@
 
 # design: a streaming answer is a sequence of lines, so its handler is a ``StreamingHandler``: called
 # like every handler (``handler(request, service) -> Answer``) it returns the lines joined, which is
-# what the WSGI app sends (whole, with a Content-Length); the ASGI front (``serving.asgi``) sees the
+# what the WSGI app sends (whole, with a Content-Length); the ASGI front (``serving.fronts.asgi``) sees the
 # type in the endpoint table and calls ``lines`` instead, sending each line as the model produces it.
 # One decoder (``serving.protocol.native``'s), one service call per chunk, one encoder: both fronts
 # answer the same bytes, only the timing differs.
@@ -21,13 +21,13 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from serving.answers import Answer
-from serving.encoding import json_bytes
 from serving.errors import DeadlineExceeded
-from serving.openapi import INTEGER, NUMBER, STRING, array, obj
+from serving.http.answers import Answer
+from serving.http.encoding import json_bytes
+from serving.http.request import RequestState
 from serving.protocol.native import decode
-from serving.request import RequestState
-from serving.service import InferenceService
+from serving.protocol.openapi import INTEGER, NUMBER, STRING, array, obj
+from serving.runtime.service import InferenceService
 
 NDJSON = "application/x-ndjson"
 #: The schema of one line of the stream (the OpenAPI document's 200 answer describes a line).

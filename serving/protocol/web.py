@@ -7,7 +7,7 @@
     POST /models/{name}[/versions/{version}]/input      an uploaded picture as that model's input, 8-bit pixels
 
 The page sends pictures (a drawing is a PNG of the canvas) to ``/models/{name}/input``, which frames
-them exactly as every image upload is framed (``serving.inputs.batch_from_image``: MNIST's 20x20 box
+them exactly as every image upload is framed (``serving.protocol.inputs.batch_from_image``: MNIST's 20x20 box
 centred by mass, or optdigits' blocks), and answers the frame as a v2 UINT8 tensor; the page then
 sends that tensor to ``/v2/models/{name}/infer``. So there is one implementation of the framing, the
 page can show what the model sees, and every prediction goes through the same v2 path (batcher,
@@ -30,13 +30,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from serving.answers import Answer, json_answer
 from serving.backends import backend_class
 from serving.errors import ModelNotFound, ServingError, UnsupportedMediaType
-from serving.inputs import IMAGE_TYPES, PIXELS_8BIT, batch_from_image
+from serving.http.answers import Answer, json_answer
+from serving.http.request import RequestState
+from serving.protocol.inputs import IMAGE_TYPES, PIXELS_8BIT, batch_from_image
 from serving.protocol.v2.routes import VERSION_PATTERN
-from serving.request import RequestState
-from serving.service import InferenceService
+from serving.runtime.service import InferenceService
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self';"
        " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")

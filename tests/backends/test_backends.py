@@ -9,11 +9,11 @@ import pytest
 
 from serving.backends import REGISTRY, backend_class
 from serving.config import Settings
-from serving.data import load_digits_dataset
 from serving.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound
 from serving.protocol.native import metadata_document
-from serving.repository import ModelRepository
-from serving.service import InferenceService
+from serving.runtime.service import InferenceService
+from serving.store.repository import ModelRepository
+from serving.toolchain.data import load_digits_dataset
 
 CASES = [("digits-tf", "tensorflow"), ("digits-tf", "onnx"), ("digits-torch", "pytorch"), ("digits-torch", "onnx")]
 

@@ -8,8 +8,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from serving.app import create_app, service_of
 from serving.config import Settings
+from serving.fronts.wsgi import create_app, service_of
 
 
 def serve_in_process(settings: Settings) -> Iterator[Flask]:

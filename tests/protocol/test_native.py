@@ -1,7 +1,7 @@
 """The native API in process, through the Flask test client: every endpoint, input form and error case.
 
 The fast layer (``make test-fast``): no server, no sockets. The same requests through real gunicorn
-are in tests/test_server.py and tests/test_errors.py; what only a real server shows (signals,
+are in tests/server/test_server.py and tests/server/test_errors.py; what only a real server shows (signals,
 workers, sockets) is tested there.
 """
 
@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from serving.config import Settings
-from serving.data import load_digits_dataset
+from serving.toolchain.data import load_digits_dataset
 from tests.protocol.conftest import serve_in_process
 
 MAX_BODY = 16 * 1024

@@ -14,10 +14,10 @@ import requests
 from flask import Flask
 from openapi_spec_validator import validate
 
-from serving.app import create_app
 from serving.config import Settings
-from serving.endpoints import ENDPOINTS
-from serving.openapi import document as build_document
+from serving.fronts.wsgi import create_app
+from serving.protocol.endpoints import ENDPOINTS
+from serving.protocol.openapi import document as build_document
 from tests.conftest import GunicornServer, clean_env
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("st"))

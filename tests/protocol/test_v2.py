@@ -15,10 +15,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client import REGISTRY
 
-from serving.app import create_app, service_of
 from serving.config import Settings
-from serving.data import load_digits_dataset
+from serving.fronts.wsgi import create_app, service_of
 from serving.observability.metrics import TALLY
+from serving.toolchain.data import load_digits_dataset
 from tests.protocol.conftest import serve_in_process
 from tests.v2_support import multi_repo
 

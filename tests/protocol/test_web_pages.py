@@ -1,7 +1,7 @@
 """The web pages' handlers in process (serving/protocol/web.py): the pages and assets with their caching and
 Content-Security-Policy, the served-model list, and the framing endpoint the front page sends pictures to.
 
-The pages in a real browser against real gunicorn are tests/test_web.py.
+The pages in a real browser against real gunicorn are tests/server/test_web.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image, ImageDraw
 
-from serving.app import create_app, service_of
 from serving.config import Settings
+from serving.fronts.wsgi import create_app, service_of
 from serving.protocol.web import CSP, web_files
 from tests.protocol.conftest import serve_in_process
 

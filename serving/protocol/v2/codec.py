@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serving.encoding import json_bytes
 from serving.errors import InvalidRequest
+from serving.http.encoding import json_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 DIGITS = re.compile(r"^[0-9]{1,12}$")

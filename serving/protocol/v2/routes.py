@@ -7,7 +7,7 @@
     POST /v2/models/{name}[/versions/{version}]/infer   inference, JSON or binary tensors
     GET|POST /v2/repository/index                       every model version on disk with its state
 
-The routes are declared in ``serving.endpoints``. Inference goes through the same service as the
+The routes are declared in ``serving.protocol.endpoints``. Inference goes through the same service as the
 native API: the same batcher, limits, deadlines and metrics. Unknown models and versions are 404;
 protocol violations 400; values the model cannot take (out of range, NaN, too many samples) 422, as
 in the native API. Errors are ``{"error": "..."}``.
@@ -21,12 +21,13 @@ from typing import Any
 import orjson
 
 from serving import __version__
-from serving.answers import Answer, json_answer
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
+from serving.http.answers import Answer, json_answer
+from serving.http.request import RequestState
 from serving.protocol.v2.codec import HEADER_LENGTH, decode_request, encode_response
 from serving.protocol.v2.tensors import batch_from_request, check_outputs, model_metadata, output_tensors
-from serving.request import RequestState
-from serving.service import InferenceService
+from serving.runtime.model_control import ModelControl
+from serving.runtime.service import InferenceService
 
 EXTENSIONS = ["binary_tensor_data"]
 VERSION_PATTERN = re.compile(r"^[0-9]{1,9}$")
@@ -93,13 +94,11 @@ def infer(request: RequestState, service: InferenceService, name: str, version: 
 def repository_index(request: RequestState, service: InferenceService) -> Answer:
     """The served versions (all on disk for an admin key); a POST may filter with ``{"ready": true}`` (as Triton's).
 
-    With explicit model control, each entry is what every worker reports (serving.model_control).
+    With explicit model control, each entry is what every worker reports (serving.runtime.model_control).
     """
     entries = service.index(unserved=request.admin)
     if service.settings.model_control == "explicit":
-        from serving.model_control import every_worker_index
-
-        entries = every_worker_index(service, entries, unserved=request.admin)
+        entries = ModelControl.of(service).every_worker_index(entries, unserved=request.admin)
     body = request.body(service.body_limit) if request.method == "POST" else b""
     if body.strip():
         try:
@@ -115,16 +114,12 @@ def repository_index(request: RequestState, service: InferenceService) -> Answer
 
 def load_model(request: RequestState, service: InferenceService, name: str) -> Answer:
     """``POST /v2/repository/models/{name}/load`` (explicit model control): on every worker, then answer."""
-    from serving.model_control import load_or_unload
-
-    return json_answer(load_or_unload(service, name, True, service.settings.timeout))
+    return json_answer(ModelControl.of(service).load_or_unload(name, True, service.settings.timeout))
 
 
 def unload_model(request: RequestState, service: InferenceService, name: str) -> Answer:
     """``POST /v2/repository/models/{name}/unload``: every worker drains and unloads the model's versions."""
-    from serving.model_control import load_or_unload
-
-    return json_answer(load_or_unload(service, name, False, service.settings.timeout))
+    return json_answer(ModelControl.of(service).load_or_unload(name, False, service.settings.timeout))
 
 
 def _infer_body(request: RequestState, service: InferenceService) -> bytes:

@@ -4,7 +4,7 @@ A model takes one input ``[-1, H, W]`` (also accepted flat, ``[-1, H*W]``), FP32
 input range. FP64 and FP16 are converted to FP32; integer datatypes are converted when every value is
 exactly representable as FP32 (|v| <= 2**24); UINT8 tensors are 8-bit pixels, 0-255, mapped exactly
 onto the model's input range. BOOL, BYTES and BF16 are refused naming the input.
-After that the batch goes through ``serving.inputs.check_batch``, the same checks (batch size, NaN,
+After that the batch goes through ``serving.protocol.inputs.check_batch``, the same checks (batch size, NaN,
 range) as the native API. Outputs: ``probabilities`` (FP32 ``[-1, classes]``, the model's output name)
 and ``label`` (BYTES ``[-1]``, the most probable class).
 """
@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from serving.errors import InvalidRequest
-from serving.inputs import PIXELS_8BIT, check_batch, rescale
-from serving.loaded_model import LoadedModel
+from serving.protocol.inputs import PIXELS_8BIT, check_batch, rescale
 from serving.protocol.v2.codec import InferenceRequest, OutputTensor, RequestedOutput, input_array
-from serving.repository import ModelMetadata
+from serving.runtime.loaded_model import LoadedModel
+from serving.store.repository import ModelMetadata
 
 LABEL_OUTPUT = "label"
 CONVERTED = ("FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")

@@ -1,0 +1,129 @@
+"""gunicorn settings for the model server, read from SERVING_* environment variables.
+
+Loaded by the top-level ``gunicorn.conf.py`` (which gunicorn reads by default from the working
+directory, so `gunicorn flask_server:app -w 4` uses it too) and by ``serving serve`` as
+``-c python:serving.host.conf``, so an installed package and a checkout run the same settings.
+Command-line flags (-w, -b, --threads, ...) override what is set here. Every SERVING_* variable is
+described in docs/settings.md and by `serving config`.
+"""
+
+import os
+import sys
+
+from serving.config import Settings
+from serving.errors import ConfigError
+
+try:
+    settings = Settings.from_env()
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
+
+# Metrics from every worker are merged through files in one directory (prometheus_client's
+# multiprocess mode). It must be known before anything imports prometheus_client.
+from serving.observability import multiprocess  # noqa: E402
+
+try:
+    multiprocess.prepare_metrics_dir(settings, os.environ)
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
+
+from serving.host import hooks  # noqa: E402
+from serving.host import workers as worker_classes  # noqa: E402
+from serving.observability.logging import gunicorn_logger_class  # noqa: E402
+
+# Where and how many. Default: one worker per core, each with its share of the math threads.
+bind = [settings.bind]
+workers = settings.workers
+backlog = settings.backlog
+# Files gunicorn creates get no permission for others: a unix:PATH socket is srwxrwx--- (gunicorn's
+# default umask 0 makes it 0777, so any local user could send requests). Only the socket and the
+# workers' heartbeat files (unlinked at once) are made under it; a daemon sets its own umask (022).
+umask = 0o007
+
+# TLS: with SERVING_CERTFILE and SERVING_KEYFILE gunicorn serves HTTPS itself (a proxy in front may
+# terminate TLS instead: see the #tls lines of deploy/nginx.conf). Its TLS sockets bound how long a
+# silent client holds a worker, as the plain ones do (serving/host/workers.py).
+if settings.certfile:
+    try:
+        worker_classes.check_tls_files(settings.certfile, settings.keyfile)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    certfile = settings.certfile
+    keyfile = settings.keyfile
+    ssl_context = worker_classes.tls_context
+
+# process mode: sync workers, one request at a time per process (the only direct mode for PyTorch).
+# threaded mode: gthread workers, `threads` request threads sharing one model (TensorFlow, ONNX).
+# batched mode: gthread workers whose request threads queue work for one model thread per worker.
+# Both are gunicorn's own workers with JSON error pages and a bound on a silent client's hold on a
+# worker (serving/host/workers.py); `-k sync` or `-k gthread` on the command line runs gunicorn's.
+worker_class = ("serving.host.workers.SyncWorker" if settings.mode == "process"
+                else "serving.host.workers.ThreadWorker")
+threads = settings.threads_per_worker
+# SERVING_FRONT=asgi: asgi_server:app under an ASGI worker, one event loop per worker holding the
+# connections; the mode's request threads become the app's bounded pool (serving/fronts/asgi_pool.py), so
+# gunicorn's own `threads` is 1. uvicorn-worker's worker measured faster than gunicorn's native one
+# (docs/modes.md); `-k asgi` runs gunicorn's (serving.host.asgi_workers.AsgiWorker adds the app check).
+if settings.front == "asgi":
+    wsgi_app = "asgi_server:app"
+    worker_class = "serving.host.asgi_workers.UvicornWorker"
+    threads = 1
+
+# Timeouts: a worker silent for `timeout` s is killed and replaced; on reload or shutdown,
+# in-flight requests get `graceful_timeout` s to finish.
+timeout = settings.timeout
+graceful_timeout = settings.graceful_timeout
+keepalive = settings.keepalive
+
+# Recycle workers after max_requests (+ random jitter so they do not all restart at once).
+max_requests = settings.max_requests
+max_requests_jitter = settings.max_requests_jitter
+
+# Logs: the app writes one access line per request with its request id, so gunicorn's own access
+# log stays off. With a log file, stray stdout/stderr output is captured into it too.
+loglevel = settings.log_level
+errorlog = settings.log_file or "-"
+capture_output = bool(settings.log_file)
+accesslog = None
+proc_name = "serving"
+# With SERVING_LOG_FORMAT=json, gunicorn's own lines (start, workers, timeouts) are JSON objects too.
+json_logger = gunicorn_logger_class(settings)
+if json_logger is not None:
+    logger_class = json_logger
+
+# Servers started side by side (tests, benchmarks) must not share gunicorn's control socket.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Master, before forking: route daemon logs, wipe old metrics, fail fast on a bad model."""
+    hooks.route_daemon_logs(server)
+    multiprocess.wipe_metrics_dir(server)
+    hooks.check_before_fork(server, settings)
+
+
+def on_reload(server):
+    """Master, on SIGHUP: keep daemon logs in their file."""
+    hooks.route_daemon_logs(server)
+
+
+def post_worker_init(worker):
+    """Worker, after fork: load the model here, never in the master."""
+    if not hasattr(worker, "wsgi"):  # gunicorn's own asgi worker (-k asgi) keeps its app in worker.asgi
+        worker.wsgi = worker.asgi
+    hooks.load_in_worker(worker)
+
+
+def worker_exit(server, worker):
+    """Worker, on its way out: answer everything still queued for the model thread."""
+    hooks.drain_worker(worker)
+
+
+def on_exit(server):
+    """Master, at the very end: remove a temporary metrics directory."""
+    multiprocess.remove_metrics_dir()
+
+
+def child_exit(server, worker):
+    """Master: a worker exited; stop counting its live metrics."""
+    hooks.worker_exited(worker)

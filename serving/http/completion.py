@@ -1,0 +1,21 @@
+"""What every answered request does last, on both fronts: count it in the metrics and write its access line."""
+
+from __future__ import annotations
+
+import time
+
+from serving.http.request import RequestState
+from serving.observability import metrics
+from serving.observability.logging import AccessLog
+
+#: Methods counted under their own label; any other is counted as "other" (bounded label values).
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+
+
+def finish(request: RequestState, endpoint: str, status: int, default_model: str, access_log: AccessLog) -> None:
+    """Count the answered request in the metrics and write its access line (every dispatch path)."""
+    method = request.method
+    elapsed = time.perf_counter() - request.started
+    metrics.observe_request(endpoint, method if method in METHODS else "other", status, elapsed)
+    access_log.write(request.request_id, method, request.path, status, elapsed * 1000.0,
+                     request.model or default_model, request.batch_size)

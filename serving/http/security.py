@@ -1,0 +1,123 @@
+"""``Gate``: who may call which endpoint, checked in one place for both dispatch paths.
+
+# design: every endpoint declares a scope (public, inference, admin) in the endpoint table. The
+# dispatcher (direct routes) and the Flask view wrapper both call ``Gate.check`` before the handler,
+# so no path can skip it. Keys are compared in constant time (``hmac.compare_digest`` against every
+# configured key, no early exit) and never logged. With no key configured a scope is open, which is
+# the default on loopback; serving/host/conf.py warns at start when the bind is not loopback and
+# no key is set. The Host check (``SERVING_ALLOWED_HOSTS``) stops a web page from driving a server on
+# loopback through DNS rebinding; probes (the public scope) skip it, since orchestrators send the pod
+# address as Host.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from serving.config import Settings
+from serving.errors import ConfigError, Forbidden, MisdirectedHost, Unauthorized
+from serving.http.request import RequestState
+from serving.http.routing import Endpoint
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def read_keys(inline: str, path: str, variable: str) -> tuple[bytes, ...]:
+    """Keys from a comma-separated setting plus a file of one key per line (blank lines and # comments skipped)."""
+    keys = [key.strip() for key in inline.split(",") if key.strip()]
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{variable}_FILE={path!r} cannot be read: {exc.strerror}") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    for key in keys:
+        if len(key) < 16 or not key.isascii() or any(c.isspace() for c in key):
+            raise ConfigError(f"{variable}: every key must be at least 16 printable ASCII characters without spaces"
+                              " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return tuple(key.encode() for key in keys)
+
+
+def allowed_hosts(settings: Settings) -> frozenset[str] | None:
+    """The Host names accepted (lower case, without port); None accepts any."""
+    if settings.allowed_hosts.strip() == "*":
+        return None
+    hosts = {host.strip().lower() for host in settings.allowed_hosts.split(",") if host.strip()}
+    if not hosts:
+        hosts = set(LOOPBACK_HOSTS)
+        if not settings.bind.startswith("unix:"):
+            host = settings.bind.rpartition(":")[0].strip("[]").lower()
+            if host and host not in ("0.0.0.0", "::"):
+                hosts.add(host)
+    return frozenset(hosts)
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header: ``[::1]:8000`` -> ``::1``, ``Example.org:80`` -> ``example.org``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class Gate:
+    """Keys per scope and the allowed hosts, from the settings; ``check`` raises 400/401/403 or returns."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.inference_keys = read_keys(settings.api_keys, settings.api_keys_file, "SERVING_API_KEYS")
+        self.admin_keys = read_keys(settings.admin_keys, settings.admin_keys_file, "SERVING_ADMIN_KEYS")
+        self.hosts = allowed_hosts(settings)
+        self._hosts_seen: dict[str, bool] = {}
+        # Inference takes an inference or an admin key once inference keys exist; admin endpoints take
+        # an admin key when admin keys exist, else an inference key when those exist (never open while
+        # inference is closed).
+        self.required: dict[str, tuple[bytes, ...]] = {
+            "public": (), "inference": self.inference_keys + self.admin_keys if self.inference_keys else (),
+            "admin": self.admin_keys or self.inference_keys,
+        }
+
+    @property
+    def keys_on(self) -> bool:
+        return bool(self.inference_keys or self.admin_keys)
+
+    def check(self, request: RequestState, endpoint: Endpoint) -> None:
+        """Refuse the request unless its Host is allowed and it carries a key of the endpoint's scope."""
+        scope = endpoint.scope
+        if scope == "public":
+            return
+        if self.hosts is not None:
+            header = request.environ.get("HTTP_HOST")
+            if header is not None and not self._host_allowed(header):
+                raise MisdirectedHost(f"this server does not answer for Host {header[:64]!r}: set"
+                                      " SERVING_ALLOWED_HOSTS to the names clients use")
+        keys = self.required[scope]
+        if not keys:
+            return
+        if self._matches(request, keys):
+            request.admin = scope == "admin" and bool(self.admin_keys)  # an authenticated operator
+            return
+        if scope == "admin" and self._matches(request, self.inference_keys):
+            raise Forbidden(f"{endpoint.path} needs an admin key (SERVING_ADMIN_KEYS)")
+        raise Unauthorized("this endpoint needs an API key: send Authorization: Bearer <key>")
+
+    def _host_allowed(self, header: str) -> bool:
+        """Whether a Host header names this server (answers cached: clients send a handful of values)."""
+        allowed = self._hosts_seen.get(header)
+        if allowed is None:
+            allowed = self.hosts is None or host_name(header) in self.hosts
+            if len(self._hosts_seen) < 1024:  # bounded: invented Host values cannot grow it without end
+                self._hosts_seen[header] = allowed
+        return allowed
+
+    @staticmethod
+    def _matches(request: RequestState, keys: tuple[bytes, ...]) -> bool:
+        header = request.environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        candidate = token.strip().encode("latin-1", "replace")
+        found = False
+        for key in keys:  # every key is compared: the time does not say which one matched, or how much
+            found |= hmac.compare_digest(candidate, key)
+        return found

@@ -1,0 +1,1 @@
+"""The data plane: the served model table, loaded models, batching, admission, model control."""

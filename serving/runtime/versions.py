@@ -1,0 +1,188 @@
+"""What a worker serves: ``SERVING_MODELS`` parsed once (``Selection``), and one ``Planner`` for start and change.
+
+``SERVING_MODELS`` names what the v2 API serves beside the native API's model (``SERVING_MODEL``):
+``*`` is every version of every model in the repository; ``name`` keeps the latest versions of that model
+that ``SERVING_VERSION_POLICY`` allows (latest, latest:N or all); ``name:N`` pins version N; ``name:*``
+every version of it. The same ``Planner`` decides at start (``strict``: a named model or version that is
+absent, or any selected version that fails its checks, stops the start with one line) and while serving
+(model control: a version that fails is left out with its reason, and the next older one that passes takes
+its place, so a broken publish never replaces a working version). Each version is checked once (sha256 of
+every file, pins, backend fit), cached by its metadata's mtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from serving.config import Settings
+from serving.errors import ModelLoadError, ModelNotFound, ServingError
+from serving.runtime.admission import admit
+from serving.store.repository import ModelMetadata, ModelRepository, list_versions
+
+log = logging.getLogger("serving")
+#: The native API's model when SERVING_MODEL is empty and several models are on disk.
+DEFAULT_MODEL = "digits-tf"
+Key = tuple[str, int]
+#: A version to serve and the backend that serves it.
+Served = tuple[ModelMetadata, str]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """``SERVING_MODELS`` parsed: every model (``*``), names under the version policy, pinned versions."""
+
+    every: bool = False
+    names: tuple[str, ...] = ()
+    #: name -> pinned version (None for ``name:*``, every version)
+    pinned: Mapping[str, int | None] = field(default_factory=dict)
+    #: every name in the order the setting gives them
+    order: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> Selection:
+        every, names, pinned, order = False, [], {}, []
+        for entry in (part.strip() for part in spec.split(",") if part.strip()):
+            if entry == "*":
+                every = True
+                continue
+            name, _, version = entry.partition(":")
+            if version:
+                pinned[name] = None if version == "*" else int(version)
+            elif name not in names:
+                names.append(name)
+            if name not in order:
+                order.append(name)
+        return cls(every, tuple(names), pinned, tuple(order))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a worker should serve: every version with its backend, the default, and what was refused."""
+
+    served: dict[Key, Served]
+    default: Key
+    failed: dict[Key, str]
+
+
+def policy_count(policy: str) -> int | None:
+    """How many latest versions a policy keeps: ``latest`` 1, ``latest:N`` N, ``all`` None (every one)."""
+    if policy == "all":
+        return None
+    return int(policy.partition(":")[2] or 1)
+
+
+class Planner:
+    """Works out what should be served, checking each version once (cached by its metadata's mtime)."""
+
+    def __init__(self, settings: Settings, repository: ModelRepository) -> None:
+        self.settings, self.repository = settings, repository
+        self.selection = Selection.parse(settings.models)
+        self._checked: dict[tuple[Key, int], Served | str] = {}
+
+    def default_name(self) -> str:
+        """The native API's model: SERVING_MODEL; else digits-tf if selected, else the first selected model;
+        else digits-tf when on disk, else the only model on disk."""
+        if self.settings.model:
+            return self.settings.model
+        listed = list(self.selection.order)
+        if self.selection.every:
+            listed += [name for name in self.repository.models() if name not in listed]
+        if listed:
+            return DEFAULT_MODEL if DEFAULT_MODEL in listed else listed[0]
+        models = self.repository.models()
+        if not models:
+            raise ModelLoadError(f"no model in {self.repository.root}/: train one (`python train.py`), import one"
+                                 " (`serving import`), or mount a model repository there")
+        if DEFAULT_MODEL in models:
+            return DEFAULT_MODEL
+        if len(models) == 1:
+            return models[0]
+        raise ModelLoadError(
+            f"{self.repository.root}/ holds several models ({', '.join(models)}): choose one with SERVING_MODEL"
+        )
+
+    def check(self, name: str, version: int) -> Served | str:
+        """(metadata, backend) for a version that passes its checks, else the reason it does not."""
+        path = self.repository.root / name / str(version)
+        try:
+            stamp = (path / "metadata.json").stat().st_mtime_ns
+        except OSError:
+            stamp = 0
+        key = ((name, version), stamp)
+        if key not in self._checked:
+            try:
+                self._checked[key] = admit(self.repository.resolve(name, version), self.settings)
+            except (ModelLoadError, ModelNotFound, ServingError) as exc:
+                reason = getattr(exc, "message", None) or str(exc)
+                self._checked[key] = reason
+                log.warning("not serving %s:%d: %s", name, version, reason)
+        return self._checked[key]
+
+    def plan(self, only: list[str] | None = None, default: str | None = None, strict: bool = False) -> Plan:
+        """The versions to serve: the default model's (SERVING_MODEL_VERSION pins it), then the selection's.
+
+        ``only``: the explicit mode's wanted models, in place of the selection's names (pins still apply).
+        ``strict`` (at start): a named model or version that is absent, or a version that fails its checks,
+        raises instead of being left out.
+        """
+        selection = self.selection
+        default = default or self.default_name()
+        names = list(selection.names) if only is None else [name for name in only if name not in selection.pinned]
+        pinned = dict(selection.pinned)
+        if selection.every and only is None:
+            for name in self.repository.models():
+                pinned.setdefault(name, None)
+        if self.settings.model_version:
+            pinned[default] = self.settings.model_version
+            names = [name for name in names if name != default]
+        elif default not in names and (self.settings.model or default not in pinned):
+            names.insert(0, default)
+        keep = policy_count(self.settings.version_policy)
+        served: dict[Key, Served] = {}
+        failed: dict[Key, str] = {}
+        for name in [*names, *(name for name in pinned if name not in names)]:
+            versions = list_versions(self.repository.root / name)
+            picks: list[tuple[list[int], int | None]] = []
+            if name in names:
+                if strict:
+                    self._present(name, None, versions)
+                picks.append((sorted(versions, reverse=True), keep))
+            if name in pinned:
+                if strict:
+                    self._present(name, pinned[name], versions)
+                picks.append((versions if pinned[name] is None else [v for v in versions if v == pinned[name]], None))
+            for candidates, limit in picks:
+                good = 0
+                for version in candidates:
+                    if limit is not None and good >= limit:
+                        break
+                    if (name, version) in served:
+                        good += 1
+                        continue
+                    # at start a refusal is raised as it is (ModelLoadError or ConfigError): it stops the start
+                    result = admit(self.repository.resolve(name, version), self.settings) if strict else \
+                        self.check(name, version)
+                    if isinstance(result, str):
+                        failed[(name, version)] = result
+                    else:
+                        served[(name, version)] = result
+                        good += 1
+        ours = sorted(key for key in served if key[0] == default)
+        if not ours:
+            raise ModelLoadError(f"no servable version of {default}: " + ("; ".join(
+                f"{n}:{v}: {reason}" for (n, v), reason in failed.items() if n == default) or "none on disk"))
+        return Plan(dict(sorted(served.items())), ours[-1], failed)
+
+    def _present(self, name: str, version: int | None, versions: list[int]) -> None:
+        """At start: ModelLoadError, naming SERVING_MODELS when it named it, for an absent model or version."""
+        if versions and (version is None or version in versions):
+            return
+        try:
+            self.repository.resolve(name, version)
+        except ModelNotFound as exc:
+            message = exc.message
+        else:
+            return
+        raise ModelLoadError(f"SERVING_MODELS: {message}" if name in self.selection.order else message)

@@ -1,0 +1,1 @@
+"""What is on disk: the model repository and TF Serving folders."""

@@ -1,0 +1,1 @@
+"""Builds models (datasets, nets, training, export, import): the server never imports it."""

@@ -1,0 +1,1 @@
+"""Developer tools: the real-server test harness, the model benchmark, docs generation."""

@@ -1,0 +1,1 @@
+"""What deploy/ ships, checked for real: images' installs, manifests, nginx, Prometheus, systemd."""

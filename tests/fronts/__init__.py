@@ -1,0 +1,1 @@
+"""The fronts in process: the ASGI app's own behaviour, greenlet suspension."""

@@ -1,0 +1,1 @@
+"""The framework-free HTTP core: routing, the security gate."""

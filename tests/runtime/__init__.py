@@ -1,0 +1,1 @@
+"""The data plane: batching, the model table and model control."""

@@ -1,0 +1,1 @@
+"""Datasets, nets, training and the MNIST download."""
