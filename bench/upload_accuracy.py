@@ -1,6 +1,6 @@
 """How well uploaded images of digits are read: t10k digits re-rendered as PNG and JPEG uploads.
 
-    python bench/upload_accuracy.py [--repo models] [--count 1000] [--seed 0]
+    python -m bench.upload_accuracy [--repo models] [--count 1000] [--seed 0]
 
 Takes ``--count`` digits drawn (seeded) from the MNIST t10k set (``$MNIST_DIR``, default
 ``../shared/data/mnist``), and renders each one the way a user's upload might look: cropped to its ink,
