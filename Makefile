@@ -8,6 +8,7 @@
 # make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
 #                  then serves mnist-tf
 # make bench-uploads  upload accuracy of the MNIST and 8x8 models (reports/upload-accuracy-<date>.md)
+# make fuzz        the image decoder, JSON parser and v2 codec fuzzed for longer (FUZZ_EXAMPLES=20000)
 # make test-image  build both container images and check them for real (.ci/run runs it after make test)
 # make lock        regenerate requirements-runtime.txt / -frameworks.txt (the images' pins) from pyproject.toml
 # make docs        regenerate docs/settings.md and the endpoint table in docs/api.md
@@ -22,7 +23,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-batching bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-batching bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +63,11 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
+# The parsers of client bytes under Hypothesis for longer (FUZZ_EXAMPLES a target; make test runs 150).
+FUZZ_EXAMPLES ?= 20000
+fuzz: venv
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/protocol/test_fuzz.py -q
+
 bench: venv
 	scripts/system-packages.sh $(BENCH_PACKAGES)
 	$(PY) -m bench.throughput
@@ -90,6 +96,7 @@ docs: venv
 
 lint: venv
 	$(VENV)/bin/ruff check serving tests bench deploy scripts train.py flask_server.py asgi_server.py gunicorn.conf.py locustfile.py
+	$(VENV)/bin/ruff format --check serving
 	$(VENV)/bin/lint-imports
 
 clean:

@@ -49,109 +49,237 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def setting(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None,
-            minimum: float | None = None, maximum: float | None = None, pattern: re.Pattern[str] | None = None,
-            hint: str = "", default_doc: str = "", accepts: str = "") -> Any:
+def setting(
+    default: Any = MISSING,
+    doc: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    pattern: re.Pattern[str] | None = None,
+    hint: str = "",
+    default_doc: str = "",
+    accepts: str = "",
+) -> Any:
     """Declare one setting: its default, a one-line doc, and the bounds ``Settings`` enforces.
 
     ``pattern`` must match a non-empty string value; ``hint`` completes the refusal message of a
     pattern or a maximum ("is not HOST:PORT ..."); ``default_doc`` describes a computed default and
     ``accepts`` the accepted values, for the docs, where a pattern alone would not say it.
     """
-    metadata = {"doc": doc, "minimum": minimum, "maximum": maximum, "pattern": pattern, "hint": hint,
-                "default_doc": default_doc, "accepts": accepts}
+    metadata = {
+        "doc": doc,
+        "minimum": minimum,
+        "maximum": maximum,
+        "pattern": pattern,
+        "hint": hint,
+        "default_doc": default_doc,
+        "accepts": accepts,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+#: Longest silence from a client in the middle of a request before it is treated as gone, in
+#: seconds; the same as nginx's client_header_timeout and client_body_timeout in deploy/nginx.conf.
+CLIENT_SILENCE_S = 10.0
+
+
+def silence_limit(worker_timeout: float) -> float:
+    """Seconds a client may stay silent mid-request (both fronts): well under the heartbeat timeout
+    of a sync worker."""
+    return min(CLIENT_SILENCE_S, max(1.0, worker_timeout / 3))
 
 
 @dataclass(frozen=True)
 class Settings:
     """Validated server settings. Construct with ``Settings.from_env()`` or directly in tests."""
 
-    bind: str = setting("127.0.0.1:8000", "address:port (or unix:PATH) to listen on", pattern=BIND_PATTERN,
-                        hint="is not HOST:PORT or unix:PATH; e.g. 127.0.0.1:8000", accepts="HOST:PORT or unix:PATH")
-    workers: int = setting(doc="gunicorn worker processes", factory=available_cores, minimum=1,
-                           default_doc="the number of cores")
-    threads: int = setting(0, "request threads per worker (threaded, batched; the pool of the asgi front, 1 in process"
-                              " mode); 0 = 4 threaded, 16 batched", minimum=0)
-    mode: Mode = setting("process", "process (sync), threaded (gthread, shared model) or batched (micro-batching)")
-    front: Front = setting("wsgi", "wsgi (flask_server:app, sync/gthread workers) or asgi (asgi_server:app, one event"
-                                  " loop per worker, SERVING_MODE's request threads as a bounded pool)")
-    math_threads: int = setting(0, "intra-op threads per worker for the framework; 0 = cores // workers, at least 1",
-                                minimum=0)
+    bind: str = setting(
+        "127.0.0.1:8000",
+        "address:port (or unix:PATH) to listen on",
+        pattern=BIND_PATTERN,
+        hint="is not HOST:PORT or unix:PATH; e.g. 127.0.0.1:8000",
+        accepts="HOST:PORT or unix:PATH",
+    )
+    workers: int = setting(
+        doc="gunicorn worker processes",
+        factory=available_cores,
+        minimum=1,
+        default_doc="the number of cores",
+    )
+    threads: int = setting(
+        0,
+        "request threads per worker (threaded, batched; the pool of the asgi front, 1 in process"
+        " mode); 0 = 4 threaded, 16 batched",
+        minimum=0,
+    )
+    mode: Mode = setting(
+        "process", "process (sync), threaded (gthread, shared model) or batched (micro-batching)"
+    )
+    front: Front = setting(
+        "wsgi",
+        "wsgi (flask_server:app, sync/gthread workers) or asgi (asgi_server:app, one event"
+        " loop per worker, SERVING_MODE's request threads as a bounded pool)",
+    )
+    math_threads: int = setting(
+        0,
+        "intra-op threads per worker for the framework; 0 = cores // workers, at least 1",
+        minimum=0,
+    )
     model_repository: Path = setting(Path("models"), "model repository root directory")
     model: str = setting("", "model to serve; empty = digits-tf, else the only model present")
     model_version: int = setting(0, "version to serve; 0 = the latest", minimum=0)
-    models: str = setting("", "also serve (v2 API): * = every model and version, or e.g. digits-torch,x:1,y:*",
-                          pattern=MODELS_PATTERN, accepts="*, or a comma-separated list of name, name:N, name:*",
-                          hint="is not * or a comma-separated list of name, name:version or name:*;"
-                               " e.g. SERVING_MODELS=digits-tf,digits-torch:1")
-    backend: str = setting("", "a registered backend (tensorflow, pytorch, onnx, savedmodel) or module:Class;"
-                              " empty = the model's own", pattern=BACKEND_PATTERN,
-                           hint="is not a backend name or a module:Class (e.g. onnx, mypkg.runtime:MyBackend)",
-                           accepts="tensorflow | pytorch | onnx | savedmodel | module:Class")
+    models: str = setting(
+        "",
+        "also serve (v2 API): * = every model and version, or e.g. digits-torch,x:1,y:*",
+        pattern=MODELS_PATTERN,
+        accepts="*, or a comma-separated list of name, name:N, name:*",
+        hint="is not * or a comma-separated list of name, name:version or name:*;"
+        " e.g. SERVING_MODELS=digits-tf,digits-torch:1",
+    )
+    backend: str = setting(
+        "",
+        "a registered backend (tensorflow, pytorch, onnx, savedmodel) or module:Class;"
+        " empty = the model's own",
+        pattern=BACKEND_PATTERN,
+        hint="is not a backend name or a module:Class (e.g. onnx, mypkg.runtime:MyBackend)",
+        accepts="tensorflow | pytorch | onnx | savedmodel | module:Class",
+    )
     timeout: int = setting(30, "seconds before a silent worker is killed and replaced", minimum=1)
-    graceful_timeout: int = setting(30, "seconds in-flight requests get on reload/shutdown", minimum=0)
-    keepalive: int = setting(5, "seconds to hold an idle keep-alive connection (threaded, batched)", minimum=0)
-    max_requests: int = setting(0, "recycle a worker after this many requests; 0 = never", minimum=0)
+    graceful_timeout: int = setting(
+        30, "seconds in-flight requests get on reload/shutdown", minimum=0
+    )
+    keepalive: int = setting(
+        5, "seconds to hold an idle keep-alive connection (threaded, batched)", minimum=0
+    )
+    max_requests: int = setting(
+        0, "recycle a worker after this many requests; 0 = never", minimum=0
+    )
     max_requests_jitter: int = setting(0, "random extra requests before recycling", minimum=0)
     backlog: int = setting(2048, "pending connections the listen socket queues", minimum=1)
     log_level: LogLevel = setting("info", "debug, info, warning, error or critical")
-    log_format: LogFormat = setting("text", "text, or json for one JSON object per line (alias: LOG_FORMAT)")
+    log_format: LogFormat = setting(
+        "text", "text, or json for one JSON object per line (alias: LOG_FORMAT)"
+    )
     log_file: str = setting("", "error/access log path; empty = stderr (run/server.log as daemon)")
     access_log: bool = setting(True, "log one line per request")
-    max_body_bytes: int = setting(0, "largest request body accepted (413 beyond); 0 = derived: max(256 KiB, 64 KiB +"
-                                     " SERVING_MAX_BATCH x the largest served input's H x W x 24 bytes)", minimum=0)
+    max_body_bytes: int = setting(
+        0,
+        "largest request body accepted (413 beyond); 0 = derived: max(256 KiB, 64 KiB +"
+        " SERVING_MAX_BATCH x the largest served input's H x W x 24 bytes)",
+        minimum=0,
+    )
     max_batch: int = setting(64, "most samples in one request (422 beyond)", minimum=1)
-    max_image_pixels: int = setting(4_000_000, "largest uploaded image, width x height (413 beyond)", minimum=1)
+    max_image_pixels: int = setting(
+        4_000_000, "largest uploaded image, width x height (413 beyond)", minimum=1
+    )
     max_batch_size: int = setting(32, "batched: most samples the model runs at once", minimum=1)
-    max_delay_ms: float = setting(5.0, "batched: longest wait for more requests, from a batch's first request",
-                                  minimum=0, maximum=1000, hint="; batching waits are ~1-10 ms")
-    max_queue: int = setting(64, "batched: requests waiting per model before 503; asgi front: also requests"
-                                 " waiting for a pool thread", minimum=1)
-    request_timeout_ms: int = setting(5000, "deadline per request (504 after); header X-Request-Timeout-Ms overrides",
-                                      minimum=1)
-    metrics_dir: str = setting("", "prometheus multiprocess directory of its own (one holding other files is refused);"
-                                   " empty = a fresh temporary one per server")
-    model_sha256: str = setting("", "pinned sha256 of each served version's metadata.json (which lists the sha256 of"
-                                   " every file): name:version=HEX,...; set, it refuses any other version",
-                                pattern=PINS_PATTERN, accepts="name:N=sha256,... (serving digest prints it)",
-                                hint="is not a comma-separated list of name:version=<64 hex digits>")
-    model_control: ModelControl = setting("none", "none (models fixed at start), poll (follow the repository) or"
-                                          " explicit (POST /v2/repository/models/NAME/load and /unload)")
-    poll_seconds: float = setting(5.0, "poll mode: seconds between two looks at the repository", minimum=0.1,
-                                  maximum=3600)
-    version_policy: str = setting("latest", "with model control: versions served per model: latest, latest:N or all"
-                                            " (SERVING_MODELS=name:N pins one)", pattern=POLICY_PATTERN,
-                                  hint="is not latest, latest:N or all", accepts="latest | latest:N | all")
-    swap: Swap = setting("load_first", "a version switch loads the new version before unloading the old"
-                                       " (load_first, twice the memory for a moment) or unloads first (unload_first,"
-                                       " 503 + Retry-After meanwhile)")
-    api_keys: str = setting("", "inference keys, comma-separated: Authorization: Bearer KEY is then required on"
-                               " inference and metadata endpoints; empty = open (see docs/security.md)",
-                            accepts="comma-separated keys")
-    api_keys_file: str = setting("", "file with one inference key per line (read by each worker at start, so a"
-                                    " reload with SIGHUP picks up a new file)")
-    admin_keys: str = setting("", "admin keys, comma-separated: required on /metrics and /v2/repository/*; an admin"
-                                 " key also passes inference endpoints", accepts="comma-separated keys")
-    admin_keys_file: str = setting("", "file with one admin key per line (read like SERVING_API_KEYS_FILE)")
-    allowed_hosts: str = setting("", "Host header values accepted, comma-separated (* = any); empty = localhost,"
-                                    " 127.0.0.1, [::1] and the bind address", accepts="comma-separated hosts or *")
+    max_delay_ms: float = setting(
+        5.0,
+        "batched: longest wait for more requests, from a batch's first request",
+        minimum=0,
+        maximum=1000,
+        hint="; batching waits are ~1-10 ms",
+    )
+    max_queue: int = setting(
+        64,
+        "batched: requests waiting per model before 503; asgi front: also requests"
+        " waiting for a pool thread",
+        minimum=1,
+    )
+    request_timeout_ms: int = setting(
+        5000, "deadline per request (504 after); header X-Request-Timeout-Ms overrides", minimum=1
+    )
+    metrics_dir: str = setting(
+        "",
+        "prometheus multiprocess directory of its own (one holding other files is refused);"
+        " empty = a fresh temporary one per server",
+    )
+    model_sha256: str = setting(
+        "",
+        "pinned sha256 of each served version's metadata.json (which lists the sha256 of"
+        " every file): name:version=HEX,...; set, it refuses any other version",
+        pattern=PINS_PATTERN,
+        accepts="name:N=sha256,... (serving digest prints it)",
+        hint="is not a comma-separated list of name:version=<64 hex digits>",
+    )
+    model_control: ModelControl = setting(
+        "none",
+        "none (models fixed at start), poll (follow the repository) or"
+        " explicit (POST /v2/repository/models/NAME/load and /unload)",
+    )
+    poll_seconds: float = setting(
+        5.0, "poll mode: seconds between two looks at the repository", minimum=0.1, maximum=3600
+    )
+    version_policy: str = setting(
+        "latest",
+        "with model control: versions served per model: latest, latest:N or all"
+        " (SERVING_MODELS=name:N pins one)",
+        pattern=POLICY_PATTERN,
+        hint="is not latest, latest:N or all",
+        accepts="latest | latest:N | all",
+    )
+    swap: Swap = setting(
+        "load_first",
+        "a version switch loads the new version before unloading the old"
+        " (load_first, twice the memory for a moment) or unloads first (unload_first,"
+        " 503 + Retry-After meanwhile)",
+    )
+    api_keys: str = setting(
+        "",
+        "inference keys, comma-separated: Authorization: Bearer KEY is then required on"
+        " inference and metadata endpoints; empty = open (see docs/security.md)",
+        accepts="comma-separated keys",
+    )
+    api_keys_file: str = setting(
+        "",
+        "file with one inference key per line (read by each worker at start, so a"
+        " reload with SIGHUP picks up a new file)",
+    )
+    admin_keys: str = setting(
+        "",
+        "admin keys, comma-separated: required on /metrics and /v2/repository/*; an admin"
+        " key also passes inference endpoints",
+        accepts="comma-separated keys",
+    )
+    admin_keys_file: str = setting(
+        "", "file with one admin key per line (read like SERVING_API_KEYS_FILE)"
+    )
+    allowed_hosts: str = setting(
+        "",
+        "Host header values accepted, comma-separated (* = any); empty = localhost,"
+        " 127.0.0.1, [::1] and the bind address",
+        accepts="comma-separated hosts or *",
+    )
     certfile: str = setting("", "TLS certificate (PEM); with SERVING_KEYFILE gunicorn serves HTTPS")
     keyfile: str = setting("", "TLS private key (PEM), readable only by the server's user")
-    max_client_timeout_ms: int = setting(0, "longest deadline a client may ask for with X-Request-Timeout-Ms;"
-                                            " 0 = SERVING_REQUEST_TIMEOUT_MS", minimum=0)
+    max_client_timeout_ms: int = setting(
+        0,
+        "longest deadline a client may ask for with X-Request-Timeout-Ms;"
+        " 0 = SERVING_REQUEST_TIMEOUT_MS",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         for item in fields(self):
-            _validate(PREFIX + item.name.upper(), getattr(self, item.name), item.metadata, hints[item.name])
+            _validate(
+                PREFIX + item.name.upper(),
+                getattr(self, item.name),
+                item.metadata,
+                hints[item.name],
+            )
         if 0 < self.max_body_bytes < 1024:
-            raise ConfigError(f"SERVING_MAX_BODY_BYTES={self.max_body_bytes} is too small for one sample: use 0"
-                              " (derived from the model) or >= 1024")
+            raise ConfigError(
+                f"SERVING_MAX_BODY_BYTES={self.max_body_bytes} is too small for one sample: use 0"
+                " (derived from the model) or >= 1024"
+            )
         if bool(self.certfile) != bool(self.keyfile):
-            raise ConfigError("TLS needs both SERVING_CERTFILE and SERVING_KEYFILE (PEM files), or neither")
+            raise ConfigError(
+                "TLS needs both SERVING_CERTFILE and SERVING_KEYFILE (PEM files), or neither"
+            )
 
     @property
     def threads_per_worker(self) -> int:
@@ -161,14 +289,16 @@ class Settings:
         return self.threads or (16 if self.mode == "batched" else 4)
 
     def math_threads_for(self, workers: int) -> int:
-        """Intra-op threads each of ``workers`` workers may use so that workers x threads <= cores."""
+        """Intra-op threads each of ``workers`` workers may use so that workers x threads <=
+        cores."""
         if self.math_threads:
             return self.math_threads
         return max(1, available_cores() // max(1, workers))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read ``SERVING_*`` variables (empty values mean the default), then apply ``overrides``."""
+        """Read ``SERVING_*`` variables (empty values mean the default), then apply
+        ``overrides``."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         hints = _hints(cls)
@@ -192,7 +322,14 @@ class Settings:
             else:
                 default = "" if item.default in (None, "") else str(item.default)
                 default = default.lower() if isinstance(item.default, bool) else default
-            rows.append(SettingDoc(PREFIX + item.name.upper(), default, meta["doc"], _bounds(meta, hints[item.name])))
+            rows.append(
+                SettingDoc(
+                    PREFIX + item.name.upper(),
+                    default,
+                    meta["doc"],
+                    _bounds(meta, hints[item.name]),
+                )
+            )
         return rows
 
 
@@ -280,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for row in Settings.describe():
-        current = getattr(settings, row.variable[len(PREFIX):].lower())
+        current = getattr(settings, row.variable[len(PREFIX) :].lower())
         print(f"{row.variable:<28} = {current!s:<18} (default {row.default or '-'}): {row.doc}")
     return 0
 

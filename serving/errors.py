@@ -1,8 +1,9 @@
 """One error root for everything the server answers with a non-2xx status.
 
-Every failure a client can see is a ``ServingError`` carrying its HTTP status; both fronts render all of
-them (and the WSGI front Flask's own HTTP errors, translated into these) as ``{"error": message}``. Anything else that
-escapes a view is logged with its traceback and answered as a plain 500 without details.
+Every failure a client can see is a ``ServingError`` carrying its HTTP status; both fronts render
+all of them (and the WSGI front Flask's own HTTP errors, translated into these) as ``{"error":
+message}``. Anything else that escapes a view is logged with its traceback and answered as a plain
+500 without details.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ class ServingError(Exception):
     status_code = 500
     #: Extra response headers, e.g. Retry-After on 503.
     headers: dict[str, str] = {}
-    #: The ``reason`` label of serving_rejected_requests_total; None for errors that are not refusals.
+    #: The ``reason`` label of serving_rejected_requests_total; None for errors that are not
+    #: refusals.
     reason: str | None = None
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
@@ -32,7 +34,8 @@ class BadRequest(ServingError):
 
 
 class InvalidRequest(ServingError):
-    """A request that breaks its protocol: v2 tensors whose name, shape, datatype or binary sizes disagree."""
+    """A request that breaks its protocol: v2 tensors whose name, shape, datatype or binary sizes
+    disagree."""
 
     status_code = 400
     reason = "invalid"
@@ -73,7 +76,8 @@ class NoRoute(ServingError):
 
 
 class MethodNotAllowed(ServingError):
-    """The path exists, but not for this method: the answer's Allow header lists the methods it takes."""
+    """The path exists, but not for this method: the answer's Allow header lists the methods it
+    takes."""
 
     status_code = 405
 
@@ -104,7 +108,8 @@ class InvalidInput(ServingError):
 
 
 class ModelNotReady(ServingError):
-    """This worker has not finished loading its model, or it was unloaded a moment ago: retry shortly."""
+    """This worker has not finished loading its model, or it was unloaded a moment ago: retry
+    shortly."""
 
     status_code = 503
     headers = {"Retry-After": "1"}

@@ -23,20 +23,24 @@ REGISTRY: dict[str, str] = {
 
 
 def backend_class(name: str) -> type[Backend]:
-    """The Backend subclass registered under ``name``, or named ``module:Class`` (imports no framework)."""
+    """The Backend subclass registered under ``name``, or named ``module:Class`` (imports no
+    framework)."""
     module_name, _, class_name = REGISTRY.get(name, name).partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ModelLoadError(f"backend {name!r} is neither one of {', '.join(REGISTRY)} nor an importable"
-                             f" module:Class ({exc})") from None
+        raise ModelLoadError(
+            f"backend {name!r} is neither one of {', '.join(REGISTRY)} nor an importable"
+            f" module:Class ({exc})"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise ModelLoadError(f"backend {name!r} is not a serving.backends.Backend subclass")
     return cls
 
 
 def is_thread_safe(name: str) -> bool:
-    """Whether request threads may call the backend concurrently (read from the class; no framework import)."""
+    """Whether request threads may call the backend concurrently (read from the class; no
+    framework import)."""
     return backend_class(name).thread_safe
 
 

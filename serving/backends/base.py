@@ -17,7 +17,8 @@ import numpy as np
 
 from serving.store.repository import ModelMetadata
 
-#: How a model wants its input, from ``metadata.json`` (``input.layout``); the server's batch is (N, H, W).
+#: How a model wants its input, from ``metadata.json`` (``input.layout``); the server's batch is (N,
+#: H, W).
 LAYOUTS = ("NHWC", "NCHW", "NHW", "flat")
 
 
@@ -27,7 +28,8 @@ class Backend(ABC):
     name: ClassVar[str]
     #: Whether several request threads may call ``predict`` at once (threaded mode).
     thread_safe: ClassVar[bool]
-    #: The artifact inside the version directory that ``load`` reads (a file; for a SavedModel, its .pb).
+    #: The artifact inside the version directory that ``load`` reads (a file; for a SavedModel, its
+    #: .pb).
     artifact: ClassVar[str]
     #: The ``platform`` of the v2 model metadata (KServe/Triton names).
     platform: ClassVar[str] = "custom"
@@ -56,7 +58,8 @@ class Backend(ABC):
         return ""
 
     def _layout(self, batch: np.ndarray) -> np.ndarray:
-        """The batch as the model takes it: channel axis (NHWC, NCHW), as is (NHW) or flat; uint8 if asked."""
+        """The batch as the model takes it: channel axis (NHWC, NCHW), as is (NHW) or flat; uint8
+        if asked."""
         layout = self._layout_kind
         if layout == "NHWC":
             shaped = batch[..., np.newaxis]
@@ -69,10 +72,11 @@ class Backend(ABC):
         return np.rint(shaped).astype(np.uint8) if self._uint8 else shaped
 
     def _probabilities(self, output: np.ndarray) -> np.ndarray:
-        """The model's output as float32 probabilities: a softmax when ``output.activation`` says logits.
+        """The model's output as float32 probabilities: a softmax when ``output.activation`` says
+        logits.
 
-        ``auto`` (a TF Serving folder, where nothing records it) decides once, from the first output:
-        rows that are already distributions stay as they are.
+        ``auto`` (a TF Serving folder, where nothing records it) decides once, from the first
+        output: rows that are already distributions stay as they are.
         """
         activation = self._activation
         if activation is None or activation == "softmax":
@@ -80,7 +84,9 @@ class Backend(ABC):
         output = np.asarray(output, dtype=np.float32)
         if activation == "auto":
             sums = output.sum(axis=1)
-            activation = "softmax" if output.min() >= 0 and np.allclose(sums, 1.0, atol=1e-3) else "logits"
+            activation = (
+                "softmax" if output.min() >= 0 and np.allclose(sums, 1.0, atol=1e-3) else "logits"
+            )
             self._activation = activation
         if activation != "logits":
             return output

@@ -31,15 +31,21 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(
-                str(self.metadata.path / self.artifact), sess_options=options, providers=["CPUExecutionProvider"]
+                str(self.metadata.path / self.artifact),
+                sess_options=options,
+                providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelLoadError(f"cannot load {self.metadata.path / self.artifact}: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot load {self.metadata.path / self.artifact}: {exc}"
+            ) from exc
         self._input = self._session.get_inputs()[0].name
         self._outputs: list[Any] = [self._session.get_outputs()[0].name]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self._probabilities(self._session.run(self._outputs, {self._input: self._layout(batch)})[0])
+        return self._probabilities(
+            self._session.run(self._outputs, {self._input: self._layout(batch)})[0]
+        )
 
     def framework_version(self) -> str:
         return f"onnxruntime {self._ort_version}"

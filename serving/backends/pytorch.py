@@ -33,9 +33,12 @@ class TorchScriptBackend(Backend):
         try:
             module = torch.jit.load(str(self.metadata.path / self.artifact), map_location="cpu")
         except Exception as exc:  # torch raises RuntimeError and friends for bad archives
-            raise ModelLoadError(f"cannot load {self.metadata.path / self.artifact} as TorchScript: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot load {self.metadata.path / self.artifact} as TorchScript: {exc}"
+            ) from exc
         module.eval()
-        self._module = torch.jit.freeze(module)  # folds weights into the graph; optimize_for_inference asserts
+        # folds weights into the graph; optimize_for_inference asserts
+        self._module = torch.jit.freeze(module)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():

@@ -1,4 +1,5 @@
-"""TensorFlow SavedModel backend: the folder TF Serving serves (``saved_model.pb`` + ``variables/``).
+"""TensorFlow SavedModel backend: the folder TF Serving serves (``saved_model.pb`` +
+``variables/``).
 
 Loaded with ``tf.saved_model.load`` and called through its serving signature (a concrete function:
 no retracing, safe to call from several threads), with the same thread caps as the Keras backend.
@@ -34,12 +35,18 @@ class SavedModelBackend(Backend):
             self._loaded = tf.saved_model.load(str(self.metadata.path))
             function: Any = self._loaded.signatures[SIGNATURE]
         except KeyError:
-            raise ModelLoadError(f"{self.metadata.path}: the SavedModel has no {SIGNATURE!r} signature") from None
+            raise ModelLoadError(
+                f"{self.metadata.path}: the SavedModel has no {SIGNATURE!r} signature"
+            ) from None
         except Exception as exc:  # tensorflow raises OSError, ValueError and its own errors
-            raise ModelLoadError(f"cannot load the SavedModel in {self.metadata.path}: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot load the SavedModel in {self.metadata.path}: {exc}"
+            ) from exc
         self._function = function
         self._input, self._output = self.metadata.input_name, self.metadata.output_name
-        self._dtype = tf.uint8 if self.metadata.raw.get("input", {}).get("dtype") == "uint8" else tf.float32
+        self._dtype = (
+            tf.uint8 if self.metadata.raw.get("input", {}).get("dtype") == "uint8" else tf.float32
+        )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         tensor = self._tf.constant(self._layout(batch), dtype=self._dtype)

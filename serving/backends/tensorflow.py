@@ -16,7 +16,8 @@ from serving.errors import ModelLoadError
 
 
 def tensorflow_with_threads(math_threads: int) -> Any:
-    """Import TensorFlow (here, in the worker) with its intra-op threads capped and one inter-op thread."""
+    """Import TensorFlow (here, in the worker) with its intra-op threads capped and one inter-op
+    thread."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -46,16 +47,23 @@ class KerasBackend(Backend):
                 str(self.metadata.path / self.artifact), compile=False, safe_mode=True
             )
         except Exception as exc:  # keras raises ValueError, OSError, ...
-            raise ModelLoadError(f"cannot load {self.metadata.path / self.artifact}: {exc}") from exc
+            raise ModelLoadError(
+                f"cannot load {self.metadata.path / self.artifact}: {exc}"
+            ) from exc
         height, width = self.metadata.input_shape
-        shapes = {"NHWC": (None, height, width, 1), "NCHW": (None, 1, height, width), "NHW": (None, height, width),
-                  "flat": (None, height * width)}
+        shapes = {
+            "NHWC": (None, height, width, 1),
+            "NCHW": (None, 1, height, width),
+            "NHW": (None, height, width),
+            "flat": (None, height * width),
+        }
         spec = self.metadata.raw.get("input", {})
         dtype = tf.uint8 if spec.get("dtype") == "uint8" else tf.float32
         signature = tf.TensorSpec(shape=shapes[spec.get("layout", "NHWC")], dtype=dtype)
         self._model = model
         function = tf.function(lambda x: model(x, training=False), input_signature=[signature])
-        # Calling the traced concrete function skips tf.function's per-call signature binding (~150 us).
+        # Calling the traced concrete function skips tf.function's per-call signature binding (~150
+        # us).
         self._function: Any = function.get_concrete_function()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

@@ -1,1 +1,2 @@
-"""Transports over the same endpoint table: the WSGI app (Flask + the direct dispatcher), the ASGI app."""
+"""Transports over the same endpoint table: the WSGI app (Flask + the direct dispatcher), the
+ASGI app."""

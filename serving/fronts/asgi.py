@@ -1,20 +1,23 @@
-"""``create_asgi_app()``: the ASGI front, over the same endpoint table, handlers, gate, errors, metrics and logs.
+"""``create_asgi_app()``: the ASGI front, over the same endpoint table, handlers, gate, errors,
+metrics and logs.
 
-# design: the ASGI app is a transport, like ``serving.fronts.dispatch.Dispatcher`` is for WSGI: per request it
-# builds the same ``RequestState`` (from a WSGI-style environ made of the ASGI scope, with the body
-# already read into ``wsgi.input``), routes with ``Router.match`` (the compiled endpoint table), checks
-# ``Gate.check``, calls the endpoint's handler in a bounded thread pool (``serving.fronts.asgi_pool``), renders
-# failures with ``answer_for_exception`` and ends in ``serving.http.completion.finish`` (metrics, access line). In
-# batched mode an inference handler (a ``direct`` endpoint) with a body up to ``INLINE_BODY_BYTES``
-# runs on the event loop instead and awaits the batcher there (``serving.fronts.suspend``): no thread waits
-# for a batch, and the batcher's bounded queue answers 503 when full. A larger body, whose decoding
-# would hold the loop for milliseconds, goes to the pool as in the other modes. Nothing about a
-# protocol is decided here. What the event loop does itself is what it is good at: holding
-# many idle or slow connections, reading bodies without a thread each (a declared length over the
-# limit is refused before a byte is read; a chunked body stops one byte past it), and streaming the
-# lines of a ``StreamingHandler`` as they come. Models load after fork in gunicorn's post_worker_init
-# (``serving.fronts.parts.parts_of`` finds its parts, as on the Flask app), or in the lifespan startup when
-# an ASGI server runs it alone.
+# design: the ASGI app is a transport, like ``serving.fronts.dispatch.Dispatcher`` is for WSGI: per
+# request it builds the same ``RequestState`` (from a WSGI-style environ made of the ASGI scope,
+# with the body already read into ``wsgi.input``), routes with ``Router.match`` (the compiled
+# endpoint table), checks ``Gate.check``, calls the endpoint's handler in a bounded thread pool
+# (``serving.fronts.asgi_pool``), renders failures with ``answer_for_exception`` and ends in
+# ``serving.http.completion.finish`` (metrics, access line). In batched mode an inference handler (a
+# ``direct`` endpoint) with a body up to ``INLINE_BODY_BYTES`` runs on the event loop instead and
+# awaits the batcher there (``serving.fronts.suspend``): no thread waits for a batch, and the
+# batcher's bounded queue answers 503 when full. A larger body, whose decoding would hold the loop
+# for milliseconds, and any picture (``POOLED``: a 31 KB PNG can take 100 ms to decode) go to the
+# pool as in the other modes. Nothing about a protocol is decided
+# here. What the event loop does itself is what it is good at: holding many idle or slow
+# connections, reading bodies without a thread each (a declared length over the limit is refused
+# before a byte is read; a chunked body stops one byte past it), and streaming the lines of a
+# ``StreamingHandler`` as they come. Models load after fork in gunicorn's post_worker_init
+# (``serving.fronts.parts.parts_of`` finds its parts, as on the Flask app), or in the lifespan
+# startup when an ASGI server runs it alone.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapp
 from functools import partial
 from typing import Any, TypeVar
 
-from serving.config import Settings
-from serving.errors import ConfigError, MethodNotAllowed, ModelLoadError, NoRoute
+from serving.config import CLIENT_SILENCE_S, Settings, silence_limit
+from serving.errors import BadRequest, ConfigError, MethodNotAllowed, ModelLoadError, NoRoute
 from serving.fronts import suspend
 from serving.fronts.asgi_pool import RequestPool
 from serving.fronts.parts import ServingParts
@@ -50,19 +53,26 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("serving")
 T = TypeVar("T")
 NOSNIFF = (b"x-content-type-options", b"nosniff")
-#: Flask's automatic OPTIONS answer (empty, with Allow), which the WSGI app gives on every routed path.
+#: Flask's automatic OPTIONS answer (empty, with Allow), which the WSGI app gives on every routed
+#: path.
 OPTIONS_TYPE = "text/html; charset=utf-8"
-#: The largest body an inference handler decodes on the event loop in batched mode (about 0.3 ms of JSON).
+#: The largest body an inference handler decodes on the event loop in batched mode (about 0.3 ms of
+#: JSON).
 INLINE_BODY_BYTES = 64 * 1024
+#: Bodies decoded in the pool whatever their size: a 31 KB PNG can decode to 16 MB in 100 ms.
+POOLED = ("image/", "multipart/")
 
 
-def create_asgi_app(settings: Settings | None = None, endpoints: Iterable[Endpoint] = ENDPOINTS) -> AsgiApp:
+def create_asgi_app(
+    settings: Settings | None = None, endpoints: Iterable[Endpoint] = ENDPOINTS
+) -> AsgiApp:
     """Build the ASGI app for ``settings`` (default: from the environment) routing ``endpoints``."""
     return AsgiApp(settings or Settings.from_env(), endpoints)
 
 
 class AsgiApp:
-    """An ASGI 3 application: HTTP requests and the lifespan protocol (WebSocket connections are refused)."""
+    """An ASGI 3 application: HTTP requests and the lifespan protocol (WebSocket connections are
+    refused)."""
 
     def __init__(self, settings: Settings, endpoints: Iterable[Endpoint] = ENDPOINTS) -> None:
         configure_logging(settings)
@@ -72,11 +82,17 @@ class AsgiApp:
         self.gate = Gate(settings)
         self.access_log = AccessLog(settings)
         longest_s = (settings.max_client_timeout_ms or settings.request_timeout_ms) / 1000.0
-        self.pool = RequestPool(settings.threads_per_worker, settings.max_queue, longest_s, float(settings.timeout))
+        self.pool = RequestPool(
+            settings.threads_per_worker, settings.max_queue, longest_s, float(settings.timeout)
+        )
         self.batched = settings.mode == "batched"
+        #: A client silent this long mid-body gets a 400 (the WSGI workers' bound, serving.config).
+        self.silence_s = silence_limit(settings.timeout)
         self.count_in_flight = self.batched  # the batcher waits only while others are in flight
         #: What gunicorn's hooks (serving.host.hooks) find on the app, as on the Flask app.
-        self.serving_parts = ServingParts(settings, self.service, self.gate, self.router, self.access_log, "asgi")
+        self.serving_parts = ServingParts(
+            settings, self.service, self.gate, self.router, self.access_log, "asgi"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -85,8 +101,29 @@ class AsgiApp:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
-            await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008})  # before accept: the server answers 403
+            await self._refuse_websocket(scope, receive, send)
+
+    async def _refuse_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket upgrade gets the JSON 400 the WSGI front gives it (request id, nosniff),
+        through the ASGI ``websocket.http.response`` extension; a server without it answers its bare
+        403."""
+        await receive()  # websocket.connect
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        request = RequestState(environ_for({**scope, "method": "GET"}), self.router.endpoints)
+        token = CURRENT_REQUEST.set(request)
+        try:
+            error = BadRequest("WebSocket connections are not served here: use HTTP")
+            status, body, content_type, extra = answer_for_exception(error, request)
+            finish(request, "unmatched", status, self.service.default_label, self.access_log)
+            headers = headers_for(request, content_type, len(body), extra)
+            await send(
+                {"type": "websocket.http.response.start", "status": status, "headers": headers}
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        finally:
+            CURRENT_REQUEST.reset(token)
 
     # -- HTTP -----------------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -110,11 +147,17 @@ class AsgiApp:
         lines: Iterator[bytes] | None = None
         try:
             self.gate.check(request, endpoint)
-            body = await read_body(request, receive, self.service.body_limit) if has_body(request) else b""
+            body = (
+                await read_body(request, receive, self.service.body_limit, self.silence_s)
+                if has_body(request)
+                else b""
+            )
             if body is None:
                 return  # the client went away
             environ["wsgi.input"] = io.BytesIO(body)
-            if not (self.batched and endpoint.direct and len(body) <= INLINE_BODY_BYTES):
+            # on the loop: only a small body of numbers; pictures are decoded in the pool, always
+            inline = len(body) <= INLINE_BODY_BYTES and not request.mimetype.startswith(POOLED)
+            if not (self.batched and endpoint.direct and inline):
                 run = self._in_pool(contextvars.copy_context())
             if isinstance(handler, StreamingHandler):
                 lines = await run(partial(handler.lines, request, self.service, **params))
@@ -126,18 +169,22 @@ class AsgiApp:
             lines = None
         if lines is not None:
             assert isinstance(handler, StreamingHandler)
-            await self._stream(request, endpoint.metric_label, handler.content_type, lines, first, run, send)
+            await self._stream(
+                request, endpoint.metric_label, handler.content_type, lines, first, run, send
+            )
             return
         await self._answer(request, endpoint.metric_label, answer, send)
         if answer.status == 413:
             await drain(request, receive)
 
     def _in_pool(self, context: contextvars.Context) -> Callable[[Callable[[], T]], Awaitable[T]]:
-        """Runs a call in a pool thread, in the request's context (its id in log records), counted in flight."""
+        """Runs a call in a pool thread, in the request's context (its id in log records),
+        counted in flight."""
         return partial(self.pool.run, context.run, self._counted)
 
     def _inline(self, call: Callable[[], T]) -> Awaitable[T]:
-        """``call()`` on the event loop, counted in flight, awaiting the batcher where it calls the model."""
+        """``call()`` on the event loop, counted in flight, awaiting the batcher where it calls
+        the model."""
         return suspend.run(self._counted, call)
 
     def _counted(self, call: Callable[[], T]) -> T:
@@ -153,12 +200,20 @@ class AsgiApp:
     async def _answer(self, request: RequestState, label: str, answer: Answer, send: Send) -> None:
         status, body, content_type, extra = answer
         finish(request, label, status, self.service.default_label, self.access_log)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": headers_for(request, content_type, len(body), extra)})
-        await send({"type": "http.response.body", "body": b"" if request.method == "HEAD" else body})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": headers_for(request, content_type, len(body), extra),
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": b"" if request.method == "HEAD" else body}
+        )
 
     async def _unrouted(self, request: RequestState, method: str, path: str, send: Send) -> None:
-        """404, 405 with Allow, or the automatic OPTIONS answer: what Flask answers for the same request."""
+        """404, 405 with Allow, or the automatic OPTIONS answer: what Flask answers for the same
+        request."""
         allowed = self.router.allowed(path)
         if not allowed:
             answer = answer_for_exception(NoRoute(f"no endpoint at {path}"), request)
@@ -166,7 +221,9 @@ class AsgiApp:
             return
         methods = sorted({*allowed, "OPTIONS", *(("HEAD",) if "GET" in allowed else ())})
         if method != "OPTIONS":
-            answer = answer_for_exception(MethodNotAllowed(f"{method} is not allowed on {path}", methods), request)
+            answer = answer_for_exception(
+                MethodNotAllowed(f"{method} is not allowed on {path}", methods), request
+            )
             await self._answer(request, "unmatched", answer, send)
             return
         match = self.router.match(allowed[0], path)
@@ -174,12 +231,26 @@ class AsgiApp:
         answer = Answer(200, b"", OPTIONS_TYPE, {"Allow": ", ".join(methods)})
         await self._answer(request, match[0].metric_label, answer, send)
 
-    async def _stream(self, request: RequestState, label: str, content_type: str, lines: Iterator[bytes],
-                      first: bytes, run: Callable[[Callable[[], bytes]], Awaitable[bytes]], send: Send) -> None:
-        """Send each line as the pool computes it; a failure after the first line becomes the last line."""
+    async def _stream(
+        self,
+        request: RequestState,
+        label: str,
+        content_type: str,
+        lines: Iterator[bytes],
+        first: bytes,
+        run: Callable[[Callable[[], bytes]], Awaitable[bytes]],
+        send: Send,
+    ) -> None:
+        """Send each line as the pool computes it; a failure after the first line becomes the
+        last line."""
         finish(request, label, 200, self.service.default_label, self.access_log)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": headers_for(request, content_type, None, None)})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": headers_for(request, content_type, None, None),
+            }
+        )
         line = first
         while line:
             await send({"type": "http.response.body", "body": line, "more_body": True})
@@ -216,19 +287,26 @@ class AsgiApp:
 
 
 def environ_for(scope: Scope) -> dict[str, Any]:
-    """The WSGI-style environ ``RequestState`` reads, from an ASGI HTTP scope (the body comes later).
+    """The WSGI-style environ ``RequestState`` reads, from an ASGI HTTP scope (the body comes
+    later).
 
     PATH_INFO holds the path's UTF-8 bytes as latin-1, as a WSGI server passes it. Header names with
-    an underscore are dropped, as gunicorn does, so ``X_Request_ID`` cannot pose as ``X-Request-ID``.
+    an underscore are dropped, as gunicorn does, so ``X_Request_ID`` cannot pose as
+    ``X-Request-ID``.
     """
     server = scope.get("server") or ("", 0)
     client = scope.get("client") or ("", 0)
     environ: dict[str, Any] = {
-        "REQUEST_METHOD": scope["method"], "SCRIPT_NAME": "", "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
+        "REQUEST_METHOD": scope["method"],
+        "SCRIPT_NAME": "",
+        "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
         "PATH_INFO": scope["path"].encode("utf-8", "surrogateescape").decode("latin-1"),
         "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
-        "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1]), "REMOTE_ADDR": str(client[0]),
-        "wsgi.url_scheme": scope.get("scheme", "http"), "wsgi.input_terminated": True,
+        "SERVER_NAME": str(server[0]),
+        "SERVER_PORT": str(server[1]),
+        "REMOTE_ADDR": str(client[0]),
+        "wsgi.url_scheme": scope.get("scheme", "http"),
+        "wsgi.input_terminated": True,
     }
     for raw_name, raw_value in scope["headers"]:
         name = raw_name.decode("latin-1").upper()
@@ -242,15 +320,22 @@ def environ_for(scope: Scope) -> dict[str, Any]:
     return environ
 
 
-def headers_for(request: RequestState, content_type: str, length: int | None,
-                extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
+def headers_for(
+    request: RequestState, content_type: str, length: int | None, extra: dict[str, str] | None
+) -> list[tuple[bytes, bytes]]:
     """The answer's headers: the same set the WSGI app sends (no Content-Length on a stream)."""
-    headers = [(b"content-type", content_type.encode("latin-1")),
-               (b"x-request-id", request.request_id.encode("latin-1")), NOSNIFF]
+    headers = [
+        (b"content-type", content_type.encode("latin-1")),
+        (b"x-request-id", request.request_id.encode("latin-1")),
+        NOSNIFF,
+    ]
     if length is not None:
         headers.append((b"content-length", str(length).encode()))
     if extra:
-        headers.extend((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in extra.items())
+        headers.extend(
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in extra.items()
+        )
     return headers
 
 
@@ -260,12 +345,15 @@ def has_body(request: RequestState) -> bool:
     return "HTTP_TRANSFER_ENCODING" in environ or bool(request.content_length())
 
 
-async def read_body(request: RequestState, receive: Receive, limit: int) -> bytes | None:
+async def read_body(
+    request: RequestState, receive: Receive, limit: int, silence_s: float = CLIENT_SILENCE_S
+) -> bytes | None:
     """The body, read on the event loop; None when the client disconnected.
 
-    A declared length over ``limit`` is not read at all (the handler's ``declared_length`` answers 413
-    from CONTENT_LENGTH, as on WSGI); a chunked body stops one byte past ``limit`` (its 413 comes from
-    ``RequestState.body``).
+    A declared length over ``limit`` is not read at all (the handler's ``declared_length`` answers
+    413 from CONTENT_LENGTH, as on WSGI); a chunked body stops one byte past ``limit`` (its 413
+    comes from ``RequestState.body``). A client silent for ``silence_s`` mid-body gets a 400, as on
+    WSGI.
     """
     declared = request.content_length()
     if declared is not None and declared > limit:
@@ -274,7 +362,16 @@ async def read_body(request: RequestState, receive: Receive, limit: int) -> byte
     chunks: list[bytes] = []
     size = 0
     while size < wanted:
-        message = await receive()
+        try:
+            async with asyncio.timeout(silence_s):
+                message = await receive()
+        except (
+            TimeoutError
+        ):  # uvicorn has no body timeout: a body that stops arriving is the client's
+            got = f"{size} of its {declared} bytes" if declared is not None else f"{size} bytes"
+            raise BadRequest(
+                f"the body stopped arriving after {got} ({silence_s:g} s silent)"
+            ) from None
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
@@ -287,8 +384,9 @@ async def read_body(request: RequestState, receive: Receive, limit: int) -> byte
 
 
 async def drain(request: RequestState, receive: Receive) -> None:
-    """After a 413 on a declared length: read and drop up to ``DRAIN_LIMIT`` so the client sees the answer
-    instead of a reset (what ``serving.http.answers.drain`` does on WSGI), without a thread."""
+    """After a 413 on a declared length: read and drop up to ``DRAIN_LIMIT`` so the client sees
+    the answer instead of a reset (what ``serving.http.answers.drain`` does on WSGI), without a
+    thread."""
     remaining = request.content_length() or 0
     if not 0 < remaining <= DRAIN_LIMIT:
         return

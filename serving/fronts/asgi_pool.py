@@ -1,11 +1,13 @@
-"""``RequestPool``: the bounded thread pool where the ASGI front runs handlers, never on the event loop.
+"""``RequestPool``: the bounded thread pool where the ASGI front runs handlers, never on the event
+loop.
 
-# design: handlers are plain blocking functions (decode, validate, call the model, encode), shared with
-# the WSGI app. The event loop only parses HTTP, reads bodies and writes answers; each handler runs in
-# one of ``threads`` pool threads (SERVING_THREADS as the mode sets it: 1 in process mode, so one model
-# call at a time per worker, 4 threaded, 16 batched). At most ``max_waiting`` more requests wait for a
-# thread; the next one is refused at once with the batcher's own 503 (``QueueFull``, Retry-After), so an
-# overloaded worker answers fast instead of queueing without bound in the executor.
+# design: handlers are plain blocking functions (decode, validate, call the model, encode), shared
+# with the WSGI app. The event loop only parses HTTP, reads bodies and writes answers; each handler
+# runs in one of ``threads`` pool threads (SERVING_THREADS as the mode sets it: 1 in process mode,
+# so one model call at a time per worker, 4 threaded, 16 batched). At most ``max_waiting`` more
+# requests wait for a thread; the next one is refused at once with the batcher's own 503
+# (``QueueFull``, Retry-After), so an overloaded worker answers fast instead of queueing without
+# bound in the executor.
 #
 # A sync worker cuts a hung model call at the request deadline with SIGALRM, and gunicorn kills a
 # worker that stops heartbeating. Neither reaches a pool thread: the event loop keeps heartbeating.
@@ -31,24 +33,29 @@ from serving.errors import DeadlineExceeded, QueueFull
 
 log = logging.getLogger("serving")
 T = TypeVar("T")
-#: How long past the longest request deadline the front waits for a handler before answering 504 itself.
+#: How long past the longest request deadline the front waits for a handler before answering 504
+#: itself.
 BACKSTOP_MARGIN_S = 0.1
 Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
 class RequestPool:
-    """A per-process pool of daemon threads with a bounded wait line, a backstop deadline and a hang watchdog.
+    """A per-process pool of daemon threads with a bounded wait line, a backstop deadline and a hang
+    watchdog.
 
-    Daemon threads, not a ``ThreadPoolExecutor``: the executor joins its threads at interpreter exit,
-    so a worker stopping because a call hung would wait for that call before it could exit.
+    Daemon threads, not a ``ThreadPoolExecutor``: the executor joins its threads at interpreter
+    exit, so a worker stopping because a call hung would wait for that call before it could exit.
     """
 
-    def __init__(self, threads: int, max_waiting: int, backstop_s: float, hang_limit_s: float) -> None:
+    def __init__(
+        self, threads: int, max_waiting: int, backstop_s: float, hang_limit_s: float
+    ) -> None:
         self.threads = threads
         self.max_waiting = max_waiting
         self.backstop_s = backstop_s + BACKSTOP_MARGIN_S
         self.hang_limit_s = hang_limit_s
-        self.admitted = 0  # requests running or waiting for a thread (touched on the event loop only)
+        # requests running or waiting for a thread (touched on the event loop only)
+        self.admitted = 0
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._pid = 0
         self._started: dict[int, float] = {}  # thread id -> monotonic start of the call it runs
@@ -62,20 +69,27 @@ class RequestPool:
         threading.Thread(target=self._watch, name="pool-watchdog", daemon=True).start()
 
     async def run(self, call: Callable[..., T], *args: Any) -> T:
-        """``call(*args)`` in a pool thread; 503 when the wait line is full, 504 past the backstop."""
+        """``call(*args)`` in a pool thread; 503 when the wait line is full, 504 past the
+        backstop."""
         if self.admitted >= self.threads + self.max_waiting:
-            raise QueueFull(f"the request queue is full ({self.max_waiting} waiting for a thread); retry shortly")
+            raise QueueFull(
+                f"the request queue is full ({self.max_waiting} waiting for a thread); retry "
+                "shortly"
+            )
         if self._pid != os.getpid():
             self._start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self.admitted += 1  # freed when the thread is done with it (_settle), not when the front stops waiting
+        # freed when the thread is done with it (_settle), not when the front stops waiting
+        self.admitted += 1
         self._jobs.put((call, args, loop, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.backstop_s)
         except TimeoutError:
-            raise DeadlineExceeded("no answer within the longest request deadline; the call is still running"
-                                   " (a hung model: the worker restarts)") from None
+            raise DeadlineExceeded(
+                "no answer within the longest request deadline; the call is still running"
+                " (a hung model: the worker restarts)"
+            ) from None
 
     def _work(self) -> None:
         ident = threading.get_ident()
@@ -93,7 +107,9 @@ class RequestPool:
             except RuntimeError:  # the loop is closed: the worker is exiting
                 return
 
-    def _settle(self, future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    def _settle(
+        self, future: asyncio.Future[Any], result: Any, error: BaseException | None
+    ) -> None:
         self.admitted -= 1
         if future.done():
             return
@@ -112,13 +128,18 @@ class RequestPool:
         while True:
             time.sleep(min(1.0, self.hang_limit_s / 4))
             if self.busy_seconds() > self.hang_limit_s:
-                log.error("worker %d: a request has run for over %.0fs in a pool thread; restarting the worker",
-                          pid, self.hang_limit_s)
+                log.error(
+                    "worker %d: a request has run for over %.0fs in a pool thread; restarting the "
+                    "worker",
+                    pid,
+                    self.hang_limit_s,
+                )
                 os.kill(pid, signal.SIGTERM)
                 return
 
     def shutdown(self) -> None:
-        """Stop the threads once they finish what they run (lifespan shutdown); a hung one is left behind."""
+        """Stop the threads once they finish what they run (lifespan shutdown); a hung one is
+        left behind."""
         if self._pid == os.getpid():
             for _ in range(self.threads):
                 self._jobs.put(None)

@@ -2,8 +2,8 @@
 
 # design: for every request the dispatcher builds its ``RequestState`` (id, start time, limits) and
 # makes it the thread's current request, counts it in flight (batched mode), and then either answers
-# it directly or hands it to Flask. Flask's per-request machinery (request context, URL map, hooks, a
-# Response object) costs about 150 us on these machines, more than an ONNX model call, so the
+# it directly or hands it to Flask. Flask's per-request machinery (request context, URL map, hooks,
+# a Response object) costs about 150 us on these machines, more than an ONNX model call, so the
 # endpoints the table marks ``direct`` (the inference POSTs) are matched by the router's compiled
 # matcher and their handlers called here. Everything else, and a body without a Content-Length
 # (chunked), goes to Flask. Both paths call the same handlers, render errors with
@@ -28,24 +28,36 @@ from serving.observability.logging import AccessLog
 from serving.runtime.service import InferenceService
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-STATUS_LINES = {code: f"{code} {phrase}" for code, phrase in HTTP_STATUS_CODES.items()}  # as Flask writes them
-#: The metric label of a request's method: these, or "other" (a label per invented method would grow forever).
+# as Flask writes them
+STATUS_LINES = {code: f"{code} {phrase}" for code, phrase in HTTP_STATUS_CODES.items()}
+#: The metric label of a request's method: these, or "other" (a label per invented method would grow
+#: forever).
 NOSNIFF = ("X-Content-Type-Options", "nosniff")
 
 
 class Dispatcher:
-    """WSGI middleware: builds every request's state; answers direct routes, passes the rest to Flask."""
+    """WSGI middleware: builds every request's state; answers direct routes, passes the rest to
+    Flask."""
 
-    def __init__(self, flask_app: WSGIApp, router: Router, gate: Gate, service: InferenceService,
-                 access_log: AccessLog) -> None:
+    def __init__(
+        self,
+        flask_app: WSGIApp,
+        router: Router,
+        gate: Gate,
+        service: InferenceService,
+        access_log: AccessLog,
+    ) -> None:
         self.flask_app = flask_app
         self.router = router
         self.gate = gate
         self.service = service
         self.access_log = access_log
-        self.count_in_flight = service.settings.mode == "batched"  # the batcher waits only while others are
+        # the batcher waits only while others are
+        self.count_in_flight = service.settings.mode == "batched"
 
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
         request = RequestState(environ, self.router.endpoints)
         token = CURRENT_REQUEST.set(request)
         in_flight = self.service.in_flight if self.count_in_flight else None
@@ -61,16 +73,25 @@ class Dispatcher:
                 in_flight.leave()
             CURRENT_REQUEST.reset(token)
 
-    def _serve(self, request: RequestState, endpoint: Endpoint, params: dict[str, str],
-               start_response: Callable[..., Any]) -> list[bytes]:
+    def _serve(
+        self,
+        request: RequestState,
+        endpoint: Endpoint,
+        params: dict[str, str],
+        start_response: Callable[..., Any],
+    ) -> list[bytes]:
         try:
             self.gate.check(request, endpoint)
             answer = endpoint.handler(request, self.service, **params)
         except Exception as error:
             answer = answer_for_exception(error, request)
         status, body, content_type, extra = answer
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                   ("X-Request-ID", request.request_id), NOSNIFF]
+        headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("X-Request-ID", request.request_id),
+            NOSNIFF,
+        ]
         if extra:
             headers.extend(extra.items())
         start_response(STATUS_LINES.get(status) or f"{status} UNKNOWN", headers)
@@ -79,7 +100,8 @@ class Dispatcher:
 
 
 def direct_route(router: Router, request: RequestState) -> tuple[Endpoint, dict[str, str]] | None:
-    """The direct endpoint and path variables for ``request``, or None when Flask must dispatch it."""
+    """The direct endpoint and path variables for ``request``, or None when Flask must dispatch
+    it."""
     method = request.environ.get("REQUEST_METHOD", "")
     if method != "GET" and request.content_length() is None:  # a chunked body goes to Flask
         return None

@@ -1,7 +1,9 @@
-"""``ServingParts``: what an app of either front is built from, and the one typed way to find it on an app.
+"""``ServingParts``: what an app of either front is built from, and the one typed way to find it on
+an app.
 
-The gunicorn hooks (``serving.host.hooks``) load the models after fork, drain them on exit and start model
-control through ``parts_of(worker's app)``; the Flask views and the ASGI app read the same value.
+The gunicorn hooks (``serving.host.hooks``) load the models after fork, drain them on exit and start
+model control through ``parts_of(worker's app)``; the Flask views and the ASGI app read the same
+value.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ServingParts:
 
 
 def parts_of(app: object) -> ServingParts | None:
-    """The parts of an app built by ``create_app`` or ``create_asgi_app``; None for any other app."""
+    """The parts of an app built by ``create_app`` or ``create_asgi_app``; None for any other
+    app."""
     parts = getattr(app, ATTRIBUTE, None)
     return parts if isinstance(parts, ServingParts) else None

@@ -1,4 +1,5 @@
-"""Blocking handlers that wait for the batcher without holding a thread: ``run`` on the loop, ``wait`` inside.
+"""Blocking handlers that wait for the batcher without holding a thread: ``run`` on the loop,
+``wait`` inside.
 
 # design: handlers are plain blocking functions shared with the WSGI app (decode, validate, call the
 # model, encode). On the ASGI front in batched mode an inference handler runs in a greenlet on the
@@ -30,24 +31,29 @@ T = TypeVar("T")
 
 
 class _Handler(greenlet.greenlet):  # type: ignore[misc]
-    """A greenlet whose code may ``wait``: its parent is the event loop's task, which awaits for it."""
+    """A greenlet whose code may ``wait``: its parent is the event loop's task, which awaits for
+    it."""
 
 
 def suspended() -> bool:
-    """Whether the calling code runs under ``run``, so it may ``wait`` instead of blocking its thread."""
+    """Whether the calling code runs under ``run``, so it may ``wait`` instead of blocking its
+    thread."""
     return isinstance(greenlet.getcurrent(), _Handler)
 
 
 async def run(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``call(*args, **kwargs)`` on the event loop's thread, awaiting for it whatever it passes to ``wait``."""
+    """``call(*args, **kwargs)`` on the event loop's thread, awaiting for it whatever it passes
+    to ``wait``."""
     handler = _Handler(call)
     handler.gr_context = contextvars.copy_context()
-    handler.gr_context.run(WAITER.set, GREENLET)  # the model call waits on the loop, not in a thread
+    # the model call waits on the loop, not in a thread
+    handler.gr_context.run(WAITER.set, GREENLET)
     step: Any = handler.switch(*args, **kwargs)
     while not handler.dead:  # ``step`` is an awaitable the handler waits for
         try:
             value = await step
-        except BaseException as error:  # raised inside the handler, where it is rendered or re-raised
+        # raised inside the handler, where it is rendered or re-raised
+        except BaseException as error:
             step = handler.throw(error)
         else:
             step = handler.switch(value)
@@ -56,7 +62,8 @@ async def run(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def wait(awaitable: Awaitable[T]) -> T:
-    """From code under ``run``: the value of ``awaitable``, the event loop serving others meanwhile."""
+    """From code under ``run``: the value of ``awaitable``, the event loop serving others
+    meanwhile."""
     current = greenlet.getcurrent()
     if not isinstance(current, _Handler):
         if isinstance(awaitable, Coroutine):
@@ -67,8 +74,8 @@ def wait(awaitable: Awaitable[T]) -> T:
 
 
 class GreenletWaiter(Waiter):
-    """A handler under ``run``: a batched call awaits the batcher's future on the event loop (no thread
-    waits); a direct call runs where it is (the front sends only batched inference here)."""
+    """A handler under ``run``: a batched call awaits the batcher's future on the event loop (no
+    thread waits); a direct call runs where it is (the front sends only batched inference here)."""
 
     def batched(self, batcher: MicroBatcher, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         return wait(batcher.submit_async(batch, timeout_s))

@@ -30,19 +30,29 @@ from serving.protocol.endpoints import ENDPOINTS
 from serving.runtime.service import InferenceService
 
 
-def create_app(settings: Settings | None = None, endpoints: Iterable[Endpoint] = ENDPOINTS) -> Flask:
+def create_app(
+    settings: Settings | None = None, endpoints: Iterable[Endpoint] = ENDPOINTS
+) -> Flask:
     """Build the WSGI app for ``settings`` (default: from the environment) routing ``endpoints``."""
     settings = settings or Settings.from_env()
     configure_logging(settings)
     app = Flask("serving")
     router = Router(endpoints)
-    parts = ServingParts(settings, InferenceService(settings), Gate(settings), router, AccessLog(settings), "wsgi")
+    parts = ServingParts(
+        settings, InferenceService(settings), Gate(settings), router, AccessLog(settings), "wsgi"
+    )
     setattr(app, ATTRIBUTE, parts)
     router.register(app, _view)
     app.after_request(_finish_request)
-    app.register_error_handler(Exception, _render_error)  # Flask sends werkzeug's HTTP errors here too
-    app.wsgi_app = Dispatcher(app.wsgi_app, router, parts.gate, parts.service,  # type: ignore[method-assign]
-                              parts.access_log)
+    # Flask sends werkzeug's HTTP errors here too
+    app.register_error_handler(Exception, _render_error)
+    app.wsgi_app = Dispatcher(
+        app.wsgi_app,
+        router,
+        parts.gate,
+        parts.service,  # type: ignore[method-assign]
+        parts.access_log,
+    )
     return app
 
 
@@ -63,7 +73,8 @@ def _respond(answer: Answer) -> Response:
 
 
 def _view(endpoint: Endpoint) -> Callable[..., Response]:
-    """The Flask view for one endpoint: its handler with this request's state and the app's service."""
+    """The Flask view for one endpoint: its handler with this request's state and the app's
+    service."""
 
     def view(**params: Any) -> Response:
         state = current_request()
@@ -83,8 +94,13 @@ def _finish_request(response: Response) -> Response:
     parts = _parts(current_app)
     rule = request.url_rule
     endpoint = parts.router.by_name(rule.endpoint) if rule is not None else None
-    finish(state, endpoint.metric_label if endpoint is not None else "unmatched", response.status_code,
-           parts.service.default_label, parts.access_log)
+    finish(
+        state,
+        endpoint.metric_label if endpoint is not None else "unmatched",
+        response.status_code,
+        parts.service.default_label,
+        parts.access_log,
+    )
     return response
 
 
@@ -95,14 +111,19 @@ def _render_error(error: Exception) -> Response:
     return _respond(answer_for_exception(error, state))
 
 
-def _serving_error(error: HTTPException, state: RequestState, service: InferenceService) -> ServingError:
-    """Flask's own HTTP errors (no rule, wrong method, a 413 while parsing, a body cut short) as ours."""
+def _serving_error(
+    error: HTTPException, state: RequestState, service: InferenceService
+) -> ServingError:
+    """Flask's own HTTP errors (no rule, wrong method, a 413 while parsing, a body cut short) as
+    ours."""
     code = error.code or 500
     if isinstance(error, RequestEntityTooLarge):
         return PayloadTooLarge(f"the body is over the limit of {service.body_limit} bytes")
     if code == 404:
         return NoRoute(f"no endpoint at {state.path}")
     if code == 405:
-        return MethodNotAllowed(f"{state.method} is not allowed on {state.path}",
-                                list(getattr(error, "valid_methods", None) or []))
+        return MethodNotAllowed(
+            f"{state.method} is not allowed on {state.path}",
+            list(getattr(error, "valid_methods", None) or []),
+        )
     return ServingError(error.description or error.name, code)

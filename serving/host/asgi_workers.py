@@ -2,18 +2,20 @@
 
 - ``UvicornWorker``: the maintained ``uvicorn_worker.UvicornWorker`` (uvloop and httptools when
   installed), with two changes. uvicorn's own access log is off: the app writes one access line per
-  request, as on WSGI, and uvicorn's would cost a LogRecord per request that gunicorn's disabled access
-  log then drops. And a graceful stop (SIGTERM, SIGHUP, max_requests) no longer drops requests:
-  uvicorn's ``Server.shutdown`` closes every connection whose request has not been parsed yet, so a
-  client that connected just before the stop, or whose request is still in flight on the wire, gets a
-  reset. Measured under the reliability tests' load: 23 of 824 requests failed across one SIGHUP and
-  a few max_requests recyclings. Here the listeners close first and such connections get
+  request, as on WSGI, and uvicorn's would cost a LogRecord per request that gunicorn's disabled
+  access log then drops. And a graceful stop (SIGTERM, SIGHUP, max_requests) no longer drops
+  requests: uvicorn's ``Server.shutdown`` closes every connection whose request has not been parsed
+  yet, so a client that connected just before the stop, or whose request is still in flight on the
+  wire, gets a reset. Measured under the reliability tests' load: 23 of 824 requests failed across
+  one SIGHUP and a few max_requests recyclings. Here the listeners close first and such connections
+  get
   ``FIRST_REQUEST_GRACE_S`` for their request to arrive; it is then answered with Connection: close.
   And the request head gets gunicorn's limits (``limit_request_line``, ``limit_request_fields``,
   ``limit_request_field_size``), which uvicorn's httptools protocol does not have: it keeps any
   number of header fields of any size in memory. What it refuses, and a request it cannot parse,
   get the JSON errors of the WSGI workers (414, 431, 400) instead of uvicorn's plain text.
-- ``AsgiWorker``: gunicorn 27's native ``asgi`` worker, with its app also reachable as ``worker.wsgi``
+- ``AsgiWorker``: gunicorn 27's native ``asgi`` worker, with its app also reachable as
+``worker.wsgi``
   (where gunicorn.conf.py's hooks look for it), and with SIGTERM closing the listeners at once
   instead of at the worker's next one-second tick, so a new connection is refused, not served, once
   the stop began.
@@ -39,44 +41,56 @@ from uvicorn_worker import UvicornWorker as _UvicornWorker
 from serving.fronts.parts import parts_of
 from serving.host.workers import MESSAGE_LIMIT, render
 
-WORKER_BOOT_ERROR = 3  # gunicorn's Arbiter.WORKER_BOOT_ERROR: the master stops instead of respawning
-#: How long a stopping uvicorn worker waits for the request of a connection it accepted but has not read.
+# gunicorn's Arbiter.WORKER_BOOT_ERROR: the master stops instead of respawning
+WORKER_BOOT_ERROR = 3
+#: How long a stopping uvicorn worker waits for the request of a connection it accepted but has not
+#: read.
 FIRST_REQUEST_GRACE_S = 1.0
 
 
 def check_asgi_app(app: Any, log: Any) -> None:
-    """Exit with the boot-error code when ``app`` is this project's WSGI (Flask) app, not an ASGI one."""
+    """Exit with the boot-error code when ``app`` is this project's WSGI (Flask) app, not an ASGI
+    one."""
     parts = parts_of(app)
     if parts is not None and parts.front == "wsgi":
-        log.error("SERVING_FRONT=asgi runs an ASGI app: serve asgi_server:app (gunicorn -c gunicorn.conf.py"
-                  " asgi_server:app), or unset SERVING_FRONT to serve flask_server:app")
+        log.error(
+            "SERVING_FRONT=asgi runs an ASGI app: serve asgi_server:app (gunicorn -c "
+            "gunicorn.conf.py"
+            " asgi_server:app), or unset SERVING_FRONT to serve flask_server:app"
+        )
         sys.exit(WORKER_BOOT_ERROR)
 
 
 class GracefulServer(Server):  # type: ignore[misc]
-    """uvicorn's server, except that a stop answers the connections it accepted but had not read yet."""
+    """uvicorn's server, except that a stop answers the connections it accepted but had not read
+    yet."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
-            server.close()  # stop accepting first; uvicorn's shutdown closes them again (idempotent)
+            # stop accepting first; uvicorn's shutdown closes them again (idempotent)
+            server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FIRST_REQUEST_GRACE_S
-        while loop.time() < deadline and any(getattr(connection, "cycle", None) is None
-                                             for connection in self.server_state.connections):
+        while loop.time() < deadline and any(
+            getattr(connection, "cycle", None) is None
+            for connection in self.server_state.connections
+        ):
             await asyncio.sleep(0.02)
         await super().shutdown(sockets)
 
 
 class HeadTooLarge(Exception):
-    """Raised from a parser callback to stop parsing a head over a limit (httptools then raises its own)."""
+    """Raised from a parser callback to stop parsing a head over a limit (httptools then raises
+    its own)."""
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):  # type: ignore[misc]
-    """uvicorn's httptools protocol with gunicorn's limits on the request head, and JSON error answers.
+    """uvicorn's httptools protocol with gunicorn's limits on the request head, and JSON error
+    answers.
 
     The limits are class attributes that ``UvicornWorker`` sets from gunicorn's settings (a subclass
-    per worker). A head that has not ended within ``head_bytes`` is refused before the parser buffers
-    more, so a client cannot grow a worker's memory with one endless header.
+    per worker). A head that has not ended within ``head_bytes`` is refused before the parser
+    buffers more, so a client cannot grow a worker's memory with one endless header.
     """
 
     line_limit, fields_limit, field_size_limit = 4094, 100, 8190  # gunicorn's defaults
@@ -90,15 +104,22 @@ class LimitedHttpProtocol(HttpToolsProtocol):  # type: ignore[misc]
     def with_limits(cls, line: int, fields: int, field_size: int) -> type[LimitedHttpProtocol]:
         unlimited = 2**31  # gunicorn's 0
         line, fields, field_size = line or unlimited, fields or unlimited, field_size or unlimited
-        limits = {"line_limit": line, "fields_limit": fields, "field_size_limit": field_size,
-                  "head_bytes": line + 2 + min(fields, 32768) * (field_size + 2) + 2}
+        limits = {
+            "line_limit": line,
+            "fields_limit": fields,
+            "field_size_limit": field_size,
+            "head_bytes": line + 2 + min(fields, 32768) * (field_size + 2) + 2,
+        }
         return type(cls.__name__, (cls,), limits)
 
     def data_received(self, data: bytes) -> None:
         if self.in_head:
             if self.head_read > self.head_bytes:
-                self.refuse(431, "Request Header Fields Too Large", f"the request head is over {self.head_bytes}"
-                                                                    " bytes")
+                self.refuse(
+                    431,
+                    "Request Header Fields Too Large",
+                    f"the request head is over {self.head_bytes} bytes",
+                )
                 return
             self.head_read += len(data)
         super().data_received(data)
@@ -110,17 +131,28 @@ class LimitedHttpProtocol(HttpToolsProtocol):  # type: ignore[misc]
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
         if len(self.url) > self.line_limit:
-            self.stop(414, "Request-URI Too Long", f"the request line is too large ({len(self.url)}+ >"
-                                                   f" {self.line_limit})")
+            self.stop(
+                414,
+                "Request-URI Too Long",
+                f"the request line is too large ({len(self.url)}+ > {self.line_limit})",
+            )
 
     def on_header(self, name: bytes, value: bytes) -> None:
         super().on_header(name, value)
         self.fields += 1
         if self.fields > self.fields_limit:
-            self.stop(431, "Request Header Fields Too Large", f"more than {self.fields_limit} header fields")
+            self.stop(
+                431,
+                "Request Header Fields Too Large",
+                f"more than {self.fields_limit} header fields",
+            )
         if len(name) + len(value) + 2 > self.field_size_limit:
-            self.stop(431, "Request Header Fields Too Large",
-                      f"a header field is too large ({len(name) + len(value) + 2} > {self.field_size_limit})")
+            self.stop(
+                431,
+                "Request Header Fields Too Large",
+                f"a header field is too large ({len(name) + len(value) + 2} > "
+                f"{self.field_size_limit})",
+            )
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -128,9 +160,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):  # type: ignore[misc]
 
     def stop(self, status: int, reason: str, message: str) -> None:
         self.refusal = (status, reason, message)
-        raise HeadTooLarge(message)  # httptools raises HttpParserCallbackError; data_received answers
+        # httptools raises HttpParserCallbackError; data_received answers
+        raise HeadTooLarge(message)
 
-    def send_400_response(self, msg: str) -> None:  # uvicorn's answer to anything the parser refused
+    # uvicorn's answer to anything the parser refused
+    def send_400_response(self, msg: str) -> None:
         status, reason, message = self.refusal or (400, "Bad Request", msg)
         self.refuse(status, reason, message)
 
@@ -140,16 +174,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):  # type: ignore[misc]
 
 
 class UvicornWorker(_UvicornWorker):  # type: ignore[misc]
-    """uvicorn-worker's worker: no uvicorn access log, no request dropped by a graceful stop, gunicorn's
-    limits on the request head, JSON errors."""
+    """uvicorn-worker's worker: no uvicorn access log, no request dropped by a graceful stop,
+    gunicorn's limits on the request head, JSON errors."""
 
     CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": "auto", "access_log": False}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.cfg
-        self.config.http = LimitedHttpProtocol.with_limits(cfg.limit_request_line, cfg.limit_request_fields,
-                                                           cfg.limit_request_field_size)
+        self.config.http = LimitedHttpProtocol.with_limits(
+            cfg.limit_request_line, cfg.limit_request_fields, cfg.limit_request_field_size
+        )
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
@@ -165,7 +200,8 @@ class UvicornWorker(_UvicornWorker):  # type: ignore[misc]
 
 
 class AsgiWorker(_GunicornAsgiWorker):  # type: ignore[misc]
-    """gunicorn's native asgi worker: its app also as ``worker.wsgi``; SIGTERM stops accepting at once."""
+    """gunicorn's native asgi worker: its app also as ``worker.wsgi``; SIGTERM stops accepting at
+    once."""
 
     def load_wsgi(self) -> None:
         super().load_wsgi()

@@ -57,13 +57,17 @@ if settings.certfile:
 # batched mode: gthread workers whose request threads queue work for one model thread per worker.
 # Both are gunicorn's own workers with JSON error pages and a bound on a silent client's hold on a
 # worker (serving/host/workers.py); `-k sync` or `-k gthread` on the command line runs gunicorn's.
-worker_class = ("serving.host.workers.SyncWorker" if settings.mode == "process"
-                else "serving.host.workers.ThreadWorker")
+worker_class = (
+    "serving.host.workers.SyncWorker"
+    if settings.mode == "process"
+    else "serving.host.workers.ThreadWorker"
+)
 threads = settings.threads_per_worker
 # SERVING_FRONT=asgi: asgi_server:app under an ASGI worker, one event loop per worker holding the
-# connections; the mode's request threads become the app's bounded pool (serving/fronts/asgi_pool.py), so
-# gunicorn's own `threads` is 1. uvicorn-worker's worker measured faster than gunicorn's native one
-# (docs/modes.md); `-k asgi` runs gunicorn's (serving.host.asgi_workers.AsgiWorker adds the app check).
+# connections; the mode's request threads become the app's bounded pool
+# (serving/fronts/asgi_pool.py), so gunicorn's own `threads` is 1. uvicorn-worker's worker measured
+# faster than gunicorn's native one (docs/modes.md); `-k asgi` runs gunicorn's
+# (serving.host.asgi_workers.AsgiWorker adds the app check).
 if settings.front == "asgi":
     wsgi_app = "asgi_server:app"
     worker_class = "serving.host.asgi_workers.UvicornWorker"
@@ -86,7 +90,8 @@ errorlog = settings.log_file or "-"
 capture_output = bool(settings.log_file)
 accesslog = None
 proc_name = "serving"
-# With SERVING_LOG_FORMAT=json, gunicorn's own lines (start, workers, timeouts) are JSON objects too.
+# With SERVING_LOG_FORMAT=json, gunicorn's own lines (start, workers, timeouts) are JSON objects
+# too.
 json_logger = gunicorn_logger_class(settings)
 if json_logger is not None:
     logger_class = json_logger
@@ -109,7 +114,8 @@ def on_reload(server):
 
 def post_worker_init(worker):
     """Worker, after fork: load the model here, never in the master."""
-    if not hasattr(worker, "wsgi"):  # gunicorn's own asgi worker (-k asgi) keeps its app in worker.asgi
+    # gunicorn's own asgi worker (-k asgi) keeps its app in worker.asgi
+    if not hasattr(worker, "wsgi"):
         worker.wsgi = worker.asgi
     hooks.load_in_worker(worker)
 

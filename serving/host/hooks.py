@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import ipaddress
 import logging
@@ -34,7 +36,8 @@ from serving.runtime.waiting import ALARM, WAITER
 
 log = logging.getLogger("serving")
 DAEMON_LOG = Path("run/server.log")
-WORKER_BOOT_ERROR = 3  # gunicorn's Arbiter.WORKER_BOOT_ERROR: the master halts instead of respawning
+# gunicorn's Arbiter.WORKER_BOOT_ERROR: the master halts instead of respawning
+WORKER_BOOT_ERROR = 3
 
 
 def route_daemon_logs(server: Any) -> None:
@@ -52,44 +55,71 @@ def check_before_fork(server: Any, settings: Settings) -> None:
     try:
         service = InferenceService(settings)
         meta = service.resolve()
-        unsafe = sorted({backend for _, backend in service.served.values() if not is_thread_safe(backend)})
+        unsafe = sorted(
+            {backend for _, backend in service.served.values() if not is_thread_safe(backend)}
+        )
         if threaded and settings.mode != "batched" and unsafe:
             raise ConfigError(
-                f"the {unsafe[0]} backend is process-only but gunicorn runs {server.cfg.threads} threads"
-                " per worker: drop --threads, use SERVING_MODE=batched (one model thread per worker), or"
+                f"the {unsafe[0]} backend is process-only but gunicorn runs {server.cfg.threads} "
+                "threads"
+                " per worker: drop --threads, use SERVING_MODE=batched (one model thread per "
+                "worker), or"
                 " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
         warn_if_exposed(server, settings)
         for model_meta, _ in service.served.values():
             if not model_meta.verified:
                 server.log.warning(
-                    "%s:%d is a TF Serving folder without metadata.json: no digest is checked for it, labels are"
-                    " 0..%d and inputs are taken in [%g, %g]; `serving import %s --name %s` records digests,"
-                    " labels and the input range", model_meta.name, model_meta.version, len(model_meta.labels) - 1,
-                    *model_meta.input_range, model_meta.path, model_meta.name)
+                    "%s:%d is a TF Serving folder without metadata.json: no digest is checked for "
+                    "it, labels are"
+                    " 0..%d and inputs are taken in [%g, %g]; `serving import %s --name %s` "
+                    "records digests,"
+                    " labels and the input range",
+                    model_meta.name,
+                    model_meta.version,
+                    len(model_meta.labels) - 1,
+                    *model_meta.input_range,
+                    model_meta.path,
+                    model_meta.name,
+                )
     except (ModelLoadError, ConfigError) as exc:
         server.log.error("cannot start: %s", exc)
         raise RuntimeError(str(exc)) from None
     workers = server.cfg.workers
     server.log.info(
-        "serving %s version %d (%s backend, %s) with %d workers x %d threads; math threads per worker: %d%s",
-        meta.name, meta.version, service.backend_name, settings.mode, workers, server.cfg.threads,
+        "serving %s version %d (%s backend, %s) with %d workers x %d threads; math threads per "
+        "worker: %d%s",
+        meta.name,
+        meta.version,
+        service.backend_name,
+        settings.mode,
+        workers,
+        server.cfg.threads,
         settings.math_threads_for(workers),
-        f"; also {', '.join(f'{n}:{v}' for n, v in service.served if (n, v) != (meta.name, meta.version))}"
-        if len(service.served) > 1 else "",
+        "; also "
+        f"{', '.join(f'{n}:{v}' for n, v in service.served if (n, v) != (meta.name, meta.version))}"
+        if len(service.served) > 1
+        else "",
     )
 
 
 def warn_if_exposed(server: Any, settings: Settings) -> None:
     """A bind beyond loopback with no key: say at start what anyone who reaches the port can do."""
-    gate = Gate(settings)  # also refuses an unreadable key file or a short key, in the master, before forking
-    exposed = [address for address in server.cfg.bind if not address.startswith("unix:")
-               and not _loopback(host_name(address))]
+    # also refuses an unreadable key file or a short key, in the master, before forking
+    gate = Gate(settings)
+    exposed = [
+        address
+        for address in server.cfg.bind
+        if not address.startswith("unix:") and not _loopback(host_name(address))
+    ]
     if exposed and not gate.keys_on:
         server.log.warning(
-            "listening on %s with no API key: anyone who reaches the port can run inference, read /metrics and"
+            "listening on %s with no API key: anyone who reaches the port can run inference, read "
+            "/metrics and"
             " the model index; set SERVING_API_KEYS and SERVING_ADMIN_KEYS, and put nginx in front"
-            " (deploy/nginx.conf; docs/security.md)", ", ".join(exposed))
+            " (deploy/nginx.conf; docs/security.md)",
+            ", ".join(exposed),
+        )
 
 
 def _loopback(host: str) -> bool:
@@ -107,7 +137,8 @@ def worker_exited(worker: Any) -> None:
 
 
 def drain_worker(worker: Any) -> None:
-    """Worker, on its way out: answer everything still queued for the model thread, then flush metrics."""
+    """Worker, on its way out: answer everything still queued for the model thread, then flush
+    metrics."""
     parts = parts_of(getattr(worker, "wsgi", None))
     service = parts.service if parts is not None else None
     try:
@@ -120,9 +151,9 @@ def drain_worker(worker: Any) -> None:
 class HangWatchdog(threading.Thread):
     """Batched mode: a model call running longer than gunicorn's timeout means a hung model thread.
 
-    gthread workers keep heartbeating while their model thread hangs, so gunicorn would never replace
-    them; requests would only get 504s. The watchdog asks the worker to stop gracefully (SIGTERM):
-    queued requests finish or time out, and the master starts a fresh worker.
+    gthread workers keep heartbeating while their model thread hangs, so gunicorn would never
+    replace them; requests would only get 504s. The watchdog asks the worker to stop gracefully
+    (SIGTERM): queued requests finish or time out, and the master starts a fresh worker.
     """
 
     def __init__(self, service: InferenceService, limit_s: float, log: Any) -> None:
@@ -133,10 +164,34 @@ class HangWatchdog(threading.Thread):
         while True:
             time.sleep(min(1.0, self.limit_s / 4))
             if any(batcher.busy_seconds() > self.limit_s for batcher in self.service.batchers()):
-                self.log.error("worker %d: a model call has run for over %.0fs; restarting the worker",
-                               os.getpid(), self.limit_s)
+                self.log.error(
+                    "worker %d: a model call has run for over %.0fs; restarting the worker",
+                    os.getpid(),
+                    self.limit_s,
+                )
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+
+
+#: glibc's mallopt parameter: allocations at least this large are mapped, and unmapped when freed.
+M_MMAP_THRESHOLD = -3
+LARGE_BLOCK_BYTES = 1 << 20
+
+
+def return_large_blocks() -> None:
+    """Give large freed blocks back to the system at once, in this worker.
+
+    glibc raises its mmap threshold each time a mapped block is freed, so after the first decoded
+    upload a 16 MB image buffer comes from a thread's malloc arena and stays there when freed: 16
+    request threads decoding in turn kept about 600 MB in a worker that idles at 80 MB (measured,
+    tests/server/test_hostile_uploads.py). A fixed threshold of 1 MiB maps every buffer that large
+    and unmaps it when it is freed; the request path's own arrays are far smaller.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
+    except (OSError, AttributeError):  # not glibc: its own allocator's policy stands
+        pass
 
 
 def load_in_worker(worker: Any) -> None:
@@ -145,7 +200,9 @@ def load_in_worker(worker: Any) -> None:
     if parts is None:
         return  # not our app (a custom WSGI wrapper): it loads lazily on the first request
     service = parts.service
-    if isinstance(worker, SyncWorker):  # it serves requests on this thread: bound direct calls by SIGALRM
+    # it serves requests on this thread: bound direct calls by SIGALRM
+    return_large_blocks()
+    if isinstance(worker, SyncWorker):
         WAITER.set(ALARM)
     try:
         service.load(workers=worker.cfg.workers)
@@ -156,8 +213,9 @@ def load_in_worker(worker: Any) -> None:
         HangWatchdog(service, float(worker.cfg.timeout), worker.log).start()
     if service.settings.model_control != "none":
         ModelWatcher(service, worker.cfg.workers).start()
-    # Everything loaded so far (frameworks, models, the app) lives as long as the worker: moved out of
-    # the cyclic collector's reach, a full collection walks only what connections and requests
+    # Everything loaded so far (frameworks, models, the app) lives as long as the worker: moved out
+    # of the cyclic collector's reach, a full collection walks only what connections and requests
     # allocate. Measured: a full collection in an ONNX worker took 8-10 ms, a stall every request of
-    # that worker waited for; after the freeze it takes microseconds (docs/modes.md, idle connections).
+    # that worker waited for; after the freeze it takes microseconds (docs/modes.md, idle
+    # connections).
     gc.freeze()

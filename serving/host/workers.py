@@ -1,29 +1,32 @@
-"""gunicorn's sync and gthread workers with two changes: JSON error pages, and a bound on client silence.
+"""gunicorn's sync and gthread workers with two changes: JSON error pages, and a bound on client
+silence.
 
 ``serving/host/conf.py`` selects ``SyncWorker`` (process mode) or ``ThreadWorker`` (threaded and
 batched modes) from this module; everything else is gunicorn's own code.
 
 **JSON error pages.** gunicorn answers a request it cannot parse (400 bad request line, 414 URI too
-long, 431 header fields too large, ...) itself, before the app sees it, with an HTML page. Here those
-answers are ``{"error": "..."}`` with ``Content-Type: application/json`` and ``X-Content-Type-Options:
-nosniff``, like every answer of the app. gunicorn keeps deciding the status, logging and access-logging:
-``handle_error`` hands it a recorder instead of the client socket, and writes the status it recorded to
-the client as JSON. A gunicorn release that changes its page layout cannot break this: only the status
-line is read.
+long, 431 header fields too large, ...) itself, before the app sees it, with an HTML page. Here
+those answers are ``{"error": "..."}`` with ``Content-Type: application/json`` and
+``X-Content-Type-Options: nosniff``, like every answer of the app. gunicorn keeps deciding the
+status, logging and access-logging:
+``handle_error`` hands it a recorder instead of the client socket, and writes the status it recorded
+to the client as JSON. A gunicorn release that changes its page layout cannot break this: only the
+status line is read.
 
 **Client silence.** gunicorn 27 has no header or read timeout. A sync worker reads a request on a
 blocking socket, so a client that sends half a request head and then nothing holds the worker until
-the master kills it for missing its heartbeat (``timeout``, 30 s), and its models load again. A gthread
-worker waits up to 5 s for the first byte off-thread, but a partial head then holds a request thread
-with no bound at all (its heartbeat goes on, so nothing ever kills it). Each accepted socket here gets
-a kernel receive timeout (``SO_RCVTIMEO``, which gunicorn's ``setblocking`` calls keep), and a read that
-times out reads as the end of the stream: gunicorn then treats the client as gone (a debug line), and a
-body cut short is answered by the app as a bad request. TLS needs its own bound, because Python's TLS
-layer waits without limit on a blocking socket whatever the kernel timeout: with TLS, each blocking read
-and the handshake run under a socket timeout (``TLSClientSocket``, installed by gunicorn's
+the master kills it for missing its heartbeat (``timeout``, 30 s), and its models load again. A
+gthread worker waits up to 5 s for the first byte off-thread, but a partial head then holds a
+request thread with no bound at all (its heartbeat goes on, so nothing ever kills it). Each accepted
+socket here gets a kernel receive timeout (``SO_RCVTIMEO``, which gunicorn's ``setblocking`` calls
+keep), and a read that times out reads as the end of the stream: gunicorn then treats the client as
+gone (a debug line), and a body cut short is answered by the app as a bad request. TLS needs its own
+bound, because Python's TLS layer waits without limit on a blocking socket whatever the kernel
+timeout: with TLS, each blocking read and the handshake run under a socket timeout
+(``TLSClientSocket``, installed by gunicorn's
 ``ssl_context`` hook in serving/host/conf.py). A silent client costs a worker (or a thread) at most
-``silence_limit`` seconds. That is a bound, not immunity: a few connections per worker, renewed every
-few seconds, still keep every sync worker busy. Anything beyond loopback goes through nginx
+``silence_limit`` seconds. That is a bound, not immunity: a few connections per worker, renewed
+every few seconds, still keep every sync worker busy. Anything beyond loopback goes through nginx
 (``deploy/nginx.conf``), which reads whole requests before gunicorn sees them (docs/security.md).
 """
 
@@ -40,27 +43,22 @@ from typing import Any
 from gunicorn import util
 from gunicorn.workers import gthread, sync
 
+from serving.config import CLIENT_SILENCE_S, silence_limit
 from serving.errors import ConfigError
 from serving.http.encoding import json_bytes
 
-#: Longest silence from a client in the middle of a request before it is treated as gone, in seconds;
-#: the same as nginx's client_header_timeout and client_body_timeout in deploy/nginx.conf.
-CLIENT_SILENCE_S = 10.0
 #: Longest error message echoed: gunicorn's messages quote the offending request line or header.
 MESSAGE_LIMIT = 200
 
 
-def silence_limit(worker_timeout: float) -> float:
-    """Seconds a client may stay silent mid-request: well under the heartbeat timeout of a sync worker."""
-    return min(CLIENT_SILENCE_S, max(1.0, worker_timeout / 3))
-
-
 class ClientSocket(socket.socket):
-    """A client socket whose blocking reads end, as at end of stream, after ``limit`` seconds of silence."""
+    """A client socket whose blocking reads end, as at end of stream, after ``limit`` seconds of
+    silence."""
 
     @classmethod
     def adopt(cls, sock: socket.socket, limit: float) -> ClientSocket:
-        """Take over ``sock``'s descriptor (``sock`` is detached) and set the kernel receive timeout."""
+        """Take over ``sock``'s descriptor (``sock`` is detached) and set the kernel receive
+        timeout."""
         timeout = sock.gettimeout()
         adopted = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
         adopted.settimeout(timeout)
@@ -76,17 +74,19 @@ class ClientSocket(socket.socket):
         try:
             return super().recv(bufsize, flags)
         except BlockingIOError:
-            if self.gettimeout() == 0.0:  # a non-blocking socket with nothing to read: not a timeout
+            # a non-blocking socket with nothing to read: not a timeout
+            if self.gettimeout() == 0.0:
                 raise
             self.silent = True  # the receive timeout expired
             return b""
 
 
 class TLSClientSocket(ssl.SSLSocket):
-    """A TLS client socket whose blocking reads and handshake end after ``silence`` seconds of silence.
+    """A TLS client socket whose blocking reads and handshake end after ``silence`` seconds of
+    silence.
 
-    A read that times out reads as the end of the stream, like ``ClientSocket``; a handshake that times out
-    raises the TLS end-of-stream error, which gunicorn closes quietly.
+    A read that times out reads as the end of the stream, like ``ClientSocket``; a handshake that
+    times out raises the TLS end-of-stream error, which gunicorn closes quietly.
     """
 
     silence = CLIENT_SILENCE_S
@@ -108,7 +108,9 @@ class TLSClientSocket(ssl.SSLSocket):
                 super().do_handshake(block)
         except TimeoutError:
             self.silent = True
-            raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "the client went silent during the TLS handshake") from None
+            raise ssl.SSLEOFError(
+                ssl.SSL_ERROR_EOF, "the client went silent during the TLS handshake"
+            ) from None
 
     @contextmanager
     def _bounded(self) -> Iterator[None]:
@@ -130,16 +132,21 @@ def tls_socket_class(silence: float) -> type[TLSClientSocket]:
 
 
 def check_tls_files(certfile: str, keyfile: str) -> None:
-    """Refuse, with one line, a certificate and key that cannot serve TLS (gunicorn would fail later)."""
+    """Refuse, with one line, a certificate and key that cannot serve TLS (gunicorn would fail
+    later)."""
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
     except OSError as exc:  # ssl.SSLError included
         reason = exc.strerror or getattr(exc, "reason", None) or str(exc)
-        raise ConfigError(f"SERVING_CERTFILE={certfile!r} and SERVING_KEYFILE={keyfile!r} cannot serve TLS:"
-                          f" {reason}; give a PEM certificate (chain) and its private key") from None
+        raise ConfigError(
+            f"SERVING_CERTFILE={certfile!r} and SERVING_KEYFILE={keyfile!r} cannot serve TLS:"
+            f" {reason}; give a PEM certificate (chain) and its private key"
+        ) from None
 
 
-def tls_context(config: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+def tls_context(
+    config: Any, default_ssl_context_factory: Callable[[], ssl.SSLContext]
+) -> ssl.SSLContext:
     """gunicorn's ``ssl_context`` hook: its own context, whose sockets bound a silent client."""
     context = default_ssl_context_factory()
     context.sslsocket_class = tls_socket_class(silence_limit(config.timeout))
@@ -154,7 +161,8 @@ def _timeval(seconds: float) -> bytes:
 
 
 class _ErrorRecorder:
-    """Stands in for the client socket while gunicorn writes its HTML error page; keeps what it wrote."""
+    """Stands in for the client socket while gunicorn writes its HTML error page; keeps what it
+    wrote."""
 
     def __init__(self) -> None:
         self.written = b""
@@ -174,7 +182,8 @@ class _ErrorRecorder:
 
 
 def status_of(page: bytes) -> tuple[int, str] | None:
-    """The status code and reason of an HTTP answer, from its status line; None when there is none."""
+    """The status code and reason of an HTTP answer, from its status line; None when there is
+    none."""
     parts = page.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
         return None
@@ -182,7 +191,8 @@ def status_of(page: bytes) -> tuple[int, str] | None:
 
 
 def error_message(status: int, reason: str, exc: BaseException) -> str:
-    """What the JSON says: the reason, and for a client error what gunicorn found wrong (bounded)."""
+    """What the JSON says: the reason, and for a client error what gunicorn found wrong
+    (bounded)."""
     detail = str(exc) if status < 500 else ""
     if len(detail) > MESSAGE_LIMIT:
         detail = detail[:MESSAGE_LIMIT] + "..."
@@ -193,8 +203,10 @@ def error_message(status: int, reason: str, exc: BaseException) -> str:
 def render(status: int, reason: str, message: str) -> bytes:
     """A complete HTTP/1.1 error answer with a JSON body, closing the connection."""
     body = json_bytes({"error": message})
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"X-Content-Type-Options: nosniff\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"X-Content-Type-Options: nosniff\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode("latin-1") + body
 
 

@@ -1,1 +1,2 @@
-"""The framework-free HTTP core: request state, answers, routing, the security gate, JSON encoding."""
+"""The framework-free HTTP core: request state, answers, routing, the security gate, JSON
+encoding."""

@@ -1,4 +1,5 @@
-"""What every answered request does last, on both fronts: count it in the metrics and write its access line."""
+"""What every answered request does last, on both fronts: count it in the metrics and write its
+access line."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ from serving.observability.logging import AccessLog
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 
 
-def finish(request: RequestState, endpoint: str, status: int, default_model: str, access_log: AccessLog) -> None:
+def finish(
+    request: RequestState, endpoint: str, status: int, default_model: str, access_log: AccessLog
+) -> None:
     """Count the answered request in the metrics and write its access line (every dispatch path)."""
     method = request.method
     elapsed = time.perf_counter() - request.started
     metrics.observe_request(endpoint, method if method in METHODS else "other", status, elapsed)
-    access_log.write(request.request_id, method, request.path, status, elapsed * 1000.0,
-                     request.model or default_model, request.batch_size)
+    access_log.write(
+        request.request_id,
+        method,
+        request.path,
+        status,
+        elapsed * 1000.0,
+        request.model or default_model,
+        request.batch_size,
+    )

@@ -1,12 +1,13 @@
-"""``Endpoint`` and ``Router``: every route declared once, as data, and everything generated from it.
+"""``Endpoint`` and ``Router``: every route declared once, as data, and everything generated from
+it.
 
-# design: an endpoint is one ``Endpoint`` in ``serving.protocol.endpoints.ENDPOINTS``: method, path (Flask's
-# rule syntax), handler, summary, tag, auth scope, whether it may take the direct route, and its
-# OpenAPI fragment. ``Router`` turns that table into Flask's URL rules, the direct-route matcher,
-# the metric label of each request (the path pattern) and the OpenAPI paths, so none of them is
-# written by hand. The direct matcher is compiled here rather than asking werkzeug: werkzeug's
-# matcher costs ~6.5 us a match, a dict lookup plus a segment comparison ~0.4 us, and the direct
-# routes exist because every microsecond on the inference POSTs shows in the benchmark.
+# design: an endpoint is one ``Endpoint`` in ``serving.protocol.endpoints.ENDPOINTS``: method, path
+# (Flask's rule syntax), handler, summary, tag, auth scope, whether it may take the direct route,
+# and its OpenAPI fragment. ``Router`` turns that table into Flask's URL rules, the direct-route
+# matcher, the metric label of each request (the path pattern) and the OpenAPI paths, so none of
+# them is written by hand. The direct matcher is compiled here rather than asking werkzeug:
+# werkzeug's matcher costs ~6.5 us a match, a dict lookup plus a segment comparison ~0.4 us, and the
+# direct routes exist because every microsecond on the inference POSTs shows in the benchmark.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ Handler = Callable[..., Answer]
 Scope = Literal["public", "inference", "admin"]
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 _VARIABLE = re.compile(r"^<([a-z_][a-z0-9_]*)>$")
-_PATH = re.compile(r"^/([A-Za-z0-9._-]+|<[a-z_][a-z0-9_]*>)(/([A-Za-z0-9._-]+|<[a-z_][a-z0-9_]*>))*/?$|^/$")
+_PATH = re.compile(
+    r"^/([A-Za-z0-9._-]+|<[a-z_][a-z0-9_]*>)(/([A-Za-z0-9._-]+|<[a-z_][a-z0-9_]*>))*/?$|^/$"
+)
 
 
-@dataclass(frozen=True, eq=False)  # hashed by identity: a table of them keys the cached OpenAPI document
+# hashed by identity: a table of them keys the cached OpenAPI document
+@dataclass(frozen=True, eq=False)
 class Endpoint:
-    """One route: ``path`` uses Flask's syntax (``/v2/models/<name>/infer``; variables match one segment)."""
+    """One route: ``path`` uses Flask's syntax (``/v2/models/<name>/infer``; variables match one
+    segment)."""
 
     method: str
     path: str
@@ -44,9 +49,13 @@ class Endpoint:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"{self.method} {self.path}: the method must be one of {', '.join(METHODS)}")
+            raise ValueError(
+                f"{self.method} {self.path}: the method must be one of {', '.join(METHODS)}"
+            )
         if not _PATH.match(self.path):
-            raise ValueError(f"{self.method} {self.path}: a path is /segment/... with <variable> segments")
+            raise ValueError(
+                f"{self.method} {self.path}: a path is /segment/... with <variable> segments"
+            )
         if self.scope not in ("public", "inference", "admin"):
             raise ValueError(f"{self.method} {self.path}: scope must be public, inference or admin")
 
@@ -58,7 +67,9 @@ class Endpoint:
     @property
     def variables(self) -> tuple[str, ...]:
         """The path's variables, in order."""
-        return tuple(match.group(1) for part in self.path.split("/") if (match := _VARIABLE.match(part)))
+        return tuple(
+            match.group(1) for part in self.path.split("/") if (match := _VARIABLE.match(part))
+        )
 
     @property
     def openapi_path(self) -> str:
@@ -72,7 +83,8 @@ class Endpoint:
 
 
 class _Table:
-    """Endpoints compiled for matching: a dict for static paths, literal-segment checks for the rest."""
+    """Endpoints compiled for matching: a dict for static paths, literal-segment checks for the
+    rest."""
 
     def __init__(self, endpoints: Iterable[Endpoint]) -> None:
         self.static: dict[str, dict[str, Endpoint]] = {}
@@ -83,10 +95,18 @@ class _Table:
                 continue
             parts = endpoint.path.split("/")
             literals = tuple((i, part) for i, part in enumerate(parts) if not _VARIABLE.match(part))
-            variables = tuple((i, match.group(1)) for i, part in enumerate(parts) if (match := _VARIABLE.match(part)))
-            self.patterns.setdefault((endpoint.method, len(parts)), []).append(_Pattern(literals, variables, endpoint))
+            variables = tuple(
+                (i, match.group(1))
+                for i, part in enumerate(parts)
+                if (match := _VARIABLE.match(part))
+            )
+            self.patterns.setdefault((endpoint.method, len(parts)), []).append(
+                _Pattern(literals, variables, endpoint)
+            )
 
-    def match(self, method: str, path: str, ascii_only: bool) -> tuple[Endpoint, dict[str, str]] | None:
+    def match(
+        self, method: str, path: str, ascii_only: bool
+    ) -> tuple[Endpoint, dict[str, str]] | None:
         static = self.static.get(path)
         if static is not None:
             endpoint = static.get(method)
@@ -105,7 +125,8 @@ class _Table:
 
 @dataclass(frozen=True)
 class _Pattern:
-    """A compiled direct route with variables: the literal segments to compare and where the variables are."""
+    """A compiled direct route with variables: the literal segments to compare and where the
+    variables are."""
 
     literals: tuple[tuple[int, str], ...]
     variables: tuple[tuple[int, str], ...]
@@ -113,7 +134,8 @@ class _Pattern:
 
 
 class Router:
-    """The endpoint table, compiled: direct-route matching, Flask registration, labels, OpenAPI paths."""
+    """The endpoint table, compiled: direct-route matching, Flask registration, labels, OpenAPI
+    paths."""
 
     def __init__(self, endpoints: Iterable[Endpoint]) -> None:
         self.endpoints = tuple(endpoints)
@@ -132,20 +154,32 @@ class Router:
 
         A variable matches one non-empty ASCII segment, as Flask's default converter does for ASCII.
         """
-        return self._direct.match(method, path, ascii_only=True)  # Flask decodes a non-ASCII path (UTF-8 as latin-1)
+        # Flask decodes a non-ASCII path (UTF-8 as latin-1)
+        return self._direct.match(method, path, ascii_only=True)
 
     def match(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | None:
-        """Any endpoint (not only the direct ones) for a decoded path: the ASGI front routes with this.
+        """Any endpoint (not only the direct ones) for a decoded path: the ASGI front routes with
+        this.
 
-        Literal segments are ASCII; a variable takes any non-empty segment, a model name like ``é`` too.
-        Leading slashes count as one, as werkzeug routes them (``//health`` is ``/health`` on both fronts).
+        Literal segments are ASCII; a variable takes any non-empty segment, a model name like ``é``
+        too. Leading slashes count as one, as werkzeug routes them (``//health`` is ``/health`` on
+        both fronts).
         """
-        return self._all.match("GET" if method == "HEAD" else method, _one_leading_slash(path), ascii_only=False)
+        return self._all.match(
+            "GET" if method == "HEAD" else method, _one_leading_slash(path), ascii_only=False
+        )
 
     def allowed(self, path: str) -> list[str]:
-        """The methods some endpoint answers on ``path`` (for a 405's Allow header); empty for a 404."""
+        """The methods some endpoint answers on ``path`` (for a 405's Allow header); empty for a
+        404."""
         path = _one_leading_slash(path)
-        return sorted({method for method in METHODS if self._all.match(method, path, ascii_only=False) is not None})
+        return sorted(
+            {
+                method
+                for method in METHODS
+                if self._all.match(method, path, ascii_only=False) is not None
+            }
+        )
 
     def register(self, app: Any, view: Callable[[Endpoint], Callable[..., Any]]) -> None:
         """Add one Flask URL rule per endpoint; ``view(endpoint)`` makes its view function.
@@ -155,13 +189,16 @@ class Router:
         """
         app.url_map.merge_slashes = False
         for endpoint in self.endpoints:
-            app.add_url_rule(endpoint.path, endpoint=endpoint.name, view_func=view(endpoint),
-                             methods=[endpoint.method])
+            app.add_url_rule(
+                endpoint.path,
+                endpoint=endpoint.name,
+                view_func=view(endpoint),
+                methods=[endpoint.method],
+            )
 
     def by_name(self, name: str) -> Endpoint | None:
         """The endpoint Flask matched, by the name ``register`` gave its rule."""
         return self._by_name.get(name)
-
 
 
 def _one_leading_slash(path: str) -> str:

@@ -5,9 +5,9 @@
 # so no path can skip it. Keys are compared in constant time (``hmac.compare_digest`` against every
 # configured key, no early exit) and never logged. With no key configured a scope is open, which is
 # the default on loopback; serving/host/conf.py warns at start when the bind is not loopback and
-# no key is set. The Host check (``SERVING_ALLOWED_HOSTS``) stops a web page from driving a server on
-# loopback through DNS rebinding; probes (the public scope) skip it, since orchestrators send the pod
-# address as Host.
+# no key is set. The Host check (``SERVING_ALLOWED_HOSTS``) stops a web page from driving a server
+# on loopback through DNS rebinding; probes (the public scope) skip it, since orchestrators send the
+# pod address as Host.
 """
 
 from __future__ import annotations
@@ -24,18 +24,24 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def read_keys(inline: str, path: str, variable: str) -> tuple[bytes, ...]:
-    """Keys from a comma-separated setting plus a file of one key per line (blank lines and # comments skipped)."""
+    """Keys from a comma-separated setting plus a file of one key per line (blank lines and #
+    comments skipped)."""
     keys = [key.strip() for key in inline.split(",") if key.strip()]
     if path:
         try:
             lines = Path(path).read_text().splitlines()
         except OSError as exc:
             raise ConfigError(f"{variable}_FILE={path!r} cannot be read: {exc.strerror}") from None
-        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        keys += [
+            line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+        ]
     for key in keys:
         if len(key) < 16 or not key.isascii() or any(c.isspace() for c in key):
-            raise ConfigError(f"{variable}: every key must be at least 16 printable ASCII characters without spaces"
-                              " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+            raise ConfigError(
+                f"{variable}: every key must be at least 16 printable ASCII characters without "
+                "spaces"
+                " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
     return tuple(key.encode() for key in keys)
 
 
@@ -54,7 +60,8 @@ def allowed_hosts(settings: Settings) -> frozenset[str] | None:
 
 
 def host_name(header: str) -> str:
-    """The host part of a Host header: ``[::1]:8000`` -> ``::1``, ``Example.org:80`` -> ``example.org``."""
+    """The host part of a Host header: ``[::1]:8000`` -> ``::1``, ``Example.org:80`` ->
+    ``example.org``."""
     header = header.strip().lower()
     if header.startswith("["):
         return header[1:].partition("]")[0]
@@ -62,18 +69,24 @@ def host_name(header: str) -> str:
 
 
 class Gate:
-    """Keys per scope and the allowed hosts, from the settings; ``check`` raises 400/401/403 or returns."""
+    """Keys per scope and the allowed hosts, from the settings; ``check`` raises 400/401/403 or
+    returns."""
 
     def __init__(self, settings: Settings) -> None:
-        self.inference_keys = read_keys(settings.api_keys, settings.api_keys_file, "SERVING_API_KEYS")
-        self.admin_keys = read_keys(settings.admin_keys, settings.admin_keys_file, "SERVING_ADMIN_KEYS")
+        self.inference_keys = read_keys(
+            settings.api_keys, settings.api_keys_file, "SERVING_API_KEYS"
+        )
+        self.admin_keys = read_keys(
+            settings.admin_keys, settings.admin_keys_file, "SERVING_ADMIN_KEYS"
+        )
         self.hosts = allowed_hosts(settings)
         self._hosts_seen: dict[str, bool] = {}
-        # Inference takes an inference or an admin key once inference keys exist; admin endpoints take
-        # an admin key when admin keys exist, else an inference key when those exist (never open while
-        # inference is closed).
+        # Inference takes an inference or an admin key once inference keys exist; admin endpoints
+        # take an admin key when admin keys exist, else an inference key when those exist (never
+        # open while inference is closed).
         self.required: dict[str, tuple[bytes, ...]] = {
-            "public": (), "inference": self.inference_keys + self.admin_keys if self.inference_keys else (),
+            "public": (),
+            "inference": self.inference_keys + self.admin_keys if self.inference_keys else (),
             "admin": self.admin_keys or self.inference_keys,
         }
 
@@ -82,15 +95,18 @@ class Gate:
         return bool(self.inference_keys or self.admin_keys)
 
     def check(self, request: RequestState, endpoint: Endpoint) -> None:
-        """Refuse the request unless its Host is allowed and it carries a key of the endpoint's scope."""
+        """Refuse the request unless its Host is allowed and it carries a key of the endpoint's
+        scope."""
         scope = endpoint.scope
         if scope == "public":
             return
         if self.hosts is not None:
             header = request.environ.get("HTTP_HOST")
             if header is not None and not self._host_allowed(header):
-                raise MisdirectedHost(f"this server does not answer for Host {header[:64]!r}: set"
-                                      " SERVING_ALLOWED_HOSTS to the names clients use")
+                raise MisdirectedHost(
+                    f"this server does not answer for Host {header[:64]!r}: set"
+                    " SERVING_ALLOWED_HOSTS to the names clients use"
+                )
         keys = self.required[scope]
         if not keys:
             return
@@ -102,11 +118,13 @@ class Gate:
         raise Unauthorized("this endpoint needs an API key: send Authorization: Bearer <key>")
 
     def _host_allowed(self, header: str) -> bool:
-        """Whether a Host header names this server (answers cached: clients send a handful of values)."""
+        """Whether a Host header names this server (answers cached: clients send a handful of
+        values)."""
         allowed = self._hosts_seen.get(header)
         if allowed is None:
             allowed = self.hosts is None or host_name(header) in self.hosts
-            if len(self._hosts_seen) < 1024:  # bounded: invented Host values cannot grow it without end
+            # bounded: invented Host values cannot grow it without end
+            if len(self._hosts_seen) < 1024:
                 self._hosts_seen[header] = allowed
         return allowed
 
@@ -118,6 +136,7 @@ class Gate:
             return False
         candidate = token.strip().encode("latin-1", "replace")
         found = False
-        for key in keys:  # every key is compared: the time does not say which one matched, or how much
+        # every key is compared: the time does not say which one matched, or how much
+        for key in keys:
             found |= hmac.compare_digest(candidate, key)
         return found

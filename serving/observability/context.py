@@ -1,8 +1,10 @@
 """The request a thread (or an event-loop task) is serving, in a neutral home every layer may read.
 
-The fronts set it for each request (``serving.fronts.dispatch``, ``serving.fronts.asgi``); log records take
-its id from here (``serving.observability.logging``), so observability never imports the HTTP core. A
-``contextvars`` variable, so pool threads and greenlets that run in a copy of the request's context see it.
+The fronts set it for each request (``serving.fronts.dispatch``, ``serving.fronts.asgi``); log
+records take its id from here (``serving.observability.logging``), so observability never imports
+the HTTP core. A
+``contextvars`` variable, so pool threads and greenlets that run in a copy of the request's context
+see it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -22,24 +21,35 @@ from serving.config import Settings
 from serving.observability.context import CURRENT_REQUEST
 
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] [%(request_id)s] %(message)s"
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029"\\]')
-_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+_QUOTED = frozenset('"\\')
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+}
 
 
 def escape(text: str) -> str:
-    """``text`` safe for one text log line: control characters, quotes and backslashes escaped.
+    """``text`` safe for one text log line: unprintable characters, quotes and backslashes escaped.
 
-    A path like ``/x%0A[2026-...] [INFO] ...`` must not forge a second log line, and ``%1B`` must not
-    reach an operator's terminal as an escape sequence.
+    A path like ``/x%0A[2026-...] [INFO] ...`` must not forge a second log line, ``%1B`` must not
+    reach an operator's terminal as an escape sequence, and ``%E2%80%AE`` (U+202E, a bidi override)
+    must not make ``/xgnp.exe`` read as ``/xexe.png``: every character ``str.isprintable`` refuses
+    (C0 and C1 controls, format controls of category Cf, line and paragraph separators, other
+    spaces than the plain one) is written as its code.
     """
     if text.isprintable() and '"' not in text and "\\" not in text:
         return text
-    return _UNSAFE.sub(_escaped, text)
+    return "".join(
+        _escaped(char) if not char.isprintable() or char in _QUOTED else char for char in text
+    )
 
 
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code < 256:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class AccessLog:
@@ -50,7 +60,9 @@ class AccessLog:
     """
 
     def __init__(self, settings: Settings, stream: TextIO | None = None) -> None:
-        self.enabled = settings.access_log and logging.getLevelName(settings.log_level.upper()) <= logging.INFO
+        self.enabled = (
+            settings.access_log and logging.getLevelName(settings.log_level.upper()) <= logging.INFO
+        )
         self.json = settings.log_format == "json"
         self._stream = stream
         self._lock = threading.Lock()
@@ -64,28 +76,55 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(second))
         return self._stamp
 
-    def write(self, request_id: str, method: str, path: str, status: int, latency_ms: float, model: str,
-              batch_size: int | None) -> None:
+    def write(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        status: int,
+        latency_ms: float,
+        model: str,
+        batch_size: int | None,
+    ) -> None:
         """Write one access line (a no-op when access logging is off)."""
         if not self.enabled:
             return
         now = time.time()
         if self.json:
-            line = orjson.dumps({
-                "time": datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds"), "level": "info",
-                "pid": os.getpid(), "request_id": request_id, "message": f"{method} {path} {status}",
-                "method": method, "path": path, "status": status, "latency_ms": round(latency_ms, 3),
-                "model": model, "batch_size": batch_size,
-            }).decode() + "\n"
+            line = (
+                orjson.dumps(
+                    {
+                        "time": datetime.fromtimestamp(now, tz=UTC).isoformat(
+                            timespec="milliseconds"
+                        ),
+                        "level": "info",
+                        "pid": os.getpid(),
+                        "request_id": request_id,
+                        "message": f"{method} {path} {status}",
+                        "method": method,
+                        "path": path,
+                        "status": status,
+                        "latency_ms": round(latency_ms, 3),
+                        "model": model,
+                        "batch_size": batch_size,
+                    }
+                ).decode()
+                + "\n"
+            )
         else:
             request = f"{escape(method)} {escape(path)}"
-            line = (f'[{self._timestamp(now)}] [{os.getpid()}] [INFO] [{request_id}] "{request}" {status}'
-                    f" {latency_ms:.2f}ms model={model} batch={'-' if batch_size is None else batch_size}\n")
+            line = (
+                f"[{self._timestamp(now)}] [{os.getpid()}] [INFO] [{request_id}]"
+                f' "{request}" {status}'
+                f" {latency_ms:.2f}ms model={model} "
+                f"batch={'-' if batch_size is None else batch_size}\n"
+            )
         stream = self._stream or sys.stderr
         try:
             with self._lock:
                 stream.write(line)
-        except (OSError, ValueError):  # a full disk or closed stream must not fail the request it describes
+        # a full disk or closed stream must not fail the request it describes
+        except (OSError, ValueError):
             pass
 
 
@@ -112,7 +151,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(
+                timespec="milliseconds"
+            ),
             "level": record.levelname.lower(),
             "pid": record.process,
             "request_id": getattr(record, "request_id", "-"),
@@ -127,7 +168,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(settings: Settings, stream: TextIO | None = None) -> logging.Logger:
-    """Give the ``serving`` logger one handler with the configured format (idempotent per process)."""
+    """Give the ``serving`` logger one handler with the configured format (idempotent per
+    process)."""
     logger = logging.getLogger("serving")
     logger.setLevel(settings.log_level.upper())
     logger.propagate = False
@@ -145,10 +187,12 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> loggi
 
 
 def gunicorn_logger_class(settings: Settings) -> type | None:
-    """A gunicorn ``logger_class`` writing gunicorn's own lines as JSON too, when the format is JSON.
+    """A gunicorn ``logger_class`` writing gunicorn's own lines as JSON too, when the format is
+    JSON.
 
-    gunicorn formats its master and worker lines ("Listening at", "Booting worker", timeouts) with its
-    own text formatter; with ``SERVING_LOG_FORMAT=json`` a log shipper should get one format only.
+    gunicorn formats its master and worker lines ("Listening at", "Booting worker", timeouts) with
+    its own text formatter; with ``SERVING_LOG_FORMAT=json`` a log shipper should get one format
+    only.
     """
     if settings.log_format != "json":
         return None
@@ -157,7 +201,8 @@ def gunicorn_logger_class(settings: Settings) -> type | None:
     class JsonGunicornLogger(Logger):  # type: ignore[misc]
         def setup(self, cfg: Any) -> None:
             super().setup(cfg)
-            for handler in self.error_log.handlers:  # re-run on every reload, after gunicorn's own setup
+            # re-run on every reload, after gunicorn's own setup
+            for handler in self.error_log.handlers:
                 handler.setFormatter(JsonFormatter())
 
     return JsonGunicornLogger

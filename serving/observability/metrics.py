@@ -35,34 +35,65 @@ from prometheus_client import (
 )
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-REQUESTS = Counter("serving_requests_total", "HTTP requests answered", ["endpoint", "method", "status"])
+REQUESTS = Counter(
+    "serving_requests_total", "HTTP requests answered", ["endpoint", "method", "status"]
+)
 REQUEST_LATENCY = Histogram(
-    "serving_request_latency_seconds", "Time from request start to response, per endpoint", ["endpoint"],
+    "serving_request_latency_seconds",
+    "Time from request start to response, per endpoint",
+    ["endpoint"],
     buckets=LATENCY_BUCKETS,
 )
 INFERENCE_LATENCY = Histogram(
-    "serving_inference_latency_seconds", "Time the model took per call (one batch)", ["model"],
+    "serving_inference_latency_seconds",
+    "Time the model took per call (one batch)",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
-BATCH_SIZE = Histogram("serving_batch_size", "Samples per model call", ["model"], buckets=BATCH_BUCKETS)
+BATCH_SIZE = Histogram(
+    "serving_batch_size", "Samples per model call", ["model"], buckets=BATCH_BUCKETS
+)
 QUEUE_DEPTH = Gauge(
-    "serving_queue_depth", "Requests waiting for the model thread (batched mode)", ["model"],
+    "serving_queue_depth",
+    "Requests waiting for the model thread (batched mode)",
+    ["model"],
     multiprocess_mode="livesum",
 )
 REJECTED = Counter("serving_rejected_requests_total", "Requests refused, by reason", ["reason"])
 MODEL_LOAD_SECONDS = Gauge(
-    "serving_model_load_seconds", "Seconds the last model load took in a worker", ["model"],
+    "serving_model_load_seconds",
+    "Seconds the last model load took in a worker",
+    ["model"],
     multiprocess_mode="max",
 )
 MODEL_CHANGES = Counter(
-    "serving_model_changes_total", "Model versions loaded or unloaded while serving, by outcome", ["action", "outcome"],
+    "serving_model_changes_total",
+    "Model versions loaded or unloaded while serving, by outcome",
+    ["action", "outcome"],
 )
 MODEL_INFO = Gauge(
-    "serving_model_info", "The model versions each live worker serves (1; 0 once unloaded)",
-    ["model", "version", "backend", "framework", "mode"], multiprocess_mode="liveall",
+    "serving_model_info",
+    "The model versions each live worker serves (1; 0 once unloaded)",
+    ["model", "version", "backend", "framework", "mode"],
+    multiprocess_mode="liveall",
 )
 
 FLUSH_SECONDS = 1.0
@@ -77,15 +108,17 @@ class Tally:
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
-        """(Re)start empty: in a fresh child the parent's locks may have been held at the fork, and its sums
-        and flush thread are its own."""
+        """(Re)start empty: in a fresh child the parent's locks may have been held at the fork,
+        and its sums and flush thread are its own."""
         self._lock = threading.Lock()  # guards _pending: held for a few dict operations per request
-        self._flush_lock = threading.Lock()  # one flush at a time, so a returned flush() has been applied
+        # one flush at a time, so a returned flush() has been applied
+        self._flush_lock = threading.Lock()
         self._pending: dict[Any, float] = {}
         self._flushing = False  # whether this process has started its flush thread
 
     def add(self, value: Any, amount: float) -> None:
-        """Add ``amount`` to a Prometheus value (a counter's or one histogram bucket's) at the next flush."""
+        """Add ``amount`` to a Prometheus value (a counter's or one histogram bucket's) at the
+        next flush."""
         with self._lock:
             pending = self._pending
             pending[value] = pending.get(value, 0.0) + amount
@@ -97,8 +130,10 @@ class Tally:
         self.add(counter._value, amount)
 
     def observe(self, histogram: Any, amount: float) -> None:
-        """``histogram.observe(amount)`` (a labelled Histogram child), deferred: its bucket and its sum."""
-        index = bisect_left(histogram._upper_bounds, amount)  # the first bucket with amount <= bound
+        """``histogram.observe(amount)`` (a labelled Histogram child), deferred: its bucket and
+        its sum."""
+        # the first bucket with amount <= bound
+        index = bisect_left(histogram._upper_bounds, amount)
         with self._lock:
             pending = self._pending
             if index < len(histogram._buckets):  # NaN fits no bucket, as in Histogram.observe
@@ -121,11 +156,15 @@ class Tally:
         with self._lock:
             if self._flushing:
                 return
-            self._flushing = True  # also when the thread cannot start: /metrics and worker exit still flush
+            # also when the thread cannot start: /metrics and worker exit still flush
+            self._flushing = True
         try:
             threading.Thread(target=self._flush_forever, name="metrics-flush", daemon=True).start()
         except RuntimeError:
-            log.warning("cannot start the metrics flush thread; metrics are flushed by /metrics and at exit only")
+            log.warning(
+                "cannot start the metrics flush thread; metrics are flushed by /metrics and at "
+                "exit only"
+            )
 
     def _flush_forever(self) -> None:
         stop = threading.Event()
@@ -145,7 +184,10 @@ def observe_request(endpoint: str, method: str, status: int, seconds: float) -> 
     key = (endpoint, method, status)
     children = _REQUEST_CHILDREN.get(key)
     if children is None:
-        children = (REQUESTS.labels(endpoint, method, str(status)), REQUEST_LATENCY.labels(endpoint))
+        children = (
+            REQUESTS.labels(endpoint, method, str(status)),
+            REQUEST_LATENCY.labels(endpoint),
+        )
         _REQUEST_CHILDREN[key] = children
     TALLY.inc(children[0])
     TALLY.observe(children[1], seconds)

@@ -1,7 +1,7 @@
 """The classic Flask MNIST client contract, for clients that must not change.
 
-    POST /inference    {"images": <H x W nested 0-255 numbers>}  ->  7        (text/plain, the label index)
-    POST /inference/   the same                                   ->  7        (JSON number; the Swagger variant)
+    POST /inference {"images": <H x W nested 0-255 numbers>} -> 7 (text/plain, the label index) POST
+    /inference/ the same -> 7 (JSON number; the Swagger variant)
 
 A batch (``[N, H, W]``) answers one label per line, or a JSON array. The body is exactly what the
 tutorial's ``str(np.argmax(model.predict(...)))`` gave: the index of the most probable class. Pixels
@@ -39,11 +39,15 @@ def inference_json(request: RequestState, service: InferenceService) -> Answer:
 def _predict(request: RequestState, service: InferenceService) -> tuple[list[int], bool]:
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise UnsupportedMediaType(f"Content-Type {mimetype!r} is not accepted: send application/json with"
-                                   ' {"images": [[0-255, ...], ...]}')
+        raise UnsupportedMediaType(
+            f"Content-Type {mimetype!r} is not accepted: send application/json with"
+            ' {"images": [[0-255, ...], ...]}'
+        )
     payload = parse_json_object(request.body(service.body_limit))
     if "images" not in payload:
-        raise InvalidInput('the JSON object needs an "images" field: {"images": <H x W pixels, 0-255>}')
+        raise InvalidInput(
+            'the JSON object needs an "images" field: {"images": <H x W pixels, 0-255>}'
+        )
     images: Any = payload["images"]
     meta = service.model().meta
     batch = batch_from_data(images, meta, service.settings.max_batch, pixel_range=PIXELS_8BIT)

@@ -1,7 +1,7 @@
 """The native REST API's handlers: decode the request, call the service, encode the answer.
 
-Routes are declared in ``serving.protocol.endpoints``; each handler takes the request and the service and
-returns an ``Answer``, whichever dispatcher (direct or Flask) called it.
+Routes are declared in ``serving.protocol.endpoints``; each handler takes the request and the
+service and returns an ``Answer``, whichever dispatcher (direct or Flask) called it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from serving.errors import BadRequest, InvalidInput, PayloadTooLarge, Unsupporte
 from serving.http.answers import Answer, json_answer
 from serving.http.encoding import parse_json_object
 from serving.http.request import RequestState
-from serving.protocol.inputs import CONTRACT, IMAGE_TYPES, batch_from_data, batch_from_image, pixel_range_of
+from serving.protocol.inputs import (
+    CONTRACT,
+    IMAGE_TYPES,
+    batch_from_data,
+    batch_from_image,
+    pixel_range_of,
+)
 from serving.runtime.service import InferenceService
 
 MAX_FORM_MEMORY = 500_000  # Flask's defaults for form fields held in memory and the number of parts
@@ -56,8 +62,12 @@ def metadata_document(service: InferenceService) -> dict[str, Any]:
     }
     if model.batcher is not None:
         s = service.settings
-        document["batching"] = {"max_batch_size": s.max_batch_size, "max_delay_ms": s.max_delay_ms,
-                                "max_queue": s.max_queue, "request_timeout_ms": s.request_timeout_ms}
+        document["batching"] = {
+            "max_batch_size": s.max_batch_size,
+            "max_delay_ms": s.max_delay_ms,
+            "max_queue": s.max_queue,
+            "request_timeout_ms": s.request_timeout_ms,
+        }
     return document
 
 
@@ -80,14 +90,16 @@ def predict_label(request: RequestState, service: InferenceService) -> Answer:
 
 
 def test_label(request: RequestState, service: InferenceService) -> Answer:
-    """``GET /predict/test/label``: run the sample stored with the model (a smoke test after deploy)."""
+    """``GET /predict/test/label``: run the sample stored with the model (a smoke test after
+    deploy)."""
     meta = service.model().meta
     data, expected = meta.sample()
     height, width = meta.input_shape
     batch = np.asarray(data, dtype=np.float32).reshape(1, height, width)
     request.batch_size = 1
     label = service.labels_for(service.predict(batch))[0]
-    correct = None if expected is None else label == expected  # a TF Serving folder has no labelled sample
+    # a TF Serving folder has no labelled sample
+    correct = None if expected is None else label == expected
     return json_answer({"prediction": label, "expected": expected, "correct": correct})
 
 
@@ -103,15 +115,22 @@ def decode(request: RequestState, service: InferenceService) -> tuple[np.ndarray
             raise InvalidInput('the JSON object needs a "data" field: {"data": [...]}')
         if isinstance(payload.get("id"), str | int) and not isinstance(payload.get("id"), bool):
             request_id = payload["id"]
-        batch = batch_from_data(payload["data"], meta, settings.max_batch, pixel_range_of(payload.get("pixel_range")))
-    elif mimetype in IMAGE_TYPES:
-        batch = batch_from_image(request.body(service.body_limit), meta, settings.max_image_pixels)
-    elif mimetype == "multipart/form-data":
-        batch = batch_from_image(_uploaded_file(request, service.body_limit), meta, settings.max_image_pixels)
-    else:  # no Content-Type is refused too: a web page cannot send JSON cross-origin without a preflight
+        batch = batch_from_data(
+            payload["data"], meta, settings.max_batch, pixel_range_of(payload.get("pixel_range"))
+        )
+    elif mimetype in IMAGE_TYPES or mimetype == "multipart/form-data":
+        deadline = request.started + service.timeout_for(request.timeout())
+        body = (
+            request.body(service.body_limit)
+            if mimetype in IMAGE_TYPES
+            else _uploaded_file(request, service.body_limit)
+        )
+        batch = batch_from_image(body, meta, settings.max_image_pixels, deadline)
+    # no Content-Type is refused too: a web page cannot send JSON cross-origin without a preflight
+    else:
         raise UnsupportedMediaType(
-            f"Content-Type {mimetype!r} is not accepted: send application/json, an image (image/png,"
-            " image/jpeg) or multipart/form-data with a 'file' field"
+            f"Content-Type {mimetype!r} is not accepted: send application/json, an image"
+            " (image/png, image/jpeg) or multipart/form-data with a 'file' field"
         )
     request.batch_size = len(batch)
     return batch, request_id
@@ -122,11 +141,19 @@ def _uploaded_file(request: RequestState, limit: int) -> bytes:
     request.declared_length(limit)
     try:
         _stream, _form, files = parse_form_data(
-            request.environ, max_content_length=limit, max_form_memory_size=MAX_FORM_MEMORY,
+            request.environ,
+            max_content_length=limit,
+            max_form_memory_size=MAX_FORM_MEMORY,
             max_form_parts=MAX_FORM_PARTS,
         )
     except RequestEntityTooLarge:
-        raise PayloadTooLarge(f"the multipart body is over the limit of {limit} bytes or parts") from None
+        raise PayloadTooLarge(
+            f"the multipart body is over the limit of {limit} bytes or parts"
+        ) from None
+    except (
+        Exception
+    ):  # werkzeug's ClientDisconnected, the server's chunk errors: the framing's fault
+        raise BadRequest("the multipart body could not be read: cut short or malformed") from None
     upload = files.get("file")
     if upload is None:
         raise BadRequest("the multipart body needs the image in a field named 'file'")

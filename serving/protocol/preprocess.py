@@ -15,7 +15,8 @@ same steps, so:
 
 Both start from ``ink_map``: grayscale, light-on-dark (a light background is inverted), background
 at 0 and the strongest ink at 1, so a photo of pencil on grey paper looks like a scan. Everything
-here works on decoded pixels; ``serving.protocol.inputs.batch_from_image`` decodes and guards the upload.
+here works on decoded pixels; ``serving.protocol.inputs.batch_from_image`` decodes and guards the
+upload.
 """
 
 from __future__ import annotations
@@ -27,26 +28,32 @@ MNIST_SIDE = 28
 MNIST_BOX = 20  # the longer side of the digit, in pixels of the 28x28 frame
 MNIST_CENTRE = 14.0  # where the centre of mass lands: t10k's mean is (13.99, 14.01), integer shifts
 BLOCK = 4  # optdigits: 4x4 blocks of a 32x32 bitmap per input value
-# The digit's box is where ink rises above this fraction of the image's contrast. A blurred edge's true position
-# is near half height; a little lower keeps faint strokes. Measured on t10k digits re-rendered 2x and 4x (bicubic),
-# 0.35 gives back MNIST's own box best (median correlation with the original 0.98-0.996; 0.2 lets the blur widen
-# the box: 0.95 at 2x). At 1x it reproduces the t10k images exactly.
+# The digit's box is where ink rises above this fraction of the image's contrast. A blurred edge's
+# true position is near half height; a little lower keeps faint strokes. Measured on t10k digits
+# re-rendered 2x and 4x (bicubic), 0.35 gives back MNIST's own box best (median correlation with the
+# original 0.98-0.996; 0.2 lets the blur widen the box: 0.95 at 2x). At 1x it reproduces the t10k
+# images exactly.
 INK_THRESHOLD = 0.35
-# Inside the box, what stays below this is cleared: JPEG ringing and paper grain are a few percent of the contrast.
+# Inside the box, what stays below this is cleared: JPEG ringing and paper grain are a few percent
+# of the contrast.
 NOISE_FLOOR = 0.1
 MIN_CONTRAST = 0.1  # a page whose darkest and lightest pixels differ by less holds no digit
-# optdigits' strokes are thicker than MNIST's: 9.1% of scikit-learn's digit cells are full (16 of 16), 3.4% of t10k
-# digits framed the same way. Strokes whose mean width (2 x area / boundary pixels, at half ink) is under
-# THIN_STROKE grow by STROKE_GROWTH (both per 32 bitmap rows). Measured on 600 t10k digits re-rendered as JPEG
-# uploads by bench/upload_accuracy.py and on scikit-learn's 360 held-out digits drawn 8x larger: strokes have a
-# median width of 3.1 and 4.1; growing thin strokes only, they read 0.608 / 0.657 and 0.956 / 0.961 (digits-tf /
-# digits-torch); growing all 0.613 / 0.662 and 0.886 / 0.889; growing none 0.587 / 0.642 and 0.961 / 0.967.
+# optdigits' strokes are thicker than MNIST's: 9.1% of scikit-learn's digit cells are full (16 of
+# 16), 3.4% of t10k digits framed the same way. Strokes whose mean width (2 x area / boundary
+# pixels, at half ink) is under THIN_STROKE grow by STROKE_GROWTH (both per 32 bitmap rows).
+# Measured on 600 t10k digits re-rendered as JPEG uploads by bench/upload_accuracy.py and on
+# scikit-learn's 360 held-out digits drawn 8x larger: strokes have a median width of 3.1 and 4.1;
+# growing thin strokes only, they read 0.608 / 0.657 and 0.956 / 0.961 (digits-tf / digits-torch);
+# growing all 0.613 / 0.662 and 0.886 / 0.889; growing none 0.587 / 0.642 and 0.961 / 0.967.
 THIN_STROKE = 3.5
 STROKE_GROWTH = 1
-BITMAP_THRESHOLD = 0.5  # a pixel at half ink or more belongs to the stroke when its width is measured
+# a pixel at half ink or more belongs to the stroke when its width is measured
+BITMAP_THRESHOLD = 0.5
+
 
 def ink_map(gray: np.ndarray) -> np.ndarray:
-    """0..255 grayscale (H, W) -> float32 ink in [0, 1]: background 0, strongest ink 1, light-on-dark.
+    """0..255 grayscale (H, W) -> float32 ink in [0, 1]: background 0, strongest ink 1,
+    light-on-dark.
 
     The background is the median of the border pixels (a digit rarely covers half of its frame);
     when it is light, the image is inverted. A page without contrast gives all zeros.
@@ -63,7 +70,8 @@ def ink_map(gray: np.ndarray) -> np.ndarray:
 
 
 def crop_to_ink(ink: np.ndarray) -> np.ndarray | None:
-    """The bounding box of the pixels above ``INK_THRESHOLD``, noise below ``NOISE_FLOOR`` cleared; None if empty."""
+    """The bounding box of the pixels above ``INK_THRESHOLD``, noise below ``NOISE_FLOOR``
+    cleared; None if empty."""
     mask = ink > INK_THRESHOLD
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
@@ -73,9 +81,13 @@ def crop_to_ink(ink: np.ndarray) -> np.ndarray | None:
 
 
 def fit_box(crop: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Scale ``crop`` keeping its aspect ratio so it just fits ``height`` x ``width``, anti-aliased."""
+    """Scale ``crop`` keeping its aspect ratio so it just fits ``height`` x ``width``,
+    anti-aliased."""
     scale = min(height / crop.shape[0], width / crop.shape[1])
-    size = (min(width, max(1, round(crop.shape[1] * scale))), min(height, max(1, round(crop.shape[0] * scale))))
+    size = (
+        min(width, max(1, round(crop.shape[1] * scale))),
+        min(height, max(1, round(crop.shape[0] * scale))),
+    )
     resized = Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS)
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
@@ -91,7 +103,8 @@ def paste(frame: np.ndarray, patch: np.ndarray, top: int, left: int) -> np.ndarr
 
 
 def mnist_frame(ink: np.ndarray) -> np.ndarray:
-    """LeCun's procedure: crop, fit into 20x20, place by centre of mass in 28x28; float32 in [0, 1]."""
+    """LeCun's procedure: crop, fit into 20x20, place by centre of mass in 28x28; float32 in [0,
+    1]."""
     frame = np.zeros((MNIST_SIDE, MNIST_SIDE), dtype=np.float32)
     crop = crop_to_ink(ink)
     if crop is None:
@@ -106,16 +119,18 @@ def mnist_frame(ink: np.ndarray) -> np.ndarray:
 
 
 def block_count_frame(ink: np.ndarray, height: int, width: int) -> np.ndarray:
-    """optdigits' procedure for an ``height`` x ``width`` input: crop, fit into a (4H) x (4W) bitmap centred by its
-    bounding box, thin strokes grown, and each 4x4 block's share of ink as the value: count/16 in [0, 1] for a
-    binary bitmap, anti-aliased edges counted by their coverage."""
+    """optdigits' procedure for an ``height`` x ``width`` input: crop, fit into a (4H) x (4W)
+    bitmap centred by its bounding box, thin strokes grown, and each 4x4 block's share of ink as
+    the value: count/16 in [0, 1] for a binary bitmap, anti-aliased edges counted by their
+    coverage."""
     rows, cols = BLOCK * height, BLOCK * width
     bitmap = np.zeros((rows, cols), dtype=np.float32)
     crop = crop_to_ink(ink)
     if crop is not None:
         scale = rows / 32.0
         grow = round(STROKE_GROWTH * scale)
-        digit = fit_box(crop, rows - 2 * grow, cols - 2 * grow)  # room for the growth, if the strokes need it
+        # room for the growth, if the strokes need it
+        digit = fit_box(crop, rows - 2 * grow, cols - 2 * grow)
         if stroke_width(digit >= BITMAP_THRESHOLD) < THIN_STROKE * scale:
             digit = thicken(digit, grow)
         else:
@@ -125,8 +140,8 @@ def block_count_frame(ink: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def stroke_width(mask: np.ndarray) -> float:
-    """Mean stroke width in pixels of a boolean drawing: a stroke of length L and width w has area L*w and
-    about 2L boundary pixels, so w = 2 x area / boundary."""
+    """Mean stroke width in pixels of a boolean drawing: a stroke of length L and width w has
+    area L*w and about 2L boundary pixels, so w = 2 x area / boundary."""
     padded = np.pad(mask, 1)
     interior = mask.copy()
     for dy in range(3):
@@ -137,8 +152,9 @@ def stroke_width(mask: np.ndarray) -> float:
 
 
 def thicken(values: np.ndarray, radius: int) -> np.ndarray:
-    """Each pixel raised to the largest value within ``radius`` (a square window): strokes grow by ``radius`` on
-    every side, and the result is ``2 * radius`` larger on each axis so that nothing is cut off at the edges."""
+    """Each pixel raised to the largest value within ``radius`` (a square window): strokes grow
+    by ``radius`` on every side, and the result is ``2 * radius`` larger on each axis so that
+    nothing is cut off at the edges."""
     padded = np.pad(values, 2 * radius)
     height, width = values.shape[0] + 2 * radius, values.shape[1] + 2 * radius
     grown = np.zeros((height, width), dtype=values.dtype)
@@ -149,10 +165,12 @@ def thicken(values: np.ndarray, radius: int) -> np.ndarray:
 
 
 def model_input(gray: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """One decoded 0..255 grayscale digit -> (H, W) float32 in [0, 1], made like the model's training data.
+    """One decoded 0..255 grayscale digit -> (H, W) float32 in [0, 1], made like the model's
+    training data.
 
-    A picture already the model's H x W is a dataset sample (an MNIST PNG, a scikit-learn digit), framed
-    already: it keeps its pixels, only put light-on-dark. Framing it again would only blur it.
+    A picture already the model's H x W is a dataset sample (an MNIST PNG, a scikit-learn digit),
+    framed already: it keeps its pixels, only put light-on-dark. Framing it again would only blur
+    it.
     """
     ink = ink_map(gray)
     if ink.shape == tuple(shape):

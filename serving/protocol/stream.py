@@ -1,11 +1,12 @@
-"""``POST /predict/stream``: classify a posted batch and answer one NDJSON line per sample as it is ready.
+"""``POST /predict/stream``: classify a posted batch and answer one NDJSON line per sample as it is
+ready.
 
-# design: a streaming answer is a sequence of lines, so its handler is a ``StreamingHandler``: called
-# like every handler (``handler(request, service) -> Answer``) it returns the lines joined, which is
-# what the WSGI app sends (whole, with a Content-Length); the ASGI front (``serving.fronts.asgi``) sees the
-# type in the endpoint table and calls ``lines`` instead, sending each line as the model produces it.
-# One decoder (``serving.protocol.native``'s), one service call per chunk, one encoder: both fronts
-# answer the same bytes, only the timing differs.
+# design: a streaming answer is a sequence of lines, so its handler is a ``StreamingHandler``:
+# called like every handler (``handler(request, service) -> Answer``) it returns the lines joined,
+# which is what the WSGI app sends (whole, with a Content-Length); the ASGI front
+# (``serving.fronts.asgi``) sees the type in the endpoint table and calls ``lines`` instead, sending
+# each line as the model produces it. One decoder (``serving.protocol.native``'s), one service call
+# per chunk, one encoder: both fronts answer the same bytes, only the timing differs.
 #
 # The request is decoded before the first line, so a bad body is an ordinary error answer (400, 413,
 # 415, 422) on both fronts. The samples then go to the model in chunks of 1, 2, 4, ... samples (at
@@ -31,18 +32,22 @@ from serving.runtime.service import InferenceService
 
 NDJSON = "application/x-ndjson"
 #: The schema of one line of the stream (the OpenAPI document's 200 answer describes a line).
-LINE = obj(["index", "label", "probabilities"], index=INTEGER, label=STRING, probabilities=array(NUMBER)) | {
-    "description": "one JSON object per line, in sample order; a line {\"error\": ...} ends a stream that failed"
-                   " after its first line (the status was already sent)"}
+LINE = obj(
+    ["index", "label", "probabilities"], index=INTEGER, label=STRING, probabilities=array(NUMBER)
+) | {
+    "description": 'one JSON object per line, in sample order; a line {"error": ...} ends a stream'
+    " that failed"
+    " after its first line (the status was already sent)"
+}
 Lines = Callable[..., Iterator[bytes]]
 
 
 class StreamingHandler:
     """A handler whose answer is a sequence of lines.
 
-    Called, it returns them joined (the WSGI app sends that); ``lines(request, service, **path_vars)``
-    does all the checking up front and returns an iterator that computes each line on demand (the ASGI
-    front sends each as it comes).
+    Called, it returns them joined (the WSGI app sends that); ``lines(request, service,
+    **path_vars)`` does all the checking up front and returns an iterator that computes each line on
+    demand (the ASGI front sends each as it comes).
     """
 
     def __init__(self, lines: Lines, content_type: str, name: str) -> None:
@@ -50,7 +55,9 @@ class StreamingHandler:
         self.content_type = content_type
         self.__name__ = self.__qualname__ = name  # Flask names its view after the handler
 
-    def __call__(self, request: RequestState, service: InferenceService, **path_vars: str) -> Answer:
+    def __call__(
+        self, request: RequestState, service: InferenceService, **path_vars: str
+    ) -> Answer:
         return Answer(200, b"".join(self.lines(request, service, **path_vars)), self.content_type)
 
 
@@ -67,11 +74,18 @@ def _classify(batch: np.ndarray, service: InferenceService, deadline: float) -> 
     while start < len(batch):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise DeadlineExceeded(f"the stream's deadline passed after {start} of {len(batch)} samples")
-        chunk = batch[start:start + size]
-        probabilities = service.predict(chunk, remaining)  # the service clamps it like any client deadline
-        for offset, (label, row) in enumerate(zip(service.labels_for(probabilities), probabilities, strict=True)):
-            yield json_bytes({"index": start + offset, "label": label, "probabilities": row}) + b"\n"
+            raise DeadlineExceeded(
+                f"the stream's deadline passed after {start} of {len(batch)} samples"
+            )
+        chunk = batch[start : start + size]
+        # the service clamps it like any client deadline
+        probabilities = service.predict(chunk, remaining)
+        for offset, (label, row) in enumerate(
+            zip(service.labels_for(probabilities), probabilities, strict=True)
+        ):
+            yield (
+                json_bytes({"index": start + offset, "label": label, "probabilities": row}) + b"\n"
+            )
         start += len(chunk)
         size = min(size * 2, largest)
 

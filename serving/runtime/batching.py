@@ -14,13 +14,14 @@
 # Two request sides share the queue and the model thread: ``submit`` blocks its thread on an event
 # (the WSGI app's request threads, the ASGI front's pool), ``submit_async`` awaits an asyncio future
 # that the model thread resolves with ``call_soon_threadsafe`` (the ASGI front, through
-# ``serving.fronts.suspend``), so a request waiting for its batch blocks neither a thread nor the event loop.
-# Both get the same 503 when the queue is full and the same 504 at their deadline.
+# ``serving.fronts.suspend``), so a request waiting for its batch blocks neither a thread nor the
+# event loop. Both get the same 503 when the queue is full and the same 504 at their deadline.
 #
 # Waiting only pays when more requests are on their way. Given ``in_flight`` (requests the worker
-# is serving right now), the thread stops collecting as soon as every in-flight request is already in
-# the batch or the queue: a lone client never waits ``max_delay_ms`` for company that cannot come,
-# while under load the batch fills during the wait (and during the previous batch's model call).
+# is serving right now), the thread stops collecting as soon as every in-flight request is already
+# in the batch or the queue: a lone client never waits ``max_delay_ms`` for company that cannot
+# come, while under load the batch fills during the wait (and during the previous batch's model
+# call).
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from functools import partial
 
 import numpy as np
 
-from serving.errors import DeadlineExceeded, InferenceError, QueueFull, ServiceStopping, ServingError
+from serving.errors import (
+    DeadlineExceeded,
+    InferenceError,
+    QueueFull,
+    ServiceStopping,
+    ServingError,
+)
 
 log = logging.getLogger("serving.runtime.batching")
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -50,7 +57,8 @@ class Pending:
 
     batch: np.ndarray
     deadline: float  # time.monotonic() by which the answer is useless
-    notify: Callable[[], object]  # wakes the waiter: an event's ``set``, or a future's resolution on its loop
+    # wakes the waiter: an event's ``set``, or a future's resolution on its loop
+    notify: Callable[[], object]
     enqueued: float = field(default_factory=time.monotonic)
     result: np.ndarray | None = None
     error: BaseException | None = None
@@ -82,9 +90,17 @@ class BatchStats:
 class MicroBatcher:
     """Collects concurrent requests into batches for one model, run by one dedicated thread."""
 
-    def __init__(self, predict: Predict, max_batch_size: int, max_delay_ms: float, max_queue: int,
-                 name: str = "model", on_batch: Callable[[BatchStats], None] | None = None,
-                 on_expired: Callable[[], None] | None = None, in_flight: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        predict: Predict,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue: int,
+        name: str = "model",
+        on_batch: Callable[[BatchStats], None] | None = None,
+        on_expired: Callable[[], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
+    ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_ms >= 0")
         self._predict = predict
@@ -123,7 +139,8 @@ class MicroBatcher:
 
     # -- request side ---------------------------------------------------------------------------
     def submit(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        """The model's output for ``batch``; QueueFull (503) at once, DeadlineExceeded (504) in time."""
+        """The model's output for ``batch``; QueueFull (503) at once, DeadlineExceeded (504) in
+        time."""
         done = threading.Event()
         pending = self._enqueue(batch, timeout_s, done.set)
         if not done.wait(timeout_s + WAIT_MARGIN_S):
@@ -131,10 +148,13 @@ class MicroBatcher:
         return pending.outcome()
 
     async def submit_async(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        """``submit`` for a coroutine: the same answers, awaiting a future instead of blocking a thread."""
+        """``submit`` for a coroutine: the same answers, awaiting a future instead of blocking a
+        thread."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        pending = self._enqueue(batch, timeout_s, partial(loop.call_soon_threadsafe, _resolve, done))
+        pending = self._enqueue(
+            batch, timeout_s, partial(loop.call_soon_threadsafe, _resolve, done)
+        )
         timer = loop.call_later(timeout_s + WAIT_MARGIN_S, _expire, done, timeout_s)
         try:
             await done
@@ -142,14 +162,18 @@ class MicroBatcher:
             timer.cancel()
         return pending.outcome()
 
-    def _enqueue(self, batch: np.ndarray, timeout_s: float, notify: Callable[[], object]) -> Pending:
+    def _enqueue(
+        self, batch: np.ndarray, timeout_s: float, notify: Callable[[], object]
+    ) -> Pending:
         if not self._accepting:
             raise ServiceStopping("the server is shutting down; retry on another instance")
         pending = Pending(batch, time.monotonic() + timeout_s, notify)
         try:
             self._queue.put_nowait(pending)
         except queue.Full:
-            raise QueueFull(f"the request queue is full ({self._queue.maxsize} waiting); retry shortly") from None
+            raise QueueFull(
+                f"the request queue is full ({self._queue.maxsize} waiting); retry shortly"
+            ) from None
         return pending
 
     # -- model thread ---------------------------------------------------------------------------
@@ -175,7 +199,8 @@ class MicroBatcher:
             return None
 
     def _collect(self, first: Pending) -> list[Pending]:
-        """Build one batch starting at ``first``: one deadline, ``max_batch_size`` samples at most."""
+        """Build one batch starting at ``first``: one deadline, ``max_batch_size`` samples at
+        most."""
         items: list[Pending] = []
         samples = 0
         close_at = first.enqueued + self.max_delay_s  # measured from the first request's arrival
@@ -197,7 +222,8 @@ class MicroBatcher:
         return items
 
     def _more_coming(self, collected: int) -> bool:
-        """Whether some in-flight request is neither in this batch nor queued (so may still arrive)."""
+        """Whether some in-flight request is neither in this batch nor queued (so may still
+        arrive)."""
         if self._in_flight is None:
             return True
         return self._in_flight() > collected + self._queue.qsize()
@@ -205,7 +231,9 @@ class MicroBatcher:
     def _expired(self, item: Pending) -> bool:
         if time.monotonic() < item.deadline:
             return False
-        item.finish(error=DeadlineExceeded("the request deadline passed while it waited in the queue"))
+        item.finish(
+            error=DeadlineExceeded("the request deadline passed while it waited in the queue")
+        )
         if self._on_expired:
             self._on_expired()
         return True
@@ -225,24 +253,31 @@ class MicroBatcher:
 
     def _call(self, items: list[Pending], started: float) -> None:
         try:
-            joined = np.concatenate([item.batch for item in items]) if len(items) > 1 else items[0].batch
-            outputs = [self._predict(joined[i:i + self.max_batch_size])
-                       for i in range(0, len(joined), self.max_batch_size)]
+            joined = (
+                np.concatenate([item.batch for item in items]) if len(items) > 1 else items[0].batch
+            )
+            outputs = [
+                self._predict(joined[i : i + self.max_batch_size])
+                for i in range(0, len(joined), self.max_batch_size)
+            ]
             output = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         except ServingError as exc:
             for item in items:
                 item.finish(error=exc)
             return
-        except Exception as exc:  # the model failed: every waiter gets the error, the thread lives on
+        # the model failed: every waiter gets the error, the thread lives on
+        except Exception as exc:
             log.exception("batch of %d requests failed", len(items))
-            error = InferenceError(f"inference failed for a batch ({exc.__class__.__name__}); see the server log")
+            error = InferenceError(
+                f"inference failed for a batch ({exc.__class__.__name__}); see the server log"
+            )
             for item in items:
                 item.finish(error=error)
             return
         offset = 0
         for item in items:
             size = len(item.batch)
-            item.finish(result=output[offset:offset + size])
+            item.finish(result=output[offset : offset + size])
             offset += size
         if self._on_batch:
             self._on_batch(BatchStats(len(items), len(joined), time.perf_counter() - started))

@@ -1,13 +1,14 @@
-"""One model version loaded in a worker: its backend, its call lock and, in batched mode, its batcher.
+"""One model version loaded in a worker: its backend, its call lock and, in batched mode, its
+batcher.
 
-# design: ``run`` is the only place a backend is called. In batched mode the model's ``MicroBatcher``
-# thread is its only caller; otherwise request threads call it directly, and a backend that is not
-# thread-safe gets a lock so even a misconfigured server serialises its calls. Metrics are labelled
-# ``name:version``, so every served model version has its own latency, batch size and queue depth.
-# Batching attaches by wrapping: in batched mode ``infer`` is bound to the batched call at construction,
-# otherwise to the direct one; how the caller waits for either is the ``Waiter`` its front set
-# (``serving.runtime.waiting``: a blocking thread, a greenlet on the ASGI event loop, SIGALRM on a sync
-# worker's main thread), never a question this module asks.
+# design: ``run`` is the only place a backend is called. In batched mode the model's
+# ``MicroBatcher`` thread is its only caller; otherwise request threads call it directly, and a
+# backend that is not thread-safe gets a lock so even a misconfigured server serialises its calls.
+# Metrics are labelled ``name:version``, so every served model version has its own latency, batch
+# size and queue depth. Batching attaches by wrapping: in batched mode ``infer`` is bound to the
+# batched call at construction, otherwise to the direct one; how the caller waits for either is the
+# ``Waiter`` its front set (``serving.runtime.waiting``: a blocking thread, a greenlet on the ASGI
+# event loop, SIGALRM on a sync worker's main thread), never a question this module asks.
 """
 
 from __future__ import annotations
@@ -34,26 +35,41 @@ log = logging.getLogger("serving")
 class LoadedModel:
     """One model version loaded in this worker: its backend and, in batched mode, its batcher."""
 
-    def __init__(self, meta: ModelMetadata, backend_name: str, backend: Backend, settings: Settings,
-                 in_flight: InFlight | None = None) -> None:
+    def __init__(
+        self,
+        meta: ModelMetadata,
+        backend_name: str,
+        backend: Backend,
+        settings: Settings,
+        in_flight: InFlight | None = None,
+    ) -> None:
         self.meta = meta
         self.backend_name = backend_name
         self.backend = backend
         self.load_seconds = 0.0
-        self._call_lock: AbstractContextManager[Any] = nullcontext() if backend.thread_safe else threading.Lock()
+        self._call_lock: AbstractContextManager[Any] = (
+            nullcontext() if backend.thread_safe else threading.Lock()
+        )
         self.label = f"{meta.name}:{meta.version}"
         self._latency = metrics.INFERENCE_LATENCY.labels(self.label)
         self._batch_sizes = metrics.BATCH_SIZE.labels(self.label)
         self._depth = metrics.QUEUE_DEPTH.labels(self.label)
         self.batcher: MicroBatcher | None = None
-        self._users = 0  # requests inside ``infer`` now: a retired version waits for them (model control only)
+        # requests inside ``infer`` now: a retired version waits for them (model control only)
+        self._users = 0
         self._users_lock = threading.Lock()
-        self._count_users = settings.model_control != "none"  # no switch can happen: no lock per request
+        # no switch can happen: no lock per request
+        self._count_users = settings.model_control != "none"
         self._call = self._direct
         if settings.mode == "batched":
             self.batcher = MicroBatcher(
-                self.run, settings.max_batch_size, settings.max_delay_ms, settings.max_queue, name=self.label,
-                on_batch=self._observe_batch, in_flight=in_flight,
+                self.run,
+                settings.max_batch_size,
+                settings.max_delay_ms,
+                settings.max_queue,
+                name=self.label,
+                on_batch=self._observe_batch,
+                in_flight=in_flight,
             )
             self._call = self._batched
 
@@ -76,13 +92,15 @@ class LoadedModel:
             log.exception("inference failed for a batch of %d on %s", len(batch), self.label)
             raise InferenceError("inference failed; the error is in the server log") from None
         if output.shape != (len(batch), len(self.meta.labels)):
-            log.error("%s returned shape %s for a batch of %d", self.label, output.shape, len(batch))
+            log.error(
+                "%s returned shape %s for a batch of %d", self.label, output.shape, len(batch)
+            )
             raise InferenceError("the model returned an output of the wrong shape")
         return output
 
     def infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
-        """Probabilities for ``batch``: through the batcher in batched mode, else a direct call, as the
-        caller's ``Waiter`` waits; counted while model control may retire this version."""
+        """Probabilities for ``batch``: through the batcher in batched mode, else a direct call,
+        as the caller's ``Waiter`` waits; counted while model control may retire this version."""
         if not self._count_users:
             return self._call(batch, timeout_s)
         with self._users_lock:
@@ -119,9 +137,10 @@ class LoadedModel:
         metrics.TALLY.observe(self._batch_sizes, stats.samples)
 
     def retire(self, limit_s: float) -> None:
-        """Unload after a version switch: wait (up to ``limit_s``) until no request holds this version, then
-        stop its batcher, which answers whatever is still queued first."""
-        time.sleep(0.05)  # a request that looked this version up just before the switch reaches ``infer``
+        """Unload after a version switch: wait (up to ``limit_s``) until no request holds this
+        version, then stop its batcher, which answers whatever is still queued first."""
+        # a request that looked this version up just before the switch reaches ``infer``
+        time.sleep(0.05)
         deadline = time.monotonic() + limit_s
         while self._users and time.monotonic() < deadline:
             time.sleep(0.01)

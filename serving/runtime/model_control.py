@@ -2,19 +2,19 @@
 
 # design: each worker owns its models, so each worker changes them itself. A ``ModelWatcher``
 # thread per worker wakes every ``SERVING_POLL_SECONDS`` (poll) or every quarter second (explicit),
-# works out what should be served (``plan``), loads and warms what is new while the old versions keep
-# answering, then swaps the service's model table in one assignment and retires what left it: a
+# works out what should be served (``plan``), loads and warms what is new while the old versions
+# keep answering, then swaps the service's model table in one assignment and retires what left it: a
 # retired version first waits until no request holds it (in-flight calls and, in batched mode, its
-# queue drain through its own model thread), then stops. A version that fails its checks or its
-# load is logged once, reported in the index with its reason, and never replaces a working one.
+# queue drain through its own model thread), then stops. A version that fails its checks or its load
+# is logged once, reported in the index with its reason, and never replaces a working one.
 #
 # Workers agree because they read the same folder: in poll mode each polls the repository, so two
-# workers disagree for at most one poll interval plus one load. In explicit mode the worker that gets
-# ``POST /v2/repository/models/{name}/load`` writes the wanted set with a new generation number into
-# a file every worker watches (``<metrics dir>/control/state.json``), and answers once every live
-# worker's acknowledgement file reports that generation (or with the workers that failed or did not
-# answer in time). Versions per model follow ``SERVING_VERSION_POLICY``: latest, latest:N or all;
-# ``SERVING_MODELS=name:N`` pins one version.
+# workers disagree for at most one poll interval plus one load. In explicit mode the worker that
+# gets ``POST /v2/repository/models/{name}/load`` writes the wanted set with a new generation number
+# into a file every worker watches (``<metrics dir>/control/state.json``), and answers once every
+# live worker's acknowledgement file reports that generation (or with the workers that failed or did
+# not answer in time). Versions per model follow ``SERVING_VERSION_POLICY``: latest, latest:N or
+# all; ``SERVING_MODELS=name:N`` pins one version.
 """
 
 from __future__ import annotations
@@ -50,19 +50,23 @@ class ControlError(ServingError):
 
 
 class ModelControl:
-    """One worker's model control: plans with the service's planner, loads what is new, swaps the table.
+    """One worker's model control: plans with the service's planner, loads what is new, swaps the
+    table.
 
-    Owns its state (the explicit mode's shared files, how many workers acknowledge a change); it changes
-    what the service serves only through ``InferenceService.swap``. ``ModelControl.of(service)`` is the one
-    instance per service.
+    Owns its state (the explicit mode's shared files, how many workers acknowledge a change); it
+    changes what the service serves only through ``InferenceService.swap``.
+    ``ModelControl.of(service)`` is the one instance per service.
     """
 
-    _instances: weakref.WeakKeyDictionary[InferenceService, ModelControl] = weakref.WeakKeyDictionary()
+    _instances: weakref.WeakKeyDictionary[InferenceService, ModelControl] = (
+        weakref.WeakKeyDictionary()
+    )
     _instances_lock = threading.Lock()
 
     def __init__(self, service: InferenceService) -> None:
         self.service = service
-        #: Workers of this server: a load or unload waits for each one's acknowledgement (set by the watcher).
+        #: Workers of this server: a load or unload waits for each one's acknowledgement (set by the
+        #: watcher).
         self.worker_count = 1
         self._files: ControlFiles | None = None
 
@@ -77,13 +81,15 @@ class ModelControl:
 
     @property
     def files(self) -> ControlFiles:
-        """The explicit mode's shared state files (one directory per server, shared by its workers)."""
+        """The explicit mode's shared state files (one directory per server, shared by its
+        workers)."""
         if self._files is None:
             self._files = ControlFiles(control_directory())
         return self._files
 
     def reconcile(self, workers: int, names: list[str] | None = None) -> None:
-        """Load what the plan adds, swap the model table in one assignment, then retire what left it.
+        """Load what the plan adds, swap the model table in one assignment, then retire what left
+        it.
 
         ``names``: the explicit mode's wanted models; else the settings' (poll mode). With
         ``SERVING_SWAP=unload_first`` a replaced version is retired before its successor loads.
@@ -100,53 +106,92 @@ class ModelControl:
             removed = [key for key in current if key not in plan.served]
             if not added and not removed:
                 if dict(table.failed) != plan.failed:
-                    service.swap(ModelTable(table.served, table.default, plan.failed, table.models, table.owner_pid))
+                    service.swap(
+                        ModelTable(
+                            table.served, table.default, plan.failed, table.models, table.owner_pid
+                        )
+                    )
                 return
             failed = dict(plan.failed)
             if service.settings.swap == "unload_first":
-                self._switch(plan, {key: current[key] for key in current if key not in removed}, removed, current,
-                             failed)
+                self._switch(
+                    plan,
+                    {key: current[key] for key in current if key not in removed},
+                    removed,
+                    current,
+                    failed,
+                )
                 current = dict(service.table.models)
                 removed = []
             threads = service.settings.math_threads_for(workers)
             loaded: dict[Key, LoadedModel] = {}
             for key in added:
-                meta, backend_name = plan.served[key]
                 try:
+                    # from the bytes on disk now: a file swapped since the plan is refused here
+                    meta, backend_name = service.planner.verify(*key)
+                    plan.served[key] = (meta, backend_name)
                     loaded[key] = service.load_one(meta, backend_name, threads, workers)
                     metrics.MODEL_CHANGES.labels("load", "ok").inc()
                 except Exception as exc:  # a version that cannot load never replaces a working one
-                    reason = getattr(exc, "message", None) or str(exc) or exc.__class__.__name__
+                    reason = service.planner.reason(exc, *key)
                     failed[key] = reason
                     metrics.MODEL_CHANGES.labels("load", "failed").inc()
-                    log.warning("cannot load %s:%d, still serving the others: %s", key[0], key[1], reason)
-            self._switch(plan, {**{key: current[key] for key in current if key not in removed}, **loaded},
-                         removed, current, failed)
+                    log.warning(
+                        "cannot load %s:%d, still serving the others: %s", key[0], key[1], reason
+                    )
+            self._switch(
+                plan,
+                {**{key: current[key] for key in current if key not in removed}, **loaded},
+                removed,
+                current,
+                failed,
+            )
 
-    def _switch(self, plan: Plan, models: dict[Key, LoadedModel], removed: list[Key],
-                current: dict[Key, LoadedModel], failed: dict[Key, str]) -> None:
+    def _switch(
+        self,
+        plan: Plan,
+        models: dict[Key, LoadedModel],
+        removed: list[Key],
+        current: dict[Key, LoadedModel],
+        failed: dict[Key, str],
+    ) -> None:
         """Build the new table from what is loaded, assign it, then retire what left it."""
         service = self.service
         old = service.table
-        served = {key: plan.served[key] if key in plan.served else old.served[key] for key in sorted(models)}
+        served = {
+            key: plan.served[key] if key in plan.served else old.served[key]
+            for key in sorted(models)
+        }
         ours = [key for key in served if old.default is not None and key[0] == old.default[0]]
         default = plan.default if plan.default in served else (ours[-1] if ours else old.default)
         service.swap(ModelTable(served, default, failed, models, old.owner_pid))
-        log.info("serving %s (default %s)", ", ".join(f"{n}:{v}" for n, v in served) or "nothing",
-                 service.default_label)
+        log.info(
+            "serving %s (default %s)",
+            ", ".join(f"{n}:{v}" for n, v in served) or "nothing",
+            service.default_label,
+        )
         for key in removed:
             current[key].retire(service.settings.request_timeout_ms / 1000.0 + 1.0)
             metrics.MODEL_CHANGES.labels("unload", "ok").inc()
-            metrics.MODEL_INFO.labels(key[0], str(key[1]), current[key].backend_name, current[key].meta.framework,
-                                      service.settings.mode).set(0)
+            metrics.MODEL_INFO.labels(
+                key[0],
+                str(key[1]),
+                current[key].backend_name,
+                current[key].meta.framework,
+                service.settings.mode,
+            ).set(0)
 
-    # -- explicit control: the admin API -------------------------------------------------------------
+    # -- explicit control: the admin API
+    # -------------------------------------------------------------
     def load_or_unload(self, name: str, load: bool, timeout_s: float) -> dict[str, Any]:
         """Change the wanted set on every worker and wait until all live workers have applied it."""
         service = self.service
         if service.settings.model_control != "explicit":
-            raise ControlError("model control is not explicit: set SERVING_MODEL_CONTROL=explicit to load and"
-                               " unload models through the API", 400)
+            raise ControlError(
+                "model control is not explicit: set SERVING_MODEL_CONTROL=explicit to load and"
+                " unload models through the API",
+                400,
+            )
         if not valid_name(name):  # before any path is built from it
             raise ModelNotFound(f"invalid model name {name[:80]!r}")
         if load and not list_versions(service.repository.root / name):
@@ -162,7 +207,9 @@ class ModelControl:
         if not load and name not in (files.read() or {"models": initial})["models"]:
             raise ModelNotFound(f"model {name!r} is not loaded")
         if not load and service.meta is not None and name == service.meta.name:
-            raise ControlError(f"model {name} serves the native API (SERVING_MODEL) and stays loaded", 400)
+            raise ControlError(
+                f"model {name} serves the native API (SERVING_MODEL) and stays loaded", 400
+            )
         generation = files.update(change, initial)
         deadline = time.monotonic() + timeout_s
         expected = self.worker_count  # a worker that has not acknowledged yet counts as behind
@@ -172,23 +219,41 @@ class ModelControl:
                 break
             time.sleep(0.05)
         acks = files.acks()
-        behind = [ack["pid"] for ack in acks if ack["generation"] < generation] + [0] * max(0, expected - len(acks))
-        states = [next((e for e in ack["index"] if e["name"] == name and e["state"] == "READY"), None)
-                  for ack in acks]
-        failed = [e for ack in acks for e in ack["index"] if e["name"] == name and e["state"] == "UNAVAILABLE"
-                  and e.get("reason") and not e["reason"].startswith("not ")]
+        behind = [ack["pid"] for ack in acks if ack["generation"] < generation] + [0] * max(
+            0, expected - len(acks)
+        )
+        states = [
+            next((e for e in ack["index"] if e["name"] == name and e["state"] == "READY"), None)
+            for ack in acks
+        ]
+        failed = [
+            e
+            for ack in acks
+            for e in ack["index"]
+            if e["name"] == name
+            and e["state"] == "UNAVAILABLE"
+            and e.get("reason")
+            and not e["reason"].startswith("not ")
+        ]
         if behind:
-            raise ControlError(f"{len(behind)} of {max(expected, len(acks))} workers did not apply the change"
-                               f" within {timeout_s:g}s")
+            raise ControlError(
+                f"{len(behind)} of {max(expected, len(acks))} workers did not apply the change"
+                f" within {timeout_s:g}s"
+            )
         if load and not all(states):
             reason = failed[0]["reason"] if failed else "not loaded"
-            raise ControlError(f"model {name} could not be loaded on {states.count(None)} of {len(acks)}"
-                               f" workers: {reason}")
+            # the version on disk cannot be served: the request conflicts with the repository
+            raise ControlError(
+                f"model {name} could not be loaded on {states.count(None)} of {len(acks)}"
+                f" workers: {reason}",
+                409,
+            )
         return {"name": name, "loaded": load, "workers": len(acks), "generation": generation}
 
     def every_worker_index(self, own: list[dict[str, str]], unserved: bool) -> list[dict[str, str]]:
-        """The repository index as every live worker sees it: READY only where all are ready, else the state
-        and reason of the workers that differ (``own`` answers alone until the workers have acknowledged)."""
+        """The repository index as every live worker sees it: READY only where all are ready,
+        else the state and reason of the workers that differ (``own`` answers alone until the
+        workers have acknowledged)."""
         acks = self.files.acks()
         if not acks:
             return own
@@ -197,25 +262,39 @@ class ModelControl:
             for entry in ack["index"]:
                 seen.setdefault((entry["name"], entry["version"]), []).append(entry)
         merged = []
-        for (name, version), entries in sorted(seen.items(), key=lambda item: (item[0][0], int(item[0][1]))):
+        for (name, version), entries in sorted(
+            seen.items(), key=lambda item: (item[0][0], int(item[0][1]))
+        ):
             states = {entry["state"] for entry in entries}
             if len(entries) == len(acks) and states == {"READY"}:
                 merged.append({"name": name, "version": version, "state": "READY", "reason": ""})
                 continue
-            if not unserved and not any(entry["state"] == "READY" for entry in entries) \
-                    and all(entry.get("reason", "").startswith("not ") for entry in entries):
+            if (
+                not unserved
+                and not any(entry["state"] == "READY" for entry in entries)
+                and all(entry.get("reason", "").startswith("not ") for entry in entries)
+            ):
                 continue  # an unselected version: operators only
             ready = sum(entry["state"] == "READY" for entry in entries)
             worst = next((e for e in entries if e["state"] == "UNAVAILABLE"), None) or next(
-                (e for e in entries if e["state"] != "READY"), entries[0])
+                (e for e in entries if e["state"] != "READY"), entries[0]
+            )
             state = "UNAVAILABLE" if worst["state"] == "UNAVAILABLE" else "LOADING"
-            merged.append({"name": name, "version": version, "state": state,
-                           "reason": f"ready on {ready} of {len(acks)} workers; {worst.get('reason') or 'loading'}"})
+            merged.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "state": state,
+                    "reason": f"ready on {ready} of {len(acks)} workers;"
+                    f" {worst.get('reason') or 'loading'}",
+                }
+            )
         return merged
 
 
 class ControlFiles:
-    """The explicit mode's shared state: the wanted model names with a generation, and each worker's ack."""
+    """The explicit mode's shared state: the wanted model names with a generation, and each
+    worker's ack."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -243,7 +322,9 @@ class ControlFiles:
     def ack(self, worker: str, generation: int, index: list[dict[str, str]]) -> None:
         path = self.directory / "acks" / f"{worker}.json"
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(orjson.dumps({"pid": os.getpid(), "generation": generation, "index": index}))
+        temporary.write_bytes(
+            orjson.dumps({"pid": os.getpid(), "generation": generation, "index": index})
+        )
         os.replace(temporary, path)
 
     def acks(self) -> list[dict[str, Any]]:
@@ -263,13 +344,15 @@ class ControlFiles:
 
 
 def control_directory() -> Path:
-    """``control/`` in the server's metrics directory (shared by its workers), else a private one."""
+    """``control/`` in the server's metrics directory (shared by its workers), else a private
+    one."""
     base = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     return Path(base) / "control" if base else Path(tempfile.mkdtemp(prefix="serving-control-"))
 
 
 class ModelWatcher(threading.Thread):
-    """Keeps one worker's models in line with the repository (poll) or the shared state (explicit)."""
+    """Keeps one worker's models in line with the repository (poll) or the shared state
+    (explicit)."""
 
     def __init__(self, service: InferenceService, workers: int) -> None:
         super().__init__(name="model-watcher", daemon=True)

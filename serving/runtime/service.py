@@ -1,14 +1,15 @@
 """The protocol-agnostic data plane: liveness, readiness, metadata and inference over served models.
 
-# design: one ``InferenceService`` per worker process serves one ``ModelTable`` (``self.table``): the
-# default model (``SERVING_MODEL`` / ``SERVING_MODEL_VERSION``, the one the native API uses) plus what
-# ``SERVING_MODELS`` selects, as the ``Planner`` decides. ``resolve`` only reads files, so the gunicorn
-# master may call it to fail fast before forking; ``load`` imports the frameworks and must run in the
-# worker (post_worker_init, or lazily on the first request when gunicorn.conf.py is not used). A model
-# loaded in one process is never used in another: the table records the process that loaded it, and a
-# forked child that inherited one loads its own. Each version is a ``LoadedModel`` (its own backend,
-# lock and, in batched mode, batcher thread); a request without a version gets the latest *served*
-# version. Model control (``serving.runtime.model_control``) changes the table only through ``swap``.
+# design: one ``InferenceService`` per worker process serves one ``ModelTable`` (``self.table``):
+# the default model (``SERVING_MODEL`` / ``SERVING_MODEL_VERSION``, the one the native API uses)
+# plus what ``SERVING_MODELS`` selects, as the ``Planner`` decides. ``resolve`` only reads files, so
+# the gunicorn master may call it to fail fast before forking; ``load`` imports the frameworks and
+# must run in the worker (post_worker_init, or lazily on the first request when gunicorn.conf.py is
+# not used). A model loaded in one process is never used in another: the table records the process
+# that loaded it, and a forked child that inherited one loads its own. Each version is a
+# ``LoadedModel`` (its own backend, lock and, in batched mode, batcher thread); a request without a
+# version gets the latest *served* version. Model control (``serving.runtime.model_control``)
+# changes the table only through ``swap``.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class InferenceService:
         self.table: ModelTable = EMPTY_TABLE
         #: The one engine that decides what is served, at start and under model control.
         self.planner = Planner(settings, self.repository)
-        #: Serialises loads and table swaps (the first request's lazy load, model control's reconcile).
+        #: Serialises loads and table swaps (the first request's lazy load, model control's
+        #: reconcile).
         self.load_lock = threading.RLock()
         self._timeout_s = settings.request_timeout_ms / 1000.0
-        self._max_client_timeout_s = (settings.max_client_timeout_ms or settings.request_timeout_ms) / 1000.0
+        self._max_client_timeout_s = (
+            settings.max_client_timeout_ms or settings.request_timeout_ms
+        ) / 1000.0
         #: Requests this worker is serving now; the app counts them in batched mode.
         self.in_flight = InFlight()
         self._body_limit: tuple[object, int] = (None, 0)
@@ -75,14 +79,16 @@ class InferenceService:
         return dict(self.table.failed)
 
     def swap(self, table: ModelTable) -> None:
-        """Serve ``table`` from now on: one assignment (model control's only way to change what is served)."""
+        """Serve ``table`` from now on: one assignment (model control's only way to change what
+        is served)."""
         self.table = table
 
     # -- start-up -------------------------------------------------------------------------------
     def resolve(self) -> ModelMetadata:
         """Plan every served version and check its files (no framework import; master-safe).
 
-        Returns the default model's metadata; any selected version that fails its checks stops the start.
+        Returns the default model's metadata; any selected version that fails its checks stops the
+        start.
         """
         with self.load_lock:
             plan = self.planner.plan(strict=True)
@@ -92,7 +98,8 @@ class InferenceService:
         return meta
 
     def load(self, workers: int | None = None) -> None:
-        """Load every served version in this process, capping math threads (idempotent, thread-safe)."""
+        """Load every served version in this process, capping math threads (idempotent,
+        thread-safe)."""
         with self.load_lock:
             if self.table.loaded_here:
                 return
@@ -111,7 +118,9 @@ class InferenceService:
                 raise
             self.swap(ModelTable(plan.served, plan.default, plan.failed, models, os.getpid()))
 
-    def load_one(self, meta: ModelMetadata, backend_name: str, threads: int, workers: int) -> LoadedModel:
+    def load_one(
+        self, meta: ModelMetadata, backend_name: str, threads: int, workers: int
+    ) -> LoadedModel:
         """Load, warm and start one version (its batcher thread in batched mode); not yet served."""
         started = time.perf_counter()
         backend = backend_class(backend_name)(meta, threads)
@@ -121,15 +130,26 @@ class InferenceService:
         model.load_seconds = time.perf_counter() - started
         model.start()
         metrics.MODEL_LOAD_SECONDS.labels(model.label).set(model.load_seconds)
-        metrics.MODEL_INFO.labels(meta.name, str(meta.version), backend_name, meta.framework,
-                                  self.settings.mode).set(1)
+        metrics.MODEL_INFO.labels(
+            meta.name, str(meta.version), backend_name, meta.framework, self.settings.mode
+        ).set(1)
         s = self.settings
         log.info(
-            "loaded model %s version %d with %s (%s) in %.2fs; math threads %d (workers %d, cores %d)%s",
-            meta.name, meta.version, backend_name, backend.framework_version(), model.load_seconds,
-            threads, workers, os.cpu_count() or 0,
-            f"; batching: max_batch_size {s.max_batch_size}, max_delay_ms {s.max_delay_ms:g}, max_queue"
-            f" {s.max_queue}, request_timeout_ms {s.request_timeout_ms}" if model.batcher else "",
+            "loaded model %s version %d with %s (%s) in %.2fs; math threads %d (workers %d, cores "
+            "%d)%s",
+            meta.name,
+            meta.version,
+            backend_name,
+            backend.framework_version(),
+            model.load_seconds,
+            threads,
+            workers,
+            os.cpu_count() or 0,
+            f"; batching: max_batch_size {s.max_batch_size}, max_delay_ms {s.max_delay_ms:g}, "
+            "max_queue"
+            f" {s.max_queue}, request_timeout_ms {s.request_timeout_ms}"
+            if model.batcher
+            else "",
         )
         return model
 
@@ -140,7 +160,10 @@ class InferenceService:
         height, width = meta.input_shape
         output = backend.predict(np.asarray(data, dtype=np.float32).reshape(1, height, width))
         if output.shape != (1, len(meta.labels)):
-            raise ModelLoadError(f"{meta.path}: the model returned shape {output.shape} for one sample")
+            raise ModelLoadError(
+                f"{meta.name}:{meta.version}: the model returned shape {output.shape} for one"
+                " sample"
+            )
 
     def close(self) -> None:
         """Answer everything queued, then stop the model threads (worker exit)."""
@@ -158,19 +181,25 @@ class InferenceService:
 
     @property
     def body_limit(self) -> int:
-        """The largest request body: ``SERVING_MAX_BODY_BYTES``, or derived from the largest served input.
+        """The largest request body: ``SERVING_MAX_BODY_BYTES``, or derived from the largest served
+        input.
 
-        A JSON sample of H x W numbers takes at most ~24 bytes a value (a float's shortest repr and a
-        comma), so the cap admits a full batch with room to spare and nothing near the 50-100x of a fixed
-        2 MiB cap on 8x8 inputs; binary v2 and image bodies are far smaller than their JSON.
+        A JSON sample of H x W numbers takes at most ~24 bytes a value (a float's shortest repr and
+        a comma), so the cap admits a full batch with room to spare and nothing near the 50-100x of
+        a fixed 2 MiB cap on 8x8 inputs; binary v2 and image bodies are far smaller than their JSON.
         """
         if self.settings.max_body_bytes:
             return self.settings.max_body_bytes
         served = self._planned().served
         if self._body_limit[0] is not served:  # computed once per model table, not per request
             pixels = max(meta.input_shape[0] * meta.input_shape[1] for meta, _ in served.values())
-            self._body_limit = (served, max(MIN_BODY_LIMIT, BODY_ENVELOPE + self.settings.max_batch * pixels
-                                            * BYTES_PER_VALUE))
+            self._body_limit = (
+                served,
+                max(
+                    MIN_BODY_LIMIT,
+                    BODY_ENVELOPE + self.settings.max_batch * pixels * BYTES_PER_VALUE,
+                ),
+            )
         return self._body_limit[1]
 
     # -- requests -------------------------------------------------------------------------------
@@ -192,7 +221,8 @@ class InferenceService:
         return model is not None and model.ready
 
     def key(self, name: str, version: int | None = None) -> Key:
-        """The served (name, version) a request addresses (latest served when ``version`` is None)."""
+        """The served (name, version) a request addresses (latest served when ``version`` is
+        None)."""
         return self._planned().key(name, version)
 
     def versions(self, name: str) -> list[int]:
@@ -208,41 +238,58 @@ class InferenceService:
             self.resolve()
         except (ModelLoadError, ConfigError) as exc:
             log.error("model not loaded: %s", exc)
-            raise ModelNotReady("the model is not loaded in this worker; see the server log") from None
+            raise ModelNotReady(
+                "the model is not loaded in this worker; see the server log"
+            ) from None
         return self.table
 
     def model(self, name: str | None = None, version: int | None = None) -> LoadedModel:
-        """A served model loaded in this process (default: the native API's), loading them on first use."""
+        """A served model loaded in this process (default: the native API's), loading them on
+        first use."""
         table = self.table
         if not table.loaded_here:
             try:
                 self.load()
             except (ModelLoadError, ConfigError) as exc:
                 log.error("model not loaded: %s", exc)
-                raise ModelNotReady("the model is not loaded in this worker; see the server log") from None
+                raise ModelNotReady(
+                    "the model is not loaded in this worker; see the server log"
+                ) from None
             table = self.table
-        key = table.default if name is None and table.default is not None else table.key(name or "", version)
+        key = (
+            table.default
+            if name is None and table.default is not None
+            else table.key(name or "", version)
+        )
         model = table.models.get(key)
         if model is None:  # not in this table's models: cannot happen for a served version
             raise ModelNotReady(f"model {key[0]}:{key[1]} is not loaded here; retry")
         return model
 
-    def predict(self, batch: np.ndarray, timeout_s: float | None = None,
-                model: LoadedModel | None = None) -> np.ndarray:
-        """Probabilities ``(N, classes)`` for a validated batch, within ``timeout_s`` (default: the setting).
+    def predict(
+        self, batch: np.ndarray, timeout_s: float | None = None, model: LoadedModel | None = None
+    ) -> np.ndarray:
+        """Probabilities ``(N, classes)`` for a validated batch, within ``timeout_s`` (default: the
+        setting).
 
         A client's deadline is clamped to ``SERVING_MAX_CLIENT_TIMEOUT_MS``.
         """
-        timeout = min(timeout_s, self._max_client_timeout_s) if timeout_s else self._timeout_s
-        return (model or self.model()).infer(batch, timeout)
+        return (model or self.model()).infer(batch, self.timeout_for(timeout_s))
+
+    def timeout_for(self, client_timeout_s: float | None) -> float:
+        """A request's time budget in seconds: the client's own (``X-Request-Timeout-Ms``, clamped
+        to ``SERVING_MAX_CLIENT_TIMEOUT_MS``), else ``SERVING_REQUEST_TIMEOUT_MS``."""
+        if client_timeout_s:
+            return min(client_timeout_s, self._max_client_timeout_s)
+        return self._timeout_s
 
     def labels_for(self, probabilities: np.ndarray) -> list[str]:
         """The default model's label of the most probable class for each row."""
         return self.model().labels_for(probabilities)
 
     def index(self, unserved: bool = False) -> list[dict[str, str]]:
-        """Every served model version with its state here (READY or LOADING); with ``unserved`` (operators
-        only) also the repository's other versions, as UNAVAILABLE."""
+        """Every served model version with its state here (READY or LOADING); with ``unserved``
+        (operators only) also the repository's other versions, as UNAVAILABLE."""
         table = self._planned()
         entries = []
         for name, version in self.repository.index():
@@ -250,11 +297,15 @@ class InferenceService:
             if (name, version) not in table.served:
                 if not unserved and (name, version) not in table.failed:
                     continue
-                reason = table.failed.get((name, version), "not selected by SERVING_MODELS or the version policy")
+                reason = table.failed.get(
+                    (name, version), "not selected by SERVING_MODELS or the version policy"
+                )
                 entry.update(state="UNAVAILABLE", reason=reason)
             else:
                 model = table.models.get((name, version)) if table.loaded_here else None
                 ready = model is not None and model.ready
-                entry.update(state="READY" if ready else "LOADING", reason="" if ready else "not loaded yet")
+                entry.update(
+                    state="READY" if ready else "LOADING", reason="" if ready else "not loaded yet"
+                )
             entries.append(entry)
         return entries

@@ -39,6 +39,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def where(version_dir: Path, filename: str = "metadata.json") -> str:
+    """A file of a version as answers and logs name it, ``model.onnx of digits-torch:2``: never the
+    server path where it lies."""
+    return f"{filename} of {version_dir.parent.name}:{version_dir.name}"
+
+
 def valid_name(name: str) -> bool:
     """True for a model name that is safe to use as one path component."""
     return bool(NAME_PATTERN.match(name)) and ".." not in name
@@ -87,26 +93,33 @@ class ModelMetadata:
         ``filename`` (the artifact the backend loads) must exist; every other file in the folder, in
         subfolders too, must be listed with a sha256 and match it, so an unlisted file (an ONNX
         external-data file, a script dropped in) is refused like a modified one. This detects
-        corruption and accidents; against an attacker who can write the folder, pin metadata.json's own
-        digest out of band (``SERVING_MODEL_SHA256``).
+        corruption and accidents; against an attacker who can write the folder, pin metadata.json's
+        own digest out of band (``SERVING_MODEL_SHA256``).
         """
         artifacts = self.raw.get("artifacts", {})
         if not (self.path / filename).is_file():
-            raise ModelLoadError(f"{self.path / filename} is missing: this backend loads it (retrain, import the"
-                                 " model, or choose the backend that fits its files)")
+            raise ModelLoadError(
+                f"{where(self.path, filename)} is missing: this backend loads it (retrain, import"
+                " the model, or choose the backend that fits its files)"
+            )
         if not artifacts.get(filename, {}).get("sha256"):
-            raise ModelLoadError(f"{self.path}/metadata.json records no sha256 for {filename}")
+            raise ModelLoadError(f"{where(self.path)} records no sha256 for {filename}")
         for path in sorted(self.path.rglob("*")):
             if path.is_dir() or path == self.path / "metadata.json":
                 continue
             expected = artifacts.get(path.relative_to(self.path).as_posix(), {}).get("sha256")
             if not expected:
-                raise ModelLoadError(f"{path} is not listed with a sha256 in metadata.json; refusing a version"
-                                     " with files nobody recorded")
+                raise ModelLoadError(
+                    f"{where(self.path, path.relative_to(self.path).as_posix())} is not listed with"
+                    " a sha256 in metadata.json; refusing a version"
+                    " with files nobody recorded"
+                )
             actual = sha256_file(path)
             if actual != expected:
                 raise ModelLoadError(
-                    f"{path} was modified after training (sha256 {actual[:12]}... != recorded {expected[:12]}...);"
+                    f"{where(self.path, path.relative_to(self.path).as_posix())} was modified after"
+                    f" training (sha256 {actual[:12]}... != recorded "
+                    f"{expected[:12]}...);"
                     " refusing to load it"
                 )
 
@@ -116,7 +129,8 @@ class ModelMetadata:
         return not self.raw.get("unverified")
 
     def sample(self) -> tuple[list[Any], str | None]:
-        """The built-in smoke-test sample and its expected label (a TF Serving folder: a blank one, no label)."""
+        """The built-in smoke-test sample and its expected label (a TF Serving folder: a blank
+        one, no label)."""
         if not self.verified and not (self.path / "sample.json").is_file():
             return [0.0] * self.sample_size, None
         raw = orjson.loads((self.path / "sample.json").read_bytes())
@@ -134,12 +148,16 @@ class ModelRepository:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and valid_name(p.name) and list_versions(p)
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and valid_name(p.name) and list_versions(p)
         )
 
     def index(self) -> list[tuple[str, int]]:
         """Every (model, version) on disk, sorted."""
-        return [(name, version) for name in self.models() for version in list_versions(self.root / name)]
+        return [
+            (name, version) for name in self.models() for version in list_versions(self.root / name)
+        ]
 
     def select(self, spec: str) -> list[tuple[str, int]]:
         """The (model, version) pairs a ``SERVING_MODELS`` value names, in order, without repeats.
@@ -167,22 +185,27 @@ class ModelRepository:
         versions = list_versions(self.root / name)
         if not versions:
             known = ", ".join(self.models()) or "none"
-            raise ModelNotFound(f"no model {name!r} in {self.root}/ (models there: {known}); run `python train.py`")
+            raise ModelNotFound(
+                f"no model {name!r} in {self.root}/ (models there: {known}); run `python train.py`"
+            )
         if version is None:
             version = versions[-1]
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version} (versions: {versions})")
         meta = self.load_metadata(self.root / name / str(version))
-        if (meta.name, meta.version) != (name, version):  # a copied directory would be served under a wrong id
+        # a copied directory would be served under a wrong id
+        if (meta.name, meta.version) != (name, version):
             raise ModelLoadError(
-                f"{meta.path}/metadata.json says {meta.name} version {meta.version}; it must match its directory"
+                f"{where(meta.path)} says {meta.name} version {meta.version}; it must match "
+                "its directory"
             )
         return meta
 
     @staticmethod
     def load_metadata(path: Path) -> ModelMetadata:
-        """Parse and check one version directory's ``metadata.json``; a TF Serving folder without one
-        (``saved_model.pb``) is described from its signature instead (``serving.store.tfserving``)."""
+        """Parse and check one version directory's ``metadata.json``; a TF Serving folder without
+        one (``saved_model.pb``) is described from its signature instead
+        (``serving.store.tfserving``)."""
         meta_path = path / "metadata.json"
         try:
             raw = orjson.loads(meta_path.read_bytes())
@@ -191,10 +214,14 @@ class ModelRepository:
                 from serving.store.tfserving import metadata_for
 
                 return parse_metadata(metadata_for(path, path.parent.name, int(path.name)), path)
-            raise ModelLoadError(f"{meta_path} is missing: retrain with `python train.py`, or import the model"
-                                 " with `serving import`") from exc
+            raise ModelLoadError(
+                f"{where(path)} is missing: retrain with `python train.py`, or import the model"
+                " with `serving import`"
+            ) from exc
         except orjson.JSONDecodeError as exc:
-            raise ModelLoadError(f"{meta_path} is corrupt ({exc.__class__.__name__}: {exc})") from exc
+            raise ModelLoadError(
+                f"{where(path)} is corrupt ({exc.__class__.__name__}: {exc})"
+            ) from exc
         return parse_metadata(raw, path)
 
 
@@ -216,4 +243,4 @@ def parse_metadata(raw: Any, path: Path) -> ModelMetadata:
             raw=raw,
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ModelLoadError(f"{path / 'metadata.json'} is corrupt ({exc.__class__.__name__}: {exc})") from exc
+        raise ModelLoadError(f"{where(path)} is corrupt ({exc.__class__.__name__}: {exc})") from exc

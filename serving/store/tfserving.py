@@ -4,7 +4,8 @@ The gunicorn master must never import a framework, yet it checks every model bef
 SavedModel's ``serving_default`` signature (input and output names, dtypes, shapes) lives in the
 ``saved_model.pb`` protobuf, whose wire format is simple enough to walk here: SavedModel.meta_graphs
 (2) -> MetaGraphDef.signature_def (5, a map) -> SignatureDef.inputs / outputs (1 / 2, maps of
-TensorInfo: name 1, dtype 2, tensor_shape 3 -> dim 2 -> size 1). ``metadata_for`` turns that into the
+TensorInfo: name 1, dtype 2, tensor_shape 3 -> dim 2 -> size 1). ``metadata_for`` turns that into
+the
 ``metadata.json`` a folder without one would have: labels ``"0".."N-1"``, the input range [0, 1] for
 float inputs ([0, 255] for uint8), and no digests (the start-up log says so; ``serving import``
 records them).
@@ -20,7 +21,8 @@ from typing import Any
 from serving.errors import ModelLoadError
 
 SIGNATURE = "serving_default"
-DTYPES = {1: "float32", 4: "uint8"}  # tensorflow.DataType: DT_FLOAT, DT_UINT8 (what a digit model takes)
+# tensorflow.DataType: DT_FLOAT, DT_UINT8 (what a digit model takes)
+DTYPES = {1: "float32", 4: "uint8"}
 MAX_PB_BYTES = 512 * 1024 * 1024
 
 
@@ -40,7 +42,8 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
 
 
 def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) for each field of one protobuf message: ints for varints, bytes otherwise."""
+    """(field number, value) for each field of one protobuf message: ints for varints, bytes
+    otherwise."""
     position = 0
     while position < len(data):
         key, position = _varint(data, position)
@@ -52,11 +55,11 @@ def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
             length, position = _varint(data, position)
             if position + length > len(data):
                 raise ValueError("truncated field")
-            yield number, data[position:position + length]
+            yield number, data[position : position + length]
             position += length
         elif wire in (1, 5):
             width = 8 if wire == 1 else 4
-            yield number, data[position:position + width]
+            yield number, data[position : position + width]
             position += width
         else:
             raise ValueError(f"unsupported wire type {wire}")
@@ -82,27 +85,42 @@ def _tensor(info: bytes) -> tuple[str, list[int]]:
             for dim_number, dim in _fields(value):
                 if dim_number == 2 and isinstance(dim, bytes):
                     size = dict(_fields(dim)).get(1, -1)
-                    shape.append(size - (1 << 64) if isinstance(size, int) and size >= 1 << 63 else int(size))  # type: ignore[arg-type]
+                    shape.append(
+                        size - (1 << 64) if isinstance(size, int) and size >= 1 << 63 else int(size)
+                    )  # type: ignore[arg-type]
     return dtype, shape
 
 
 def read_signature(folder: Path) -> dict[str, Any]:
-    """The ``serving_default`` signature: ``{"inputs": {name: (dtype, shape)}, "outputs": {...}}``."""
+    """The ``serving_default`` signature: ``{"inputs": {name: (dtype, shape)}, "outputs":
+    {...}}``."""
     pb = folder / "saved_model.pb"
     try:
         if pb.stat().st_size > MAX_PB_BYTES:
             raise ModelLoadError(f"{pb} is over {MAX_PB_BYTES >> 20} MiB")
         data = pb.read_bytes()
-        meta_graphs = [value for number, value in _fields(data) if number == 2 and isinstance(value, bytes)]
+        meta_graphs = [
+            value for number, value in _fields(data) if number == 2 and isinstance(value, bytes)
+        ]
         if not meta_graphs:
             raise ValueError("no meta graph")
-        signatures = _map([v for n, v in _fields(meta_graphs[0]) if n == 5 and isinstance(v, bytes)])
+        signatures = _map(
+            [v for n, v in _fields(meta_graphs[0]) if n == 5 and isinstance(v, bytes)]
+        )
         if SIGNATURE not in signatures:
-            raise ModelLoadError(f"{pb}: no {SIGNATURE!r} signature (it has: {', '.join(signatures) or 'none'})")
+            raise ModelLoadError(
+                f"{pb}: no {SIGNATURE!r} signature (it has: {', '.join(signatures) or 'none'})"
+            )
         fields = list(_fields(signatures[SIGNATURE]))
-        return {side: {name: _tensor(info) for name, info in
-                       _map([v for n, v in fields if n == number and isinstance(v, bytes)]).items()}
-                for side, number in (("inputs", 1), ("outputs", 2))}
+        return {
+            side: {
+                name: _tensor(info)
+                for name, info in _map(
+                    [v for n, v in fields if n == number and isinstance(v, bytes)]
+                ).items()
+            }
+            for side, number in (("inputs", 1), ("outputs", 2))
+        }
     except OSError as exc:
         raise ModelLoadError(f"cannot read {pb}: {exc.strerror}") from None
     except ValueError as exc:
@@ -110,7 +128,8 @@ def read_signature(folder: Path) -> dict[str, Any]:
 
 
 def input_layout(shape: list[int]) -> tuple[str, tuple[int, int]]:
-    """The layout and (H, W) of an input shape with its batch dimension: [-1,H,W], [-1,H,W,1], [-1,1,H,W], [-1,H*W]."""
+    """The layout and (H, W) of an input shape with its batch dimension: [-1,H,W], [-1,H,W,1],
+    [-1,1,H,W], [-1,H*W]."""
     dims = shape[1:]
     if len(dims) == 2 and min(dims) > 0:
         return "NHW", (dims[0], dims[1])
@@ -121,8 +140,10 @@ def input_layout(shape: list[int]) -> tuple[str, tuple[int, int]]:
     if len(dims) == 1 and dims[0] > 0 and math.isqrt(dims[0]) ** 2 == dims[0]:
         side = math.isqrt(dims[0])
         return "flat", (side, side)
-    raise ValueError(f"input shape {shape} is not one image: expected [-1, H, W], [-1, H, W, 1], [-1, 1, H, W]"
-                     " or [-1, H*W] with a square H*W")
+    raise ValueError(
+        f"input shape {shape} is not one image: expected [-1, H, W], [-1, H, W, 1], [-1, 1, H, W]"
+        " or [-1, H*W] with a square H*W"
+    )
 
 
 def metadata_for(folder: Path, name: str, version: int) -> dict[str, Any]:
@@ -130,23 +151,43 @@ def metadata_for(folder: Path, name: str, version: int) -> dict[str, Any]:
     signature = read_signature(folder)
     inputs, outputs = signature["inputs"], signature["outputs"]
     if len(inputs) != 1 or len(outputs) != 1:
-        raise ModelLoadError(f"{folder}: the {SIGNATURE} signature has {len(inputs)} inputs and {len(outputs)}"
-                             " outputs; a classifier here takes one image and returns one score per class")
-    (input_name, (dtype, shape)), = inputs.items()
-    (output_name, (_, out_shape)), = outputs.items()
+        raise ModelLoadError(
+            f"{folder}: the {SIGNATURE} signature has {len(inputs)} inputs and {len(outputs)}"
+            " outputs; a classifier here takes one image and returns one score per class"
+        )
+    ((input_name, (dtype, shape)),) = inputs.items()
+    ((output_name, (_, out_shape)),) = outputs.items()
     if dtype not in DTYPES.values():
-        raise ModelLoadError(f"{folder}: input {input_name!r} is {dtype}; float32 or uint8 images are served")
+        raise ModelLoadError(
+            f"{folder}: input {input_name!r} is {dtype}; float32 or uint8 images are served"
+        )
     try:
         layout, (height, width) = input_layout(shape)
     except ValueError as exc:
         raise ModelLoadError(f"{folder}: {exc}") from None
     if len(out_shape) != 2 or out_shape[1] < 2:
-        raise ModelLoadError(f"{folder}: output {output_name!r} has shape {out_shape}; expected [-1, classes]")
+        raise ModelLoadError(
+            f"{folder}: output {output_name!r} has shape {out_shape}; expected [-1, classes]"
+        )
     return {
-        "name": name, "version": version, "framework": "tensorflow", "backend": "savedmodel",
-        "source": "tf-serving folder (no metadata.json: no digests are checked)", "unverified": True,
-        "input": {"name": input_name, "shape": [height, width], "dtype": dtype, "layout": layout,
-                  "range": [0.0, 255.0] if dtype == "uint8" else [0.0, 1.0]},
-        "output": {"name": output_name, "shape": [out_shape[1]], "dtype": "float32", "activation": "auto"},
+        "name": name,
+        "version": version,
+        "framework": "tensorflow",
+        "backend": "savedmodel",
+        "source": "tf-serving folder (no metadata.json: no digests are checked)",
+        "unverified": True,
+        "input": {
+            "name": input_name,
+            "shape": [height, width],
+            "dtype": dtype,
+            "layout": layout,
+            "range": [0.0, 255.0] if dtype == "uint8" else [0.0, 1.0],
+        },
+        "output": {
+            "name": output_name,
+            "shape": [out_shape[1]],
+            "dtype": "float32",
+            "activation": "auto",
+        },
         "labels": [str(i) for i in range(out_shape[1])],
     }

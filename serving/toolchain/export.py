@@ -22,11 +22,13 @@ OUTPUT_NAME = "probabilities"
 
 
 class ExportError(RuntimeError):
-    """The ONNX copy is malformed or disagrees with the native model (the CLI prints it and exits 1)."""
+    """The ONNX copy is malformed or disagrees with the native model (the CLI prints it and exits
+    1)."""
 
 
 def export_tf_function(function: Any, spec: tuple[Any, ...], path: Path) -> None:
-    """Convert a ``tf.function`` with input signature ``spec`` to ONNX at ``path``, with the served I/O names."""
+    """Convert a ``tf.function`` with input signature ``spec`` to ONNX at ``path``, with the
+    served I/O names."""
     import onnx
     import tf2onnx
 
@@ -36,12 +38,19 @@ def export_tf_function(function: Any, spec: tuple[Any, ...], path: Path) -> None
 
 
 def export_torch(module: Any, example: Any, path: Path) -> None:
-    """Trace a PyTorch module on ``example`` to ONNX at ``path``, with the served names and a dynamic batch."""
+    """Trace a PyTorch module on ``example`` to ONNX at ``path``, with the served names and a
+    dynamic batch."""
     import torch
 
     torch.onnx.export(
-        module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=ONNX_OPSET, dynamo=False,
+        module,
+        (example,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        opset_version=ONNX_OPSET,
+        dynamo=False,
     )
 
 
@@ -61,29 +70,41 @@ def rename_onnx_io(model: Any, input_name: str, output_name: str) -> None:
 
 
 def check_onnx(path: Path, expected: np.ndarray, inputs: np.ndarray, threads: int = 1) -> float:
-    """Max abs difference between onnxruntime on ``path`` and the native outputs; ExportError if too large."""
+    """Max abs difference between onnxruntime on ``path`` and the native outputs; ExportError if
+    too large."""
     import onnx
     import onnxruntime as ort
 
     graph = onnx.load(str(path)).graph
     names = ([i.name for i in graph.input], [o.name for o in graph.output])
     if names != ([INPUT_NAME], [OUTPUT_NAME]):
-        raise ExportError(f"{path.name} has inputs/outputs {names}, expected ([{INPUT_NAME!r}], [{OUTPUT_NAME!r}])")
+        raise ExportError(
+            f"{path.name} has inputs/outputs {names}, expected ([{INPUT_NAME!r}], "
+            f"[{OUTPUT_NAME!r}])"
+        )
     batch_dim = graph.input[0].type.tensor_type.shape.dim[0]
     if batch_dim.HasField("dim_value"):
-        raise ExportError(f"{path.name} has a fixed batch dimension {batch_dim.dim_value}; it must be dynamic")
+        raise ExportError(
+            f"{path.name} has a fixed batch dimension {batch_dim.dim_value}; it must be dynamic"
+        )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     actual = in_chunks(lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], inputs)
     diff = float(np.max(np.abs(actual - expected)))
     if not diff < ONNX_TOLERANCE:
-        raise ExportError(f"ONNX export disagrees with the native model: max abs diff {diff:.3g} >= {ONNX_TOLERANCE}")
+        raise ExportError(
+            f"ONNX export disagrees with the native model: max abs diff {diff:.3g} >= "
+            f"{ONNX_TOLERANCE}"
+        )
     return diff
 
 
-def in_chunks(predict: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, size: int = 500) -> np.ndarray:
-    """Run ``predict`` over ``inputs`` a chunk at a time (10k MNIST samples at once would need gigabytes)."""
+def in_chunks(
+    predict: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, size: int = 500
+) -> np.ndarray:
+    """Run ``predict`` over ``inputs`` a chunk at a time (10k MNIST samples at once would need
+    gigabytes)."""
     outputs = [predict(inputs[start : start + size]) for start in range(0, len(inputs), size)]
     return np.concatenate(outputs).astype(np.float32, copy=False)
 

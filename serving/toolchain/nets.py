@@ -6,7 +6,8 @@ Three architectures, the same in both frameworks:
 - ``lenet``: LeNet-5's shape with today's parts: conv 5x5 16 -> pool -> conv 5x5 32 -> pool ->
   dense 128 -> dropout -> dense, with batch norm after each conv, ReLU and max-pools. It is the
   MNIST default: 0.9936 on t10k after 5 epochs (PyTorch, two minutes on one core) where ``small``
-  stalls near 0.984 (no hidden dense layer); without batch norm the same net needed 8 epochs for 0.992.
+  stalls near 0.984 (no hidden dense layer); without batch norm the same net needed 8 epochs for
+  0.992.
 - ``large``: conv 32 -> conv 64 -> dense 1024 -> dense 1024 -> dense. Its 5M dense weights must be
   streamed from memory once per call, so a single sample costs ~1.5 ms while a batch of 32 costs
   ~0.2 ms per sample (onnxruntime, 1 thread, 8x8): the model dynamic batching is measured on.
@@ -28,13 +29,15 @@ if TYPE_CHECKING:
 
 
 class ArchSpec(NamedTuple):
-    """One architecture: conv widths, which convs a 2x2 max-pool follows, hidden dense widths, and so on."""
+    """One architecture: conv widths, which convs a 2x2 max-pool follows, hidden dense widths,
+    and so on."""
 
     convs: tuple[int, ...]
     pools: tuple[int, ...]
     dense: tuple[int, ...]
     kernel: int = 3
-    batchnorm: bool = False  # after each conv, before its ReLU; exports fold in the running statistics
+    # after each conv, before its ReLU; exports fold in the running statistics
+    batchnorm: bool = False
     dropout: float = 0.0  # before the output layer, in training only (exports see the identity)
 
 
@@ -56,7 +59,8 @@ def arch_spec(arch: str) -> ArchSpec:
 
 
 def layer_plan(arch: str, shape: tuple[int, int]) -> tuple[list[int], tuple[int, ...]]:
-    """The conv/pool sequence (conv widths, ``POOL`` for a 2x2 max-pool) and the hidden dense widths."""
+    """The conv/pool sequence (conv widths, ``POOL`` for a 2x2 max-pool) and the hidden dense
+    widths."""
     convs, pools, dense = arch_spec(arch)[:3]
     side, extra_pools = min(shape) >> len(pools), 0
     while side > POOL_WHILE_SIDE_ABOVE:
@@ -64,7 +68,8 @@ def layer_plan(arch: str, shape: tuple[int, int]) -> tuple[list[int], tuple[int,
     plan: list[int] = []
     for index, filters in enumerate(convs):
         plan.append(filters)
-        if extra_pools and index < len(convs) - 1:  # downsample early: later convs run on smaller maps
+        # downsample early: later convs run on smaller maps
+        if extra_pools and index < len(convs) - 1:
             plan.append(POOL)
             extra_pools -= 1
         if index in pools:
@@ -85,10 +90,13 @@ def build_keras(arch: str, shape: tuple[int, int], num_classes: int) -> keras.Mo
             x = keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
         else:
             if not spec.batchnorm:
-                x = keras.layers.Conv2D(width, spec.kernel, padding="same", activation="relu", name=f"conv{index}")(x)
+                x = keras.layers.Conv2D(
+                    width, spec.kernel, padding="same", activation="relu", name=f"conv{index}"
+                )(x)
                 continue
             x = keras.layers.Conv2D(width, spec.kernel, padding="same", name=f"conv{index}")(x)
-            # PyTorch's defaults (momentum 0.1 there is 0.9 here), so both frameworks train the same net
+            # PyTorch's defaults (momentum 0.1 there is 0.9 here), so both frameworks train the same
+            # net
             x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=f"norm{index}")(x)
             x = keras.layers.ReLU(name=f"relu{index}")(x)
     x = keras.layers.Flatten(name="flatten")(x)

@@ -1,8 +1,9 @@
-"""``python train.py`` / ``serving train``: train the digit classifiers and publish them into the model repository.
+"""``python train.py`` / ``serving train``: train the digit classifiers and publish them into the
+model repository.
 
     python train.py                                   # Keras + PyTorch small CNNs on bundled digits
     python train.py --framework pytorch --arch large  # one heavier model
-    python train.py --dataset mnist                   # finds or downloads MNIST, trains mnist-tf and mnist-torch
+    python train.py --dataset mnist # finds or downloads MNIST, trains mnist-tf and mnist-torch
     python train.py --dataset mnist --data-dir ~/mnist --no-download
 
 MNIST is looked for in ``--data-dir``, then ``$MNIST_DIR``, then the per-user cache
@@ -34,7 +35,15 @@ from serving.toolchain.data import (
 )
 from serving.toolchain.export import ExportError
 from serving.toolchain.nets import ARCHS
-from serving.toolchain.training import FRAMEWORKS, TrainConfig, TrainingError, default_arch, defaults, model_name, train
+from serving.toolchain.training import (
+    FRAMEWORKS,
+    TrainConfig,
+    TrainingError,
+    default_arch,
+    defaults,
+    model_name,
+    train,
+)
 
 
 def positive_int(text: str) -> int:
@@ -48,63 +57,121 @@ def positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see ``python train.py --help``."""
     parser = argparse.ArgumentParser(
-        description="Train TensorFlow/Keras and PyTorch CNNs and publish native + ONNX versions into the model "
-        "repository (<out>/<name>/<version>/).",
+        description="Train TensorFlow/Keras and PyTorch CNNs and publish native + ONNX versions"
+        " into the model repository (<out>/<name>/<version>/).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--framework", choices=[*FRAMEWORKS, "all"], default="all", help="which framework(s)")
-    parser.add_argument("--dataset", choices=DATASETS, default="digits",
-                        help="digits: bundled 8x8 scikit-learn digits; mnist: the 28x28 MNIST (found or downloaded)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="directory with the MNIST IDX files (plain or .gz) or mnist.npz, searched before "
-                        "$MNIST_DIR and the per-user cache")
-    parser.add_argument("--no-download", action="store_true",
-                        help="fail instead of downloading MNIST when no searched directory has it")
-    parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
-                        help="train on the first N training samples only (quick runs and tests)")
-    parser.add_argument("--limit-test", type=positive_int, default=None, metavar="N",
-                        help="evaluate on the first N test samples only")
-    parser.add_argument("--arch", choices=ARCHS, default=None,
-                        help="small: fast CNN; lenet: LeNet-style CNN with batch norm; large: compute-heavy CNN for "
-                        "batching benchmarks; None: small on digits, lenet on mnist")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="training epochs; None: the arch's recipe for the dataset (20 small / 10 large on "
-                        "digits, 5 lenet on mnist)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="training batch size; None: the recipe's (32 small / 64 large on digits, 128 on mnist)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and shuffling")
-    parser.add_argument("--name", default=None,
-                        help="model name (default <dataset>-tf / <dataset>-torch for the dataset's default arch, "
-                        "<dataset>-<arch>-tf / -torch for others); with --framework all, NAME-tf and NAME-torch")
+    parser.add_argument(
+        "--framework", choices=[*FRAMEWORKS, "all"], default="all", help="which framework(s)"
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="digits: bundled 8x8 scikit-learn digits; mnist: the 28x28 MNIST (found or"
+        " downloaded)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="directory with the MNIST IDX files (plain or .gz) or mnist.npz, searched before "
+        "$MNIST_DIR and the per-user cache",
+    )
+    parser.add_argument(
+        "--no-download",
+        action="store_true",
+        help="fail instead of downloading MNIST when no searched directory has it",
+    )
+    parser.add_argument(
+        "--limit-train",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="train on the first N training samples only (quick runs and tests)",
+    )
+    parser.add_argument(
+        "--limit-test",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate on the first N test samples only",
+    )
+    parser.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="small: fast CNN; lenet: LeNet-style CNN with batch norm; large: compute-heavy CNN"
+        " for batching benchmarks; None: small on digits, lenet on mnist",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help="training epochs; None: the arch's recipe for the dataset (20 small / 10 large on "
+        "digits, 5 lenet on mnist)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="training batch size; None: the recipe's (32 small / 64 large on digits, 128 on"
+        " mnist)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for the split, initialisation and shuffling"
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="model name (default <dataset>-tf / <dataset>-torch for the dataset's default arch, "
+        "<dataset>-<arch>-tf / -torch for others); with --framework all, NAME-tf and NAME-torch",
+    )
     parser.add_argument("--out", type=Path, default=Path("models"), help="model repository root")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train every requested model; exit 0 on success, 2 on bad input, 1 when an export fails its check."""
+    """Train every requested model; exit 0 on success, 2 on bad input, 1 when an export fails its
+    check."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parse_args(argv)
     args.arch = args.arch or default_arch(args.dataset)
     frameworks = list(FRAMEWORKS) if args.framework == "all" else [args.framework]
-    names = [model_name(args.dataset, fw, args.arch, args.name, several=len(frameworks) > 1) for fw in frameworks]
+    names = [
+        model_name(args.dataset, fw, args.arch, args.name, several=len(frameworks) > 1)
+        for fw in frameworks
+    ]
     for name in names:
         if not valid_name(name):
-            return fail(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)")
+            return fail(
+                f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' (at most 64)"
+            )
     recipe = defaults(args.arch, args.dataset)
     epochs = args.epochs or recipe.epochs
     batch_size = args.batch_size or recipe.batch_size
     started = time.monotonic()
     try:
         dataset = load(args)
-        print(f"dataset {dataset.name}: {len(dataset.y_train)} train / {len(dataset.y_test)} test samples, "
-              f"shape {dataset.shape}", flush=True)
+        print(
+            f"dataset {dataset.name}: {len(dataset.y_train)} train / {len(dataset.y_test)} test "
+            "samples, "
+            f"shape {dataset.shape}",
+            flush=True,
+        )
         results = []
         for framework, name in zip(frameworks, names, strict=True):
-            config = TrainConfig(framework, name, args.arch, epochs, batch_size, args.seed, args.out, recipe.schedule)
+            config = TrainConfig(
+                framework, name, args.arch, epochs, batch_size, args.seed, args.out, recipe.schedule
+            )
             print(f"training {name} ({framework}, {args.arch}, {epochs} epochs)", flush=True)
             result = train(config, dataset, log=say)
-            print(f"{name}: held-out accuracy {result.accuracy:.4f} on {len(dataset.y_test)} samples, "
-                  f"ONNX max abs diff {result.onnx_max_abs_diff:.2g} ({result.seconds:.1f}s)", flush=True)
+            print(
+                f"{name}: held-out accuracy {result.accuracy:.4f} on {len(dataset.y_test)} "
+                "samples, "
+                f"ONNX max abs diff {result.onnx_max_abs_diff:.2g} ({result.seconds:.1f}s)",
+                flush=True,
+            )
             results.append(result)
     except DatasetError as exc:
         return fail(str(exc))
@@ -117,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load(args: argparse.Namespace) -> Dataset:
-    """The requested dataset, MNIST found (or downloaded) as the module docstring says, cut to the limits."""
+    """The requested dataset, MNIST found (or downloaded) as the module docstring says, cut to
+    the limits."""
     data_dir = None
     if args.dataset == "mnist":
         candidates = [Path(d) for d in (args.data_dir, os.environ.get("MNIST_DIR")) if d]

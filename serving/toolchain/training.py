@@ -1,4 +1,5 @@
-"""Train a Keras or PyTorch CNN, export it natively and to ONNX, and publish it as a repository version.
+"""Train a Keras or PyTorch CNN, export it natively and to ONNX, and publish it as a repository
+version.
 
 A run writes everything into a hidden temporary directory next to the versions and then renames it
 to the next version number, so a serving process scanning ``<root>/<name>/`` never sees a
@@ -37,8 +38,8 @@ from serving.toolchain.export import (
 FRAMEWORKS = ("tensorflow", "pytorch")
 NAME_SUFFIX = {"tensorflow": "tf", "pytorch": "torch"}
 LAYOUT = {"tensorflow": "NHWC", "pytorch": "NCHW"}
-# One thread: the small nets gain nothing from two, and under contention (tests, servers sharing the 2 cores)
-# spinning thread pools made a 2-thread run 4x slower.
+# One thread: the small nets gain nothing from two, and under contention (tests, servers sharing the
+# 2 cores) spinning thread pools made a 2-thread run 4x slower.
 TRAIN_THREADS = 1
 LEARNING_RATE = 1e-3  # Adam's; the cosine schedule decays it to 0 by the last step
 SCHEDULES = ("constant", "cosine")
@@ -52,10 +53,11 @@ class Recipe(NamedTuple):
     schedule: str = "constant"
 
 
-# Recipes that reliably reach their targets quickly on 2 cores: >= 0.95 on digits, >= 0.99 on the MNIST t10k for
-# lenet (5 epochs, about two minutes per framework; see the lenet note in serving/toolchain/nets.py). The large net
-# trains on bigger batches: its optimizer step over 5M weights costs as much as the batch itself. lenet's learning rate
-# decays along a cosine to 0 over the run: the last steps at small rates settle it.
+# Recipes that reliably reach their targets quickly on 2 cores: >= 0.95 on digits, >= 0.99 on the
+# MNIST t10k for lenet (5 epochs, about two minutes per framework; see the lenet note in
+# serving/toolchain/nets.py). The large net trains on bigger batches: its optimizer step over 5M
+# weights costs as much as the batch itself. lenet's learning rate decays along a cosine to 0 over
+# the run: the last steps at small rates settle it.
 DEFAULTS = {
     ("small", "digits"): Recipe(20, 32),
     ("large", "digits"): Recipe(10, 64),
@@ -69,7 +71,8 @@ Log = Callable[[str], None]
 
 
 class TrainingError(RuntimeError):
-    """Training or export produced something unfit to publish (e.g. ONNX disagrees with the native model)."""
+    """Training or export produced something unfit to publish (e.g. ONNX disagrees with the
+    native model)."""
 
 
 @dataclass(frozen=True)
@@ -104,27 +107,41 @@ def defaults(arch: str, dataset: str) -> Recipe:
 
 
 def default_arch(dataset: str) -> str:
-    """The architecture a dataset trains with unless told otherwise: ``small`` for digits, ``lenet`` for MNIST."""
+    """The architecture a dataset trains with unless told otherwise: ``small`` for digits,
+    ``lenet`` for MNIST."""
     return DEFAULT_ARCH.get(dataset, "small")
 
 
-def model_name(dataset: str, framework: str, arch: str | None = None, base: str | None = None,
-               several: bool = False) -> str:
-    """Default ``digits-tf`` / ``mnist-tf`` for the dataset's default arch, ``digits-large-tf`` for others;
+def model_name(
+    dataset: str,
+    framework: str,
+    arch: str | None = None,
+    base: str | None = None,
+    several: bool = False,
+) -> str:
+    """Default ``digits-tf`` / ``mnist-tf`` for the dataset's default arch, ``digits-large-tf`` for
+    others;
     ``base`` X gives X, or X-tf when ``several``."""
     suffix = NAME_SUFFIX[framework]
     if base is None:
         arch = arch or default_arch(dataset)
-        return f"{dataset}-{suffix}" if arch == default_arch(dataset) else f"{dataset}-{arch}-{suffix}"
+        return (
+            f"{dataset}-{suffix}" if arch == default_arch(dataset) else f"{dataset}-{arch}-{suffix}"
+        )
     return f"{base}-{suffix}" if several else base
 
 
 def learning_rate(schedule: str, step: int, total_steps: int) -> float:
-    """The learning rate at ``step`` of ``total_steps``: constant, or cosine-decayed to 0 (Keras' CosineDecay)."""
+    """The learning rate at ``step`` of ``total_steps``: constant, or cosine-decayed to 0 (Keras'
+    CosineDecay)."""
     if schedule == "constant":
         return LEARNING_RATE
     if schedule == "cosine":
-        return LEARNING_RATE * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+        return (
+            LEARNING_RATE
+            * 0.5
+            * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+        )
     raise ValueError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
 
 
@@ -136,36 +153,56 @@ def train(config: TrainConfig, dataset: Dataset, log: Log = print) -> TrainResul
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
         if config.framework not in RUNNERS:
-            raise ValueError(f"unknown framework {config.framework!r} (choose from {', '.join(FRAMEWORKS)})")
+            raise ValueError(
+                f"unknown framework {config.framework!r} (choose from {', '.join(FRAMEWORKS)})"
+            )
         if config.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {config.schedule!r} (choose from {', '.join(SCHEDULES)})")
+            raise ValueError(
+                f"unknown schedule {config.schedule!r} (choose from {', '.join(SCHEDULES)})"
+            )
         outcome = RUNNERS[config.framework](config, dataset, staging, log)
         accuracy = float(np.mean(outcome.native.argmax(axis=1) == dataset.y_test))
-        diff = check_onnx(staging / ONNX_ARTIFACT, outcome.native, _layout_input(config.framework, dataset.x_test),
-                          TRAIN_THREADS)
+        diff = check_onnx(
+            staging / ONNX_ARTIFACT,
+            outcome.native,
+            _layout_input(config.framework, dataset.x_test),
+            TRAIN_THREADS,
+        )
         write_json(staging / "labels.json", dataset.labels)
         write_json(staging / "sample.json", _sample(dataset, outcome.native), indent=False)
-        artifacts = [NATIVE_ARTIFACTS[config.framework], ONNX_ARTIFACT, "labels.json", "sample.json"]
+        artifacts = [
+            NATIVE_ARTIFACTS[config.framework],
+            ONNX_ARTIFACT,
+            "labels.json",
+            "sample.json",
+        ]
         version = _publish(config, dataset, staging, artifacts, accuracy, diff, outcome.versions)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return TrainResult(config.name, version, model_dir / str(version), accuracy, diff, time.monotonic() - started)
+    return TrainResult(
+        config.name, version, model_dir / str(version), accuracy, diff, time.monotonic() - started
+    )
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a framework run hands back: saved native model's test probabilities and library versions."""
+    """What a framework run hands back: saved native model's test probabilities and library
+    versions."""
 
     native: np.ndarray
     versions: dict[str, str]
 
 
 def _epoch_line(config: TrainConfig, epoch: int, loss: float, accuracy: float) -> str:
-    return f"[{config.name}] epoch {epoch:>3}/{config.epochs}  loss {loss:.4f}  accuracy {accuracy:.4f}"
+    return (
+        f"[{config.name}] epoch {epoch:>3}/{config.epochs}  loss {loss:.4f}"
+        f"  accuracy {accuracy:.4f}"
+    )
 
 
 def _train_keras(config: TrainConfig, dataset: Dataset, staging: Path, log: Log) -> Outcome:
-    """Fit the Keras model, save ``model.keras`` and ``model.onnx``; predict the test split with the saved file."""
+    """Fit the Keras model, save ``model.keras`` and ``model.onnx``; predict the test split with
+    the saved file."""
     import keras
     import onnx
     import tensorflow as tf
@@ -181,15 +218,29 @@ def _train_keras(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
     keras.utils.set_random_seed(config.seed)
     model = build_keras(config.arch, dataset.shape, dataset.num_classes)
     rate: float | keras.optimizers.schedules.LearningRateSchedule = LEARNING_RATE
-    if config.schedule == "cosine":  # the same curve as learning_rate(), which the PyTorch loop applies per step
+    # the same curve as learning_rate(), which the PyTorch loop applies per step
+    if config.schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(LEARNING_RATE, _total_steps(config, dataset))
-    model.compile(optimizer=keras.optimizers.Adam(rate), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     progress = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: log(_epoch_line(config, epoch + 1, logs["loss"], logs["accuracy"]))
+        on_epoch_end=lambda epoch, logs: log(
+            _epoch_line(config, epoch + 1, logs["loss"], logs["accuracy"])
+        )
     )
     x_train = _layout_input("tensorflow", dataset.x_train)
-    model.fit(x_train, dataset.y_train, batch_size=config.batch_size, epochs=config.epochs, shuffle=True,
-              verbose=0, callbacks=[progress])
+    model.fit(
+        x_train,
+        dataset.y_train,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        shuffle=True,
+        verbose=0,
+        callbacks=[progress],
+    )
     native_path = staging / NATIVE_ARTIFACTS["tensorflow"]
     model.save(native_path)
 
@@ -198,14 +249,21 @@ def _train_keras(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
     export_tf_function(serve, spec, staging / ONNX_ARTIFACT)
 
     reloaded = keras.models.load_model(native_path)
-    native = reloaded.predict(_layout_input("tensorflow", dataset.x_test), batch_size=256, verbose=0)
-    versions = {"tensorflow": tf.__version__, "keras": keras.__version__, "tf2onnx": tf2onnx.__version__,
-                "onnx": onnx.__version__}
+    native = reloaded.predict(
+        _layout_input("tensorflow", dataset.x_test), batch_size=256, verbose=0
+    )
+    versions = {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "tf2onnx": tf2onnx.__version__,
+        "onnx": onnx.__version__,
+    }
     return Outcome(np.asarray(native, dtype=np.float32), versions)
 
 
 def _train_torch(config: TrainConfig, dataset: Dataset, staging: Path, log: Log) -> Outcome:
-    """Train the PyTorch model, save TorchScript ``model.pt`` and ``model.onnx``; predict with the saved file."""
+    """Train the PyTorch model, save TorchScript ``model.pt`` and ``model.onnx``; predict with
+    the saved file."""
     import onnx
     import torch
     import torch.nn.functional as F  # noqa: N812 - the conventional alias
@@ -245,7 +303,10 @@ def _train_torch(config: TrainConfig, dataset: Dataset, staging: Path, log: Log)
     export_torch(model, x_train[:1], staging / ONNX_ARTIFACT)
     reloaded = torch.jit.load(str(native_path))
     with torch.inference_mode():
-        native = in_chunks(lambda x: reloaded(torch.from_numpy(x)).numpy(), _layout_input("pytorch", dataset.x_test))
+        native = in_chunks(
+            lambda x: reloaded(torch.from_numpy(x)).numpy(),
+            _layout_input("pytorch", dataset.x_test),
+        )
     return Outcome(native, {"torch": torch.__version__, "onnx": onnx.__version__})
 
 
@@ -260,25 +321,24 @@ RUNNERS: dict[str, Callable[[TrainConfig, Dataset, Path, Log], Outcome]] = {
 }
 
 
-
-
 def _layout_input(framework: str, images: np.ndarray) -> np.ndarray:
     """(N, H, W) images in the framework's layout: NHWC for TensorFlow, NCHW for PyTorch."""
     axis = 3 if LAYOUT[framework] == "NHWC" else 1
     return np.ascontiguousarray(np.expand_dims(images, axis=axis), dtype=np.float32)
 
 
-
-
-
-
 def _sample(dataset: Dataset, probabilities: np.ndarray) -> dict[str, Any]:
     """The first test sample the model classifies correctly, as a smoke test for the server."""
     correct = np.flatnonzero(probabilities.argmax(axis=1) == dataset.y_test)
     if correct.size == 0:
-        raise TrainingError("the model classifies no test sample correctly; nothing to use as sample.json")
+        raise TrainingError(
+            "the model classifies no test sample correctly; nothing to use as sample.json"
+        )
     index = int(correct[0])
-    return {"data": dataset.x_test[index].tolist(), "label": dataset.labels[int(dataset.y_test[index])]}
+    return {
+        "data": dataset.x_test[index].tolist(),
+        "label": dataset.labels[int(dataset.y_test[index])],
+    }
 
 
 def write_json(path: Path, value: Any, indent: bool = True) -> None:
@@ -286,8 +346,15 @@ def write_json(path: Path, value: Any, indent: bool = True) -> None:
     path.write_bytes(orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else None) + b"\n")
 
 
-def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: list[str], accuracy: float,
-             diff: float, versions: dict[str, str]) -> int:
+def _publish(
+    config: TrainConfig,
+    dataset: Dataset,
+    staging: Path,
+    artifacts: list[str],
+    accuracy: float,
+    diff: float,
+    versions: dict[str, str],
+) -> int:
     """Write metadata.json into the staging directory and rename it to the next free version."""
     model_dir = config.out / config.name
     version = next_version(config.out, config.name)
@@ -299,8 +366,13 @@ def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: li
             "framework": config.framework,
             "arch": config.arch,
             "dataset": dataset.name,
-            "input": {"name": INPUT_NAME, "shape": list(dataset.shape), "dtype": "float32", "range": [0.0, 1.0],
-                      "layout": LAYOUT[config.framework]},
+            "input": {
+                "name": INPUT_NAME,
+                "shape": list(dataset.shape),
+                "dtype": "float32",
+                "range": [0.0, 1.0],
+                "layout": LAYOUT[config.framework],
+            },
             "output": {"name": OUTPUT_NAME, "shape": [dataset.num_classes], "dtype": "float32"},
             "labels": dataset.labels,
             "test_accuracy": round(accuracy, 6),
@@ -321,9 +393,9 @@ def _publish(config: TrainConfig, dataset: Dataset, staging: Path, artifacts: li
         try:
             os.rename(staging, model_dir / str(version))
         except OSError:
-            if (model_dir / str(version)).exists():  # another run took this version first: take the next one
+            # another run took this version first: take the next one
+            if (model_dir / str(version)).exists():
                 version = max(version + 1, next_version(config.out, config.name))
                 continue
             raise
         return version
-

@@ -1,8 +1,8 @@
 """The generated parts of the docs: the settings reference and the endpoint table.
 
-gunicorn writes its settings page from its ``Setting`` classes (scripts/build_settings_doc.py); we do
-the same from ``Settings`` and ``ENDPOINTS``, so the docs cannot drift from the code. ``serving docs``
-writes them; ``serving docs --check`` (run by the test suite) fails when a file is stale.
+gunicorn writes its settings page from its ``Setting`` classes (scripts/build_settings_doc.py); we
+do the same from ``Settings`` and ``ENDPOINTS``, so the docs cannot drift from the code. ``serving
+docs`` writes them; ``serving docs --check`` (run by the test suite) fails when a file is stale.
 """
 
 from __future__ import annotations
@@ -28,18 +28,28 @@ def settings_markdown(settings: type[Settings] = Settings) -> str:
     lines = [
         "# Settings",
         "",
-        "<!-- Generated file: edit the declarations in serving/config.py, then run `serving docs`. -->",
+        "<!-- Generated file: edit the declarations in serving/config.py, then run `serving docs`. "
+        "-->",
         "",
-        "Every setting is an environment variable, read once at start by `Settings.from_env()` (the only code that",
-        "reads the environment). An empty value means the default. `serving config` prints the values in force;",
-        "gunicorn's own command-line flags (`-w`, `-b`, `--threads`, `--timeout`, ...) override the matching ones.",
+        "Every setting is an environment variable, read once at start by `Settings.from_env()` "
+        "(the only code that",
+        "reads the environment). An empty value means the default. `serving config` prints the "
+        "values in force;",
+        "gunicorn's own command-line flags (`-w`, `-b`, `--threads`, `--timeout`, ...) override "
+        "the matching ones.",
         "",
         "| variable | default | accepts | what it does |",
         "| --- | --- | --- | --- |",
     ]
     for row in settings.describe():
-        default = f"`{row.default}`" if row.default and not row.default.startswith("the ") else (row.default or "empty")
-        lines.append(f"| `{row.variable}` | {_cell(default)} | {_cell(row.accepts)} | {_cell(row.doc)} |")
+        default = (
+            f"`{row.default}`"
+            if row.default and not row.default.startswith("the ")
+            else (row.default or "empty")
+        )
+        lines.append(
+            f"| `{row.variable}` | {_cell(default)} | {_cell(row.accepts)} | {_cell(row.doc)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -66,7 +76,11 @@ def render(root: Path, endpoints: Iterable[Endpoint]) -> dict[Path, str]:
 
 def stale(root: Path, endpoints: Iterable[Endpoint]) -> list[Path]:
     """The generated files that differ from what the code says."""
-    return [path for path, text in render(root, endpoints).items() if not path.exists() or path.read_text() != text]
+    return [
+        path
+        for path, text in render(root, endpoints).items()
+        if not path.exists() or path.read_text() != text
+    ]
 
 
 def write(root: Path, endpoints: Iterable[Endpoint]) -> list[Path]:

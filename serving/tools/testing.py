@@ -46,15 +46,28 @@ def gunicorn_command() -> list[str]:
 class GunicornServer:
     """One real gunicorn master serving on 127.0.0.1:<free port>.
 
-    ``settings`` become ``SERVING_*`` variables (``model="digits-tf"`` -> ``SERVING_MODEL``), added to ``env``.
-    ``ready="models"`` waits for a model-loaded ``/health`` answer from every worker; ``ready="answer"``
-    waits for any answer below 500 from ``ready_path`` (apps without models, such as the no-op floor).
+    ``settings`` become ``SERVING_*`` variables (``model="digits-tf"`` -> ``SERVING_MODEL``), added
+    to ``env``.
+    ``ready="models"`` waits for a model-loaded ``/health`` answer from every worker;
+    ``ready="answer"`` waits for any answer below 500 from ``ready_path`` (apps without models, such
+    as the no-op floor).
     """
 
-    def __init__(self, repo: Path | None, log_dir: Path, args: Sequence[str] = (), *, cwd: Path | None = None,
-                 app: str = "flask_server:app", config: str = "gunicorn.conf.py", env: dict[str, str] | None = None,
-                 ready: Literal["models", "answer"] = "models", ready_path: str = "/health",
-                 log_file: Path | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        repo: Path | None,
+        log_dir: Path,
+        args: Sequence[str] = (),
+        *,
+        cwd: Path | None = None,
+        app: str = "flask_server:app",
+        config: str = "gunicorn.conf.py",
+        env: dict[str, str] | None = None,
+        ready: Literal["models", "answer"] = "models",
+        ready_path: str = "/health",
+        log_file: Path | None = None,
+        **settings: Any,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_file or log_dir / f"gunicorn-{self.port}.log"
@@ -65,7 +78,15 @@ class GunicornServer:
         variables["SERVING_BIND"] = f"127.0.0.1:{self.port}"
         self.env = clean_env(**variables)
         self.cwd = cwd or Path.cwd()
-        self.command = [*gunicorn_command(), "-c", config, "-b", f"127.0.0.1:{self.port}", *args, app]
+        self.command = [
+            *gunicorn_command(),
+            "-c",
+            config,
+            "-b",
+            f"127.0.0.1:{self.port}",
+            *args,
+            app,
+        ]
         self.workers = _workers(args, self.env)
         self.ready, self.ready_path = ready, ready_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -73,8 +94,14 @@ class GunicornServer:
     def start(self, wait: bool = True, timeout: float = 60.0) -> GunicornServer:
         """Start gunicorn; with ``wait`` block until it is ready (see the class docstring)."""
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         if wait:
             self.wait_ready(timeout)
         return self
@@ -92,7 +119,12 @@ class GunicornServer:
             try:
                 if self.ready == "answer":
                     method = "POST" if self.ready_path.startswith("/predict") else "GET"
-                    if requests.request(method, self.url + self.ready_path, json={}, timeout=2).status_code < 500:
+                    if (
+                        requests.request(
+                            method, self.url + self.ready_path, json={}, timeout=2
+                        ).status_code
+                        < 500
+                    ):
                         time.sleep(1.0)  # the first worker answered; give the others their start-up
                         return
                 else:
@@ -107,7 +139,8 @@ class GunicornServer:
         raise AssertionError(f"server not ready after {timeout}s:\n{self.log()}")
 
     def metrics(self, until: Callable[[str], bool] | None = None, timeout: float = 10.0) -> str:
-        """``/metrics`` once ``until(text)`` holds (polled until ``timeout``), else after one flush period.
+        """``/metrics`` once ``until(text)`` holds (polled until ``timeout``), else after one flush
+        period.
 
         Workers add their counts into the shared files once every FLUSH_SECONDS, so a scrape right
         after the requests may not include the other workers' last second yet.
@@ -151,8 +184,9 @@ class GunicornServer:
 
 
 def stop_group(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int | None:
-    """Stop a server started with ``start_new_session=True``: SIGTERM its leader and wait up to ``timeout``,
-    then SIGKILL whatever is left of its process group (workers orphaned by a crashed master too)."""
+    """Stop a server started with ``start_new_session=True``: SIGTERM its leader and wait up to
+    ``timeout``, then SIGKILL whatever is left of its process group (workers orphaned by a
+    crashed master too)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

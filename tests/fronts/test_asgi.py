@@ -5,6 +5,7 @@ test_asgi_server.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -220,4 +221,14 @@ def test_websocket_connections_are_refused(fronts: tuple[Any, AsgiApp]) -> None:
         sent.append(message)
 
     asyncio.run(asgi_app({"type": "websocket", "path": "/", "headers": []}, receive, send))
-    assert sent == [{"type": "websocket.close", "code": 1008}]
+    assert sent == [{"type": "websocket.close", "code": 1008}]  # a server without the extension: its 403
+    sent.clear()
+    scope = {"type": "websocket", "path": "/", "headers": [(b"x-request-id", b"ws-1")], "http_version": "1.1",
+             "extensions": {"websocket.http.response": {}}}
+    asyncio.run(asgi_app(scope, receive, send))
+    start, body = sent
+    headers = dict(start["headers"])
+    assert start["type"] == "websocket.http.response.start" and start["status"] == 400
+    assert headers[b"content-type"] == b"application/json" and headers[b"x-request-id"] == b"ws-1"
+    assert headers[b"x-content-type-options"] == b"nosniff"
+    assert json.loads(body["body"]) == {"error": "WebSocket connections are not served here: use HTTP"}

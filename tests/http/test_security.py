@@ -252,7 +252,7 @@ def test_security_unlisted_files_such_as_external_data_are_refused(repo_copy: Pa
 
     (repo_copy / "digits-torch" / "1" / "model.onnx.data").write_bytes(b"weights nobody hashed")
     settings = Settings.from_env({}, model_repository=repo_copy, model="digits-torch", backend="onnx")
-    with pytest.raises(Exception, match="model.onnx.data is not listed with a sha256"):
+    with pytest.raises(Exception, match="model.onnx.data of digits-torch:1 is not listed with a sha256"):
         InferenceService(settings).resolve()
 
 

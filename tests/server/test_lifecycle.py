@@ -65,7 +65,7 @@ def test_corrupt_metadata_is_refused(repo_copy: Path) -> None:
     (repo_copy / "digits-tf" / "1" / "metadata.json").write_text("{not json")
     env = clean_env(SERVING_MODEL_REPOSITORY=str(repo_copy), SERVING_BIND=f"127.0.0.1:{free_port()}")
     result = run_until_exit(env)
-    assert result.returncode != 0 and "metadata.json is corrupt" in result.stderr
+    assert result.returncode != 0 and "metadata.json of " in result.stderr and "is corrupt" in result.stderr
 
 
 def test_corrupt_artifact_with_matching_checksum_stops_workers_without_respawn_loop(repo_copy: Path) -> None:

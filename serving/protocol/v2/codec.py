@@ -3,7 +3,8 @@
 Grammar, from the spec::
 
     $inference_request  = {"id": $string #optional, "parameters": $parameters #optional,
-                           "inputs": [$request_input, ...], "outputs": [$request_output, ...] #optional}
+                           "inputs": [$request_input, ...], "outputs": [$request_output, ...]
+                           #optional}
     $request_input      = {"name": $string, "shape": [$number, ...], "datatype": $string,
                            "parameters": $parameters #optional, "data": $tensor_data}
     $request_output     = {"name": $string, "parameters": $parameters #optional}
@@ -14,9 +15,10 @@ Grammar, from the spec::
 
 Binary tensor data extension: the body is the JSON header (its byte length in the
 ``Inference-Header-Content-Length`` header) followed by raw row-major little-endian tensors, one per
-input whose ``parameters.binary_data_size`` gives its size, in input order. Responses do the same for
-outputs asked with ``parameters.binary_data`` (or all, with ``binary_data_output``); a BYTES element
-is a 4-byte little-endian length followed by its bytes. Every violation is a 400 naming what is wrong.
+input whose ``parameters.binary_data_size`` gives its size, in input order. Responses do the same
+for outputs asked with ``parameters.binary_data`` (or all, with ``binary_data_output``); a BYTES
+element is a 4-byte little-endian length followed by its bytes. Every violation is a 400 naming what
+is wrong.
 """
 
 from __future__ import annotations
@@ -38,9 +40,20 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 DIGITS = re.compile(r"^[0-9]{1,12}$")
 #: Fixed-size datatypes and their little-endian numpy dtypes; BYTES and BF16 have none.
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(code) for name, code in (
-        ("BOOL", "?"), ("UINT8", "<u1"), ("UINT16", "<u2"), ("UINT32", "<u4"), ("UINT64", "<u8"), ("INT8", "<i1"),
-        ("INT16", "<i2"), ("INT32", "<i4"), ("INT64", "<i8"), ("FP16", "<f2"), ("FP32", "<f4"), ("FP64", "<f8"),
+    name: np.dtype(code)
+    for name, code in (
+        ("BOOL", "?"),
+        ("UINT8", "<u1"),
+        ("UINT16", "<u2"),
+        ("UINT32", "<u4"),
+        ("UINT64", "<u8"),
+        ("INT8", "<i1"),
+        ("INT16", "<i2"),
+        ("INT32", "<i4"),
+        ("INT64", "<i8"),
+        ("FP16", "<f2"),
+        ("FP32", "<f4"),
+        ("FP64", "<f8"),
     )
 }
 DATATYPES = (*NUMPY_DTYPES, "BF16", "BYTES")
@@ -50,7 +63,8 @@ JSON_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
 @dataclass
 class InputTensor:
-    """One request input: JSON ``data`` or a slice of the binary section (``raw``), not yet checked."""
+    """One request input: JSON ``data`` or a slice of the binary section (``raw``), not yet
+    checked."""
 
     name: str
     datatype: str
@@ -61,7 +75,8 @@ class InputTensor:
 
 @dataclass
 class RequestedOutput:
-    """One entry of ``outputs``: the name, and whether it must come back binary (None: the default)."""
+    """One entry of ``outputs``: the name, and whether it must come back binary (None: the
+    default)."""
 
     name: str
     binary: bool | None = None
@@ -113,11 +128,15 @@ def decode_request(body: bytes, header_length: str | None) -> InferenceRequest:
         offset += size
     if offset != len(binary):
         raise InvalidRequest(
-            f"the binary section holds {len(binary)} bytes but the inputs' binary_data_size add up to {offset}"
+            f"the binary section holds {len(binary)} bytes but the inputs' binary_data_size add up "
+            f"to {offset}"
         )
     return InferenceRequest(
-        id=request_id, inputs=tensors, outputs=_outputs(document.get("outputs")),
-        binary_output=_flag(parameters, "binary_data_output", "request"), timeout_s=_timeout(parameters),
+        id=request_id,
+        inputs=tensors,
+        outputs=_outputs(document.get("outputs")),
+        binary_output=_flag(parameters, "binary_data_output", "request"),
+        timeout_s=_timeout(parameters),
         parameters=parameters,
     )
 
@@ -131,11 +150,12 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, 
     text = header_length.strip()
     if not DIGITS.match(text) or not 0 < int(text) <= len(body):
         raise InvalidRequest(
-            f"{HEADER_LENGTH} must be the byte length of the JSON header, between 1 and the body's {len(body)}"
+            f"{HEADER_LENGTH} must be the byte length of the JSON header, between 1 and the body's "
+            f"{len(body)}"
             f" bytes; got {header_length[:32]!r}"
         )
     view = memoryview(body)
-    return view[:int(text)], view[int(text):]
+    return view[: int(text)], view[int(text) :]
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -159,7 +179,9 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1_000 <= value <= 600_000_000:
-        raise InvalidRequest("parameter 'timeout' must be a whole number of microseconds in [1000, 600000000]")
+        raise InvalidRequest(
+            "parameter 'timeout' must be a whole number of microseconds in [1000, 600000000]"
+        )
     return value / 1_000_000
 
 
@@ -170,30 +192,42 @@ def _input(entry: Any, binary: memoryview, offset: int) -> tuple[InputTensor, in
     name = entry["name"]
     datatype, shape = entry.get("datatype"), entry.get("shape")
     if datatype not in DATATYPES:
-        raise InvalidRequest(f"input {name!r}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise InvalidRequest(f"input {name!r}: 'shape' must be a list of non-negative whole numbers")
+        raise InvalidRequest(
+            f"input {name!r}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}"
+        )
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidRequest(
+            f"input {name!r}: 'shape' must be a list of non-negative whole numbers"
+        )
     parameters = _object(entry.get("parameters"), f"input {name!r}: 'parameters'")
     if any(key.startswith("shared_memory") for key in parameters):
-        raise InvalidRequest(f"input {name!r}: shared memory is not supported; send the data inline or binary")
+        raise InvalidRequest(
+            f"input {name!r}: shared memory is not supported; send the data inline or binary"
+        )
     tensor = InputTensor(name, datatype, tuple(shape))
     size = parameters.get("binary_data_size")
     if size is None:
         if "data" not in entry:
-            raise InvalidRequest(f"input {name!r} has neither 'data' nor a 'binary_data_size' parameter")
+            raise InvalidRequest(
+                f"input {name!r} has neither 'data' nor a 'binary_data_size' parameter"
+            )
         tensor.data = entry["data"]
         return tensor, 0
     if "data" in entry:
         raise InvalidRequest(f"input {name!r} has both 'data' and a 'binary_data_size' parameter")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise InvalidRequest(f"input {name!r}: 'binary_data_size' must be a non-negative whole number")
+        raise InvalidRequest(
+            f"input {name!r}: 'binary_data_size' must be a non-negative whole number"
+        )
     if offset + size > len(binary):
         raise InvalidRequest(
-            f"input {name!r}: binary_data_size {size} runs past the end of the body (the binary section has"
+            f"input {name!r}: binary_data_size {size} runs past the end of the body (the binary "
+            "section has"
             f" {len(binary)} bytes; check {HEADER_LENGTH})"
         )
-    tensor.raw = binary[offset:offset + size]
+    tensor.raw = binary[offset : offset + size]
     return tensor, size
 
 
@@ -207,50 +241,73 @@ def _outputs(value: Any) -> list[RequestedOutput] | None:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidRequest("every output must be an object with a string 'name'")
         parameters = _object(entry.get("parameters"), f"output {entry['name']!r}: 'parameters'")
-        if "classification" in parameters or any(key.startswith("shared_memory") for key in parameters):
-            raise InvalidRequest(f"output {entry['name']!r}: classification and shared memory are not supported")
-        binary = _flag(parameters, "binary_data", f"output {entry['name']!r}") if "binary_data" in parameters else None
+        if "classification" in parameters or any(
+            key.startswith("shared_memory") for key in parameters
+        ):
+            raise InvalidRequest(
+                f"output {entry['name']!r}: classification and shared memory are not supported"
+            )
+        binary = (
+            _flag(parameters, "binary_data", f"output {entry['name']!r}")
+            if "binary_data" in parameters
+            else None
+        )
         outputs.append(RequestedOutput(entry["name"], binary))
     return outputs
 
 
 def input_array(tensor: InputTensor) -> np.ndarray:
-    """The values of a fixed-size-datatype input as a numpy array of its declared shape (400 on mismatch)."""
+    """The values of a fixed-size-datatype input as a numpy array of its declared shape (400 on
+    mismatch)."""
     dtype = NUMPY_DTYPES[tensor.datatype]
     count = math.prod(tensor.shape)
     if tensor.raw is not None:
         if len(tensor.raw) != count * dtype.itemsize:
             raise InvalidRequest(
-                f"input {tensor.name!r}: binary_data_size is {len(tensor.raw)} bytes but shape {list(tensor.shape)}"
+                f"input {tensor.name!r}: binary_data_size is {len(tensor.raw)} bytes but shape "
+                f"{list(tensor.shape)}"
                 f" of {tensor.datatype} needs {count * dtype.itemsize}"
             )
         return np.frombuffer(tensor.raw, dtype=dtype).reshape(tensor.shape)
     data = tensor.data
     if not isinstance(data, list):
-        raise InvalidRequest(f"input {tensor.name!r}: 'data' must be a list of values (flat or nested, row-major)")
+        raise InvalidRequest(
+            f"input {tensor.name!r}: 'data' must be a list of values (flat or nested, row-major)"
+        )
     try:
         array = np.asarray(data)
     except (ValueError, TypeError):
-        raise InvalidRequest(f"input {tensor.name!r}: 'data' is ragged: nested lists must be rectangular") from None
+        raise InvalidRequest(
+            f"input {tensor.name!r}: 'data' is ragged: nested lists must be rectangular"
+        ) from None
     if array.size and array.dtype.kind not in JSON_KINDS[dtype.kind]:
         kind = {"f": "numbers", "i": "integers", "u": "integers", "b": "booleans"}[dtype.kind]
         raise InvalidRequest(f"input {tensor.name!r}: {tensor.datatype} data must hold only {kind}")
     if array.size != count:
         raise InvalidRequest(
-            f"input {tensor.name!r}: shape {list(tensor.shape)} holds {count} values but 'data' has {array.size}"
+            f"input {tensor.name!r}: shape {list(tensor.shape)} holds {count} values but 'data' "
+            f"has {array.size}"
         )
     if array.size and dtype.kind in "iu":
         limits = np.iinfo(dtype)
         if array.min() < limits.min or array.max() > limits.max:
-            raise InvalidRequest(f"input {tensor.name!r}: values outside the {tensor.datatype} range")
+            raise InvalidRequest(
+                f"input {tensor.name!r}: values outside the {tensor.datatype} range"
+            )
     return array.reshape(tensor.shape)
 
 
-def encode_response(document: dict[str, Any], outputs: list[tuple[OutputTensor, bool]]) -> tuple[bytes, int | None]:
+def encode_response(
+    document: dict[str, Any], outputs: list[tuple[OutputTensor, bool]]
+) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when some outputs are binary (else None)."""
     entries, chunks = [], []
     for tensor, binary in outputs:
-        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": tensor.shape,
+        }
         if binary:
             raw = _bytes_of(tensor)
             entry["parameters"] = {"binary_data_size": len(raw)}

@@ -1,16 +1,16 @@
 """Open Inference Protocol (KServe v2) handlers: decode, call the service, encode.
 
     GET  /v2                                            server metadata and extensions
-    GET  /v2/health/live, /v2/health/ready              200 when live / every served model is loaded, else 503
-    GET  /v2/models/{name}[/versions/{version}]         model metadata (inputs/outputs, -1 = batch dimension)
-    GET  /v2/models/{name}[/versions/{version}]/ready   200 when that model is loaded in this worker, else 503
-    POST /v2/models/{name}[/versions/{version}]/infer   inference, JSON or binary tensors
-    GET|POST /v2/repository/index                       every model version on disk with its state
+    GET /v2/health/live, /v2/health/ready 200 when live / every served model is loaded, else 503 GET
+    /v2/models/{name}[/versions/{version}] model metadata (inputs/outputs, -1 = batch dimension) GET
+    /v2/models/{name}[/versions/{version}]/ready 200 when that model is loaded in this worker, else
+    503 POST /v2/models/{name}[/versions/{version}]/infer inference, JSON or binary tensors GET|POST
+    /v2/repository/index every model version on disk with its state
 
-The routes are declared in ``serving.protocol.endpoints``. Inference goes through the same service as the
-native API: the same batcher, limits, deadlines and metrics. Unknown models and versions are 404;
-protocol violations 400; values the model cannot take (out of range, NaN, too many samples) 422, as
-in the native API. Errors are ``{"error": "..."}``.
+The routes are declared in ``serving.protocol.endpoints``. Inference goes through the same service
+as the native API: the same batcher, limits, deadlines and metrics. Unknown models and versions are
+404; protocol violations 400; values the model cannot take (out of range, NaN, too many samples)
+422, as in the native API. Errors are ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ from serving.errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
 from serving.http.answers import Answer, json_answer
 from serving.http.request import RequestState
 from serving.protocol.v2.codec import HEADER_LENGTH, decode_request, encode_response
-from serving.protocol.v2.tensors import batch_from_request, check_outputs, model_metadata, output_tensors
+from serving.protocol.v2.tensors import (
+    batch_from_request,
+    check_outputs,
+    model_metadata,
+    output_tensors,
+)
 from serving.runtime.model_control import ModelControl
 from serving.runtime.service import InferenceService
 
@@ -39,7 +44,9 @@ def _version(name: str, version: str | None) -> int | None:
     if version is None:
         return None
     if not VERSION_PATTERN.match(version):
-        raise ModelNotFound(f"model {name!r} has no version {version[:32]!r}: versions are whole numbers")
+        raise ModelNotFound(
+            f"model {name!r} has no version {version[:32]!r}: versions are whole numbers"
+        )
     return int(version)
 
 
@@ -54,25 +61,37 @@ def live(request: RequestState, service: InferenceService) -> Answer:
 def ready(request: RequestState, service: InferenceService) -> Answer:
     if service.ready:
         return json_answer({"ready": True})
-    return json_answer({"ready": False, "error": "the models are not loaded in this worker yet"}, 503)
+    return json_answer(
+        {"ready": False, "error": "the models are not loaded in this worker yet"}, 503
+    )
 
 
-def metadata(request: RequestState, service: InferenceService, name: str, version: str | None = None) -> Answer:
+def metadata(
+    request: RequestState, service: InferenceService, name: str, version: str | None = None
+) -> Answer:
     model = service.model(name, _version(name, version))
     request.model = model.label
     return json_answer(model_metadata(model, service.versions(name)))
 
 
-def model_ready(request: RequestState, service: InferenceService, name: str, version: str | None = None) -> Answer:
+def model_ready(
+    request: RequestState, service: InferenceService, name: str, version: str | None = None
+) -> Answer:
     key = service.key(name, _version(name, version))
     request.model = f"{key[0]}:{key[1]}"
-    body: dict[str, Any] = {"name": name, "version": str(key[1]), "ready": service.model_ready(*key)}
+    body: dict[str, Any] = {
+        "name": name,
+        "version": str(key[1]),
+        "ready": service.model_ready(*key),
+    }
     if body["ready"]:
         return json_answer(body)
     return json_answer({**body, "error": f"model {name} is not loaded in this worker yet"}, 503)
 
 
-def infer(request: RequestState, service: InferenceService, name: str, version: str | None = None) -> Answer:
+def infer(
+    request: RequestState, service: InferenceService, name: str, version: str | None = None
+) -> Answer:
     """``POST /v2/models/{name}[/versions/{version}]/infer``."""
     model = service.model(name, _version(name, version))
     request.model = model.label
@@ -84,7 +103,11 @@ def infer(request: RequestState, service: InferenceService, name: str, version: 
     if timeout is None and decoded.timeout_s:
         timeout, request.client_deadline = decoded.timeout_s, True
     probabilities = service.predict(batch, timeout, model)
-    document = {"model_name": name, "model_version": str(model.meta.version), "id": decoded.id or request.request_id}
+    document = {
+        "model_name": name,
+        "model_version": str(model.meta.version),
+        "id": decoded.id or request.request_id,
+    }
     body, header_length = encode_response(document, output_tensors(decoded, model, probabilities))
     if header_length is None:
         return Answer(200, body)
@@ -92,9 +115,11 @@ def infer(request: RequestState, service: InferenceService, name: str, version: 
 
 
 def repository_index(request: RequestState, service: InferenceService) -> Answer:
-    """The served versions (all on disk for an admin key); a POST may filter with ``{"ready": true}`` (as Triton's).
+    """The served versions (all on disk for an admin key); a POST may filter with ``{"ready":
+    true}`` (as Triton's).
 
-    With explicit model control, each entry is what every worker reports (serving.runtime.model_control).
+    With explicit model control, each entry is what every worker reports
+    (serving.runtime.model_control).
     """
     entries = service.index(unserved=request.admin)
     if service.settings.model_control == "explicit":
@@ -113,13 +138,19 @@ def repository_index(request: RequestState, service: InferenceService) -> Answer
 
 
 def load_model(request: RequestState, service: InferenceService, name: str) -> Answer:
-    """``POST /v2/repository/models/{name}/load`` (explicit model control): on every worker, then answer."""
-    return json_answer(ModelControl.of(service).load_or_unload(name, True, service.settings.timeout))
+    """``POST /v2/repository/models/{name}/load`` (explicit model control): on every worker, then
+    answer."""
+    return json_answer(
+        ModelControl.of(service).load_or_unload(name, True, service.settings.timeout)
+    )
 
 
 def unload_model(request: RequestState, service: InferenceService, name: str) -> Answer:
-    """``POST /v2/repository/models/{name}/unload``: every worker drains and unloads the model's versions."""
-    return json_answer(ModelControl.of(service).load_or_unload(name, False, service.settings.timeout))
+    """``POST /v2/repository/models/{name}/unload``: every worker drains and unloads the model's
+    versions."""
+    return json_answer(
+        ModelControl.of(service).load_or_unload(name, False, service.settings.timeout)
+    )
 
 
 def _infer_body(request: RequestState, service: InferenceService) -> bytes:
@@ -127,10 +158,13 @@ def _infer_body(request: RequestState, service: InferenceService) -> bytes:
     mimetype = request.mimetype
     if mimetype not in BODY_TYPES and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(
-            f"Content-Type {mimetype!r} is not accepted: send application/json, application/octet-stream (binary"
+            f"Content-Type {mimetype!r} is not accepted: send application/json, "
+            "application/octet-stream (binary"
             f" tensors with {HEADER_LENGTH}) or no Content-Type"
         )
     encoding = (request.header("Content-Encoding") or "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding[:32]!r} is not supported: send the body uncompressed")
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding[:32]!r} is not supported: send the body uncompressed"
+        )
     return request.body(service.body_limit)

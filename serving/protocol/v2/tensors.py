@@ -1,12 +1,13 @@
-"""Binding v2 tensors to a served model: its metadata, input tensor -> batch, probabilities -> outputs.
+"""Binding v2 tensors to a served model: its metadata, input tensor -> batch, probabilities ->
+outputs.
 
 A model takes one input ``[-1, H, W]`` (also accepted flat, ``[-1, H*W]``), FP32, with values in its
-input range. FP64 and FP16 are converted to FP32; integer datatypes are converted when every value is
-exactly representable as FP32 (|v| <= 2**24); UINT8 tensors are 8-bit pixels, 0-255, mapped exactly
-onto the model's input range. BOOL, BYTES and BF16 are refused naming the input.
-After that the batch goes through ``serving.protocol.inputs.check_batch``, the same checks (batch size, NaN,
-range) as the native API. Outputs: ``probabilities`` (FP32 ``[-1, classes]``, the model's output name)
-and ``label`` (BYTES ``[-1]``, the most probable class).
+input range. FP64 and FP16 are converted to FP32; integer datatypes are converted when every value
+is exactly representable as FP32 (|v| <= 2**24); UINT8 tensors are 8-bit pixels, 0-255, mapped
+exactly onto the model's input range. BOOL, BYTES and BF16 are refused naming the input. After that
+the batch goes through ``serving.protocol.inputs.check_batch``, the same checks (batch size, NaN,
+range) as the native API. Outputs: ``probabilities`` (FP32 ``[-1, classes]``, the model's output
+name) and ``label`` (BYTES ``[-1]``, the most probable class).
 """
 
 from __future__ import annotations
@@ -22,7 +23,19 @@ from serving.runtime.loaded_model import LoadedModel
 from serving.store.repository import ModelMetadata
 
 LABEL_OUTPUT = "label"
-CONVERTED = ("FP32", "FP64", "FP16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
+CONVERTED = (
+    "FP32",
+    "FP64",
+    "FP16",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+)
 EXACT_INT = 2**24  # the largest integer magnitude float32 holds exactly
 
 
@@ -41,48 +54,73 @@ def model_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
     }
 
 
-def batch_from_request(request: InferenceRequest, meta: ModelMetadata, max_batch: int) -> np.ndarray:
+def batch_from_request(
+    request: InferenceRequest, meta: ModelMetadata, max_batch: int
+) -> np.ndarray:
     """The validated float32 batch ``(N, H, W)`` the request's one input holds."""
     names = [tensor.name for tensor in request.inputs]
     if names != [meta.input_name]:
         unknown = [name for name in names if name != meta.input_name]
-        detail = f"unknown input {unknown[0]!r}" if unknown else f"input {meta.input_name!r} is given twice"
-        raise InvalidRequest(f"{detail}: model {meta.name} takes exactly one input, {meta.input_name!r}")
+        detail = (
+            f"unknown input {unknown[0]!r}"
+            if unknown
+            else f"input {meta.input_name!r} is given twice"
+        )
+        raise InvalidRequest(
+            f"{detail}: model {meta.name} takes exactly one input, {meta.input_name!r}"
+        )
     tensor = request.inputs[0]
     if tensor.datatype not in CONVERTED:
         raise InvalidRequest(
-            f"input {tensor.name!r}: datatype {tensor.datatype} is not accepted; send FP32 (FP64, FP16 and"
+            f"input {tensor.name!r}: datatype {tensor.datatype} is not accepted; send FP32 (FP64, "
+            "FP16 and"
             " integer types are converted)"
         )
     height, width = meta.input_shape
     shape = tensor.shape
     if len(shape) < 2 or shape[1:] not in ((height, width), (height * width,)):
         raise InvalidRequest(
-            f"input {tensor.name!r} has shape {list(shape)}; model {meta.name} takes [-1, {height}, {width}]"
+            f"input {tensor.name!r} has shape {list(shape)}; model {meta.name} takes [-1, "
+            f"{height}, {width}]"
             f" (or [-1, {height * width}])"
         )
     array = input_array(tensor)
-    if array.dtype.kind in "iu" and array.size and (array.max() > EXACT_INT or array.min() < -EXACT_INT):
-        raise InvalidRequest(f"input {tensor.name!r}: integer values beyond 2**24 are not exact in FP32")
+    if (
+        array.dtype.kind in "iu"
+        and array.size
+        and (array.max() > EXACT_INT or array.min() < -EXACT_INT)
+    ):
+        raise InvalidRequest(
+            f"input {tensor.name!r}: integer values beyond 2**24 are not exact in FP32"
+        )
     batch = array.reshape(shape[0], height, width)
     if tensor.datatype == "UINT8":  # 8-bit pixels: converted exactly to the model's input range
         batch = rescale(batch, PIXELS_8BIT, meta.input_range)
     batch = check_batch(batch, meta, max_batch)
-    return batch if batch.flags.writeable else batch.copy()  # a view of the request body is read-only
+    # a view of the request body is read-only
+    return batch if batch.flags.writeable else batch.copy()
 
 
-def output_tensors(request: InferenceRequest, model: LoadedModel, probabilities: np.ndarray
-                   ) -> list[tuple[OutputTensor, bool]]:
-    """The outputs the request asked for (all when it named none), each with whether to send it binary."""
+def output_tensors(
+    request: InferenceRequest, model: LoadedModel, probabilities: np.ndarray
+) -> list[tuple[OutputTensor, bool]]:
+    """The outputs the request asked for (all when it named none), each with whether to send it
+    binary."""
     meta = model.meta
     wanted = request.outputs or [RequestedOutput(meta.output_name), RequestedOutput(LABEL_OUTPUT)]
     outputs = []
     for requested in wanted:
         if requested.name == meta.output_name:
-            tensor = OutputTensor(meta.output_name, "FP32", list(probabilities.shape), probabilities)
+            tensor = OutputTensor(
+                meta.output_name, "FP32", list(probabilities.shape), probabilities
+            )
         else:  # names were checked by ``check_outputs`` before the model ran
-            tensor = OutputTensor(LABEL_OUTPUT, "BYTES", [len(probabilities)], model.labels_for(probabilities))
-        outputs.append((tensor, request.binary_output if requested.binary is None else requested.binary))
+            tensor = OutputTensor(
+                LABEL_OUTPUT, "BYTES", [len(probabilities)], model.labels_for(probabilities)
+            )
+        outputs.append(
+            (tensor, request.binary_output if requested.binary is None else requested.binary)
+        )
     return outputs
 
 
@@ -91,5 +129,6 @@ def check_outputs(request: InferenceRequest, meta: ModelMetadata) -> None:
     for requested in request.outputs or []:
         if requested.name not in (meta.output_name, LABEL_OUTPUT):
             raise InvalidRequest(
-                f"unknown output {requested.name!r}: model {meta.name} has {meta.output_name!r} and {LABEL_OUTPUT!r}"
+                f"unknown output {requested.name!r}: model {meta.name} has {meta.output_name!r} "
+                f"and {LABEL_OUTPUT!r}"
             )
