@@ -25,10 +25,11 @@ BENCH_PACKAGES := wrk
 
 .PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-batching bench-uploads bench-replicas loadtest docs lint clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-runtime.txt requirements-frameworks.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install -r requirements.txt
+	# the images' constraints too: what they pull in transitively is installed here at the same versions
+	$(PY) -m pip install -r requirements.txt -c requirements-runtime.txt -c requirements-frameworks.txt
 	$(PY) -m pip install --no-deps --no-build-isolation -e . >/dev/null
 	touch $@
 
