@@ -2,8 +2,8 @@
 metrics and logs.
 
 # design: the ASGI app is a transport, like ``serving.fronts.dispatch.Dispatcher`` is for WSGI: per
-# request it builds the same ``RequestState`` (from a WSGI-style environ made of the ASGI scope,
-# with the body already read into ``wsgi.input``), routes with ``Router.match`` (the compiled
+# request it builds the same ``RequestState`` (an ``AsgiRequest``: the scope's method, path and
+# headers, with the body once the loop has read it), routes with ``Router.match`` (the compiled
 # endpoint table), checks ``Gate.check``, calls the endpoint's handler in a bounded thread pool
 # (``serving.fronts.asgi_pool``), renders failures with ``answer_for_exception`` and ends in
 # ``serving.http.completion.finish`` (metrics, access line). In batched mode an inference handler (a
@@ -26,7 +26,7 @@ import asyncio
 import contextvars
 import io
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -111,7 +111,7 @@ class AsgiApp:
         if "websocket.http.response" not in (scope.get("extensions") or {}):
             await send({"type": "websocket.close", "code": 1008})
             return
-        request = RequestState(environ_for({**scope, "method": "GET"}), self.router.endpoints)
+        request = AsgiRequest(scope, self.router.endpoints, method="GET")
         token = CURRENT_REQUEST.set(request)
         try:
             error = BadRequest("WebSocket connections are not served here: use HTTP")
@@ -127,16 +127,15 @@ class AsgiApp:
 
     # -- HTTP -----------------------------------------------------------------------------------
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = RequestState(environ_for(scope), self.router.endpoints)
+        request = AsgiRequest(scope, self.router.endpoints)
         token = CURRENT_REQUEST.set(request)
         try:
             await self._serve(request, receive, send)
         finally:
             CURRENT_REQUEST.reset(token)
 
-    async def _serve(self, request: RequestState, receive: Receive, send: Send) -> None:
-        environ = request.environ
-        method, path = environ["REQUEST_METHOD"], request.path
+    async def _serve(self, request: AsgiRequest, receive: Receive, send: Send) -> None:
+        method, path = request.method, request.path
         match = self.router.match(method, path)
         if match is None:
             await self._unrouted(request, method, path, send)
@@ -154,7 +153,7 @@ class AsgiApp:
             )
             if body is None:
                 return  # the client went away
-            environ["wsgi.input"] = io.BytesIO(body)
+            request.body_stream = io.BytesIO(body)
             # on the loop: only a small body of numbers; pictures are decoded in the pool, always
             inline = len(body) <= INLINE_BODY_BYTES and not request.mimetype.startswith(POOLED)
             if not (self.batched and endpoint.direct and inline):
@@ -286,38 +285,53 @@ class AsgiApp:
         self.pool.shutdown()
 
 
-def environ_for(scope: Scope) -> dict[str, Any]:
-    """The WSGI-style environ ``RequestState`` reads, from an ASGI HTTP scope (the body comes
-    later).
+class AsgiRequest(RequestState):
+    """A request the ASGI server brought: the transport read from its scope, and the body once the
+    event loop has read it (``body_stream``). Header names are folded to lower case; a name with an
+    underscore is dropped, as gunicorn does, so ``X_Request_ID`` cannot pose as ``X-Request-ID``;
+    repeated headers are joined with commas."""
 
-    PATH_INFO holds the path's UTF-8 bytes as latin-1, as a WSGI server passes it. Header names with
-    an underscore are dropped, as gunicorn does, so ``X_Request_ID`` cannot pose as
-    ``X-Request-ID``.
-    """
-    server = scope.get("server") or ("", 0)
-    client = scope.get("client") or ("", 0)
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": scope["method"],
-        "SCRIPT_NAME": "",
-        "SERVER_PROTOCOL": f"HTTP/{scope['http_version']}",
-        "PATH_INFO": scope["path"].encode("utf-8", "surrogateescape").decode("latin-1"),
-        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
-        "SERVER_NAME": str(server[0]),
-        "SERVER_PORT": str(server[1]),
-        "REMOTE_ADDR": str(client[0]),
-        "wsgi.url_scheme": scope.get("scheme", "http"),
-        "wsgi.input_terminated": True,
-    }
-    for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1").upper()
-        if "_" in name:
-            continue
-        key = name.replace("-", "_")
-        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = "HTTP_" + key
-        value = raw_value.decode("latin-1")
-        environ[key] = f"{environ[key]},{value}" if key in environ else value
-    return environ
+    __slots__ = ("scope", "headers", "body_stream", "_method")
+
+    def __init__(
+        self, scope: Scope, endpoints: Sequence[Any] = (), method: str | None = None
+    ) -> None:
+        self.scope = scope
+        self.headers: dict[str, str] = {}
+        for raw_name, raw_value in scope.get("headers") or ():
+            name = raw_name.decode("latin-1").lower()
+            if "_" in name:
+                continue
+            value = raw_value.decode("latin-1")
+            self.headers[name] = f"{self.headers[name]},{value}" if name in self.headers else value
+        self.body_stream: Any = io.BytesIO()
+        self._method = method or scope["method"]
+        super().__init__(endpoints, self.headers.get("x-request-id"))
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @property
+    def path(self) -> str:
+        path: str = self.scope["path"] or "/"
+        return path
+
+    @property
+    def query(self) -> str:
+        query: bytes = self.scope.get("query_string", b"")
+        return query.decode("latin-1")
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    @property
+    def stream(self) -> Any:
+        return self.body_stream
+
+    @property
+    def input_terminated(self) -> bool:
+        return True  # the whole body was read before the handler runs
 
 
 def headers_for(
@@ -341,8 +355,7 @@ def headers_for(
 
 def has_body(request: RequestState) -> bool:
     """A request without Content-Length or Transfer-Encoding has no body (RFC 9112 6.3)."""
-    environ = request.environ
-    return "HTTP_TRANSFER_ENCODING" in environ or bool(request.content_length())
+    return request.header("Transfer-Encoding") is not None or bool(request.content_length())
 
 
 async def read_body(

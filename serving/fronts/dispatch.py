@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from werkzeug.http import HTTP_STATUS_CODES
@@ -33,6 +33,64 @@ STATUS_LINES = {code: f"{code} {phrase}" for code, phrase in HTTP_STATUS_CODES.i
 #: The metric label of a request's method: these, or "other" (a label per invented method would grow
 #: forever).
 NOSNIFF = ("X-Content-Type-Options", "nosniff")
+
+
+#: The environ keys of the headers every request reads (the rest are computed).
+WSGI_KEYS = {
+    "Content-Type": "CONTENT_TYPE",
+    "Content-Length": "CONTENT_LENGTH",
+    "Host": "HTTP_HOST",
+    "Authorization": "HTTP_AUTHORIZATION",
+    "X-Request-Timeout-Ms": "HTTP_X_REQUEST_TIMEOUT_MS",
+    "Transfer-Encoding": "HTTP_TRANSFER_ENCODING",
+}
+
+
+class WsgiRequest(RequestState):
+    """A request a WSGI server brought: the transport read from its environ (PEP 3333)."""
+
+    __slots__ = ("environ",)
+
+    def __init__(self, environ: dict[str, Any], endpoints: Sequence[Any] = ()) -> None:
+        self.environ = environ
+        super().__init__(endpoints, environ.get("HTTP_X_REQUEST_ID"))
+
+    @property
+    def method(self) -> str:
+        method: str = self.environ.get("REQUEST_METHOD", "-")
+        return method
+
+    def header(self, name: str) -> str | None:
+        key = WSGI_KEYS.get(name) or "HTTP_" + name.upper().replace("-", "_")
+        value: str | None = self.environ.get(key)
+        return value
+
+    @property
+    def mimetype(self) -> str:  # the hot path: one lookup
+        return str(self.environ.get("CONTENT_TYPE", "")).partition(";")[0].strip().lower()
+
+    @property
+    def path(self) -> str:
+        """WSGI hands the path over as latin-1; decoded as UTF-8 here."""
+        path: str = self.environ.get("PATH_INFO", "") or "/"
+        return path if path.isascii() else path.encode("latin-1").decode("utf-8", "replace")
+
+    @property
+    def query(self) -> str:
+        query: str = self.environ.get("QUERY_STRING", "")
+        return query
+
+    def content_length(self) -> int | None:
+        raw = self.environ.get("CONTENT_LENGTH")
+        return int(raw) if raw and raw.isascii() and raw.isdigit() else None
+
+    @property
+    def stream(self) -> Any:
+        return self.environ["wsgi.input"]
+
+    @property
+    def input_terminated(self) -> bool:
+        return bool(self.environ.get("wsgi.input_terminated"))
 
 
 class Dispatcher:
@@ -58,7 +116,7 @@ class Dispatcher:
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
-        request = RequestState(environ, self.router.endpoints)
+        request = WsgiRequest(environ, self.router.endpoints)
         token = CURRENT_REQUEST.set(request)
         in_flight = self.service.in_flight if self.count_in_flight else None
         if in_flight is not None:
@@ -99,7 +157,7 @@ class Dispatcher:
         return [body]
 
 
-def direct_route(router: Router, request: RequestState) -> tuple[Endpoint, dict[str, str]] | None:
+def direct_route(router: Router, request: WsgiRequest) -> tuple[Endpoint, dict[str, str]] | None:
     """The direct endpoint and path variables for ``request``, or None when Flask must dispatch
     it."""
     method = request.environ.get("REQUEST_METHOD", "")

@@ -76,7 +76,7 @@ def drain(request: RequestState) -> None:
     remaining = request.content_length() or 0
     if not 0 < remaining <= DRAIN_LIMIT:
         return
-    stream = request.environ["wsgi.input"]
+    stream = request.stream
     try:
         while remaining > 0:
             chunk = stream.read(min(remaining, 65536))

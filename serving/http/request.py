@@ -1,10 +1,15 @@
-"""``RequestState``: what the server knows about the one HTTP request a thread is serving.
+"""``RequestState``: what the server knows about the one HTTP request it is serving, whatever front
+brought it.
 
-``serving.fronts.dispatch.Dispatcher`` builds one for every request, whichever way it is then
-dispatched (the direct routes or Flask), and makes it the thread's current request
-(``current_request()``), so handlers, error rendering, log records and the access line all read the
-same id, start time, limits and deadline. It never imports a web framework: handlers take it as
-their first argument.
+``RequestState`` is the framework-free part: the id, start time, limits, body rules and deadline,
+read through a handful of transport methods (``method``, ``path``, ``query``, ``header``,
+``stream``, ``input_terminated``). Each front supplies those:
+``serving.fronts.dispatch.WsgiRequest`` reads a WSGI environ (the dispatcher builds one for every
+request, whichever way it is then dispatched); ``serving.fronts.asgi.AsgiRequest`` reads an ASGI
+scope and the body it received.
+The front makes it the current request (``current_request()``), so handlers, error rendering, log
+records and the access line all read the same id, start time, limits and deadline. It never imports
+a web framework: handlers take it as their first argument.
 """
 
 from __future__ import annotations
@@ -32,11 +37,10 @@ def sanitize_request_id(candidate: str | None) -> str:
 
 
 class RequestState:
-    """One request: its WSGI environ, id, start time, the endpoint table that serves it, and what
-    its access line reports (the model addressed and the batch size)."""
+    """One request: its id, start time, the endpoint table that serves it, and what its access line
+    reports (the model addressed and the batch size). A front subclasses it with the transport."""
 
     __slots__ = (
-        "environ",
         "request_id",
         "started",
         "endpoints",
@@ -46,10 +50,10 @@ class RequestState:
         "client_deadline",
     )
 
-    def __init__(self, environ: dict[str, Any], endpoints: Sequence[Any] = ()) -> None:
-        self.environ = environ
+    def __init__(self, endpoints: Sequence[Any] = (), client_id: str | None = None) -> None:
+        """``client_id``: the request's ``X-Request-ID`` header, which the front read already."""
         self.started = time.perf_counter()
-        self.request_id = sanitize_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        self.request_id = sanitize_request_id(client_id)
         #: The routed endpoints (``serving.http.routing.Endpoint``): the API documents list them.
         self.endpoints = endpoints
         # "name:version" when the route addressed a model other than the default
@@ -59,33 +63,43 @@ class RequestState:
         # the deadline came from the client (its 504 is not a server error)
         self.client_deadline = False
 
+    # -- the transport's part -------------------------------------------------------------------
     @property
     def method(self) -> str:
-        method: str = self.environ.get("REQUEST_METHOD", "-")
-        return method
-
-    def header(self, name: str) -> str | None:
-        """A request header by its HTTP name (``Content-Type`` and ``Content-Length`` included)."""
-        key = name.upper().replace("-", "_")
-        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            return self.environ.get(key)
-        value: str | None = self.environ.get("HTTP_" + key)
-        return value
-
-    @property
-    def mimetype(self) -> str:
-        """The Content-Type without parameters, lower case ("" when absent)."""
-        return str(self.environ.get("CONTENT_TYPE", "")).partition(";")[0].strip().lower()
+        raise NotImplementedError
 
     @property
     def path(self) -> str:
-        """The path as the client wrote it (WSGI hands it over as latin-1; decoded as UTF-8
-        here)."""
-        path: str = self.environ.get("PATH_INFO", "") or "/"
-        return path if path.isascii() else path.encode("latin-1").decode("utf-8", "replace")
+        """The path as the client wrote it, decoded as UTF-8."""
+        raise NotImplementedError
+
+    @property
+    def query(self) -> str:
+        """The query string, undecoded ("" when absent)."""
+        raise NotImplementedError
+
+    def header(self, name: str) -> str | None:
+        """A request header by its HTTP name (``Content-Type`` and ``Content-Length`` included)."""
+        raise NotImplementedError
+
+    @property
+    def stream(self) -> Any:
+        """The body as a file-like object (``read(size)``)."""
+        raise NotImplementedError
+
+    @property
+    def input_terminated(self) -> bool:
+        """Whether the stream ends by itself at the body's end (chunked, decoded by the server)."""
+        raise NotImplementedError
+
+    # -- derived from it, the same on every front ------------------------------------------------
+    @property
+    def mimetype(self) -> str:
+        """The Content-Type without parameters, lower case ("" when absent)."""
+        return (self.header("Content-Type") or "").partition(";")[0].strip().lower()
 
     def content_length(self) -> int | None:
-        raw = self.environ.get("CONTENT_LENGTH")
+        raw = self.header("Content-Length")
         return int(raw) if raw and raw.isascii() and raw.isdigit() else None
 
     def declared_length(self, limit: int | None) -> int | None:
@@ -106,7 +120,7 @@ class RequestState:
         framework-free core does not name: any failure of the read is the framing's.
         """
         length = self.declared_length(limit)
-        stream = self.environ["wsgi.input"]
+        stream = self.stream
         if length is not None:
             data: bytes = self._read(stream, length)
             if len(data) < length:
@@ -115,7 +129,7 @@ class RequestState:
                 )
             return data
         # no length, no end marker: nothing safe to read
-        if not self.environ.get("wsgi.input_terminated"):
+        if not self.input_terminated:
             return b""
         # chunked: the server ends the stream; read one byte past the limit
         data = self._read(stream, -1 if limit is None else limit + 1)
@@ -140,7 +154,7 @@ class RequestState:
         The service clamps it to ``SERVING_MAX_CLIENT_TIMEOUT_MS``: a client may ask for less time,
         not more.
         """
-        raw = self.environ.get("HTTP_X_REQUEST_TIMEOUT_MS")
+        raw = self.header(TIMEOUT_HEADER)
         if raw is None:
             return None
         try:

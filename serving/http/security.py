@@ -101,7 +101,7 @@ class Gate:
         if scope == "public":
             return
         if self.hosts is not None:
-            header = request.environ.get("HTTP_HOST")
+            header = request.header("Host")
             if header is not None and not self._host_allowed(header):
                 raise MisdirectedHost(
                     f"this server does not answer for Host {header[:64]!r}: set"
@@ -130,7 +130,7 @@ class Gate:
 
     @staticmethod
     def _matches(request: RequestState, keys: tuple[bytes, ...]) -> bool:
-        header = request.environ.get("HTTP_AUTHORIZATION", "")
+        header = request.header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return False

@@ -6,11 +6,14 @@ service and returns an ``Answer``, whichever dispatcher (direct or Flask) called
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.formparser import parse_form_data
+from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
+from werkzeug.wsgi import LimitedStream
 
 from serving.errors import BadRequest, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from serving.http.answers import Answer, json_answer
@@ -137,22 +140,28 @@ def decode(request: RequestState, service: InferenceService) -> tuple[np.ndarray
 
 
 def _uploaded_file(request: RequestState, limit: int) -> bytes:
-    """The bytes of the multipart field ``file``."""
-    request.declared_length(limit)
+    """The bytes of the multipart field ``file``, parsed from the request's stream (any front)."""
+    length = request.declared_length(limit)
+    if length is not None:
+        stream: Any = LimitedStream(request.stream, length)
+    elif request.input_terminated:  # chunked: the server ends the stream; stop past the limit
+        stream = LimitedStream(request.stream, limit, is_max=True)
+    else:
+        stream = io.BytesIO()
+    mimetype, options = parse_options_header(request.header("Content-Type"))
+    parser = FormDataParser(
+        max_content_length=limit,
+        max_form_memory_size=MAX_FORM_MEMORY,
+        max_form_parts=MAX_FORM_PARTS,
+    )
     try:
-        _stream, _form, files = parse_form_data(
-            request.environ,
-            max_content_length=limit,
-            max_form_memory_size=MAX_FORM_MEMORY,
-            max_form_parts=MAX_FORM_PARTS,
-        )
+        _stream, _form, files = parser.parse(stream, mimetype, length, options)
     except RequestEntityTooLarge:
         raise PayloadTooLarge(
             f"the multipart body is over the limit of {limit} bytes or parts"
         ) from None
-    except (
-        Exception
-    ):  # werkzeug's ClientDisconnected, the server's chunk errors: the framing's fault
+    # werkzeug's ClientDisconnected (a body cut short), the server's chunk errors: the framing's
+    except Exception:
         raise BadRequest("the multipart body could not be read: cut short or malformed") from None
     upload = files.get("file")
     if upload is None:

@@ -119,7 +119,7 @@ def asset(request: RequestState, service: InferenceService, asset: str) -> Answe
     file = web_files().get(asset) if ASSET_PATTERN.match(asset) else None
     if file is None:
         raise ServingError(f"no asset {asset[:64]!r} here", 404)
-    current = request.environ.get("QUERY_STRING", "") == f"v={file.etag.strip(chr(34))}"
+    current = request.query == f"v={file.etag.strip(chr(34))}"
     return _serve(request, file, IMMUTABLE if current else REVALIDATE)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from serving.config import Settings
 from serving.errors import DeadlineExceeded, QueueFull
-from serving.fronts.asgi import AsgiApp, create_asgi_app, environ_for
+from serving.fronts.asgi import AsgiApp, AsgiRequest, create_asgi_app
 from serving.fronts.asgi_pool import RequestPool
 from serving.fronts.wsgi import create_app, service_of
 from serving.http.routing import Router
@@ -104,18 +104,19 @@ def test_keys_and_hosts_are_checked_alike(settings: Settings) -> None:
         asgi_app.close()
 
 
-def test_routes_non_ascii_segments_and_builds_a_wsgi_environ() -> None:
+def test_routes_non_ascii_segments_and_reads_the_scope_itself() -> None:
     router = Router(ENDPOINTS)
     endpoint, params = router.match("GET", "/v2/models/é/versions/1")  # type: ignore[misc]
     assert endpoint.path == "/v2/models/<name>/versions/<version>" and params == {"name": "é", "version": "1"}
     assert router.match("GET", "/é") is None and router.allowed("/v2/models/é/ready") == ["GET"]
     assert router.match_direct("POST", "/v2/models/é/infer") is None  # the direct routes leave it to Flask
-    environ = environ_for({"method": "POST", "path": "/v2/models/é", "http_version": "1.1", "query_string": b"a=1",
+    request = AsgiRequest({"method": "POST", "path": "/v2/models/é", "http_version": "1.1", "query_string": b"a=1",
                            "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"a"),
-                                       (b"x_request_id", b"spoof"), (b"accept", b"a"), (b"accept", b"b")]})
-    assert environ["PATH_INFO"] == "/v2/models/\u00c3\u00a9"  # UTF-8 bytes as latin-1, as WSGI passes them
-    assert environ["CONTENT_TYPE"] == JSON and environ["HTTP_X_REQUEST_ID"] == "a"  # the underscore name dropped
-    assert environ["HTTP_ACCEPT"] == "a,b" and environ["QUERY_STRING"] == "a=1"
+                                       (b"x_request_id", b"spoof"), (b"accept", b"a"), (b"accept", b"b"),
+                                       (b"content-length", b"12")]})
+    assert request.path == "/v2/models/é" and request.method == "POST" and request.query == "a=1"
+    assert request.mimetype == JSON and request.request_id == "a"  # the underscore name dropped
+    assert request.header("Accept") == "a,b" and request.content_length() == 12 and request.input_terminated
 
 
 def test_a_declared_length_over_the_limit_is_refused_before_any_body_is_read(fronts: tuple[Any, AsgiApp]) -> None:

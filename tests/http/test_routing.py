@@ -17,7 +17,7 @@ from openapi_spec_validator import validate
 
 from serving.config import Settings, setting
 from serving.errors import ConfigError, InvalidInput
-from serving.fronts.dispatch import direct_route
+from serving.fronts.dispatch import WsgiRequest, direct_route
 from serving.fronts.wsgi import create_app
 from serving.http.answers import Answer, json_answer
 from serving.http.request import RequestState
@@ -66,7 +66,7 @@ def test_which_requests_take_the_direct_route(method: str, path: str, length: st
     environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": path}
     if length is not None:
         environ["CONTENT_LENGTH"] = length
-    route = direct_route(Router(ENDPOINTS), RequestState(environ))
+    route = direct_route(Router(ENDPOINTS), WsgiRequest(environ))
     assert (route[0].metric_label if route else None) == endpoint
 
 
@@ -118,7 +118,7 @@ def test_a_new_endpoint_is_one_table_entry_plus_its_handler(model_repo: Path) ->
     answer = client.get("/echo/alice", headers={"X-Request-ID": "echo-1"})
     assert answer.status_code == 200 and answer.json == {"name": "alice", "id": "echo-1"}
     assert answer.headers["X-Request-ID"] == "echo-1"
-    assert direct_route(Router(endpoints), RequestState({"REQUEST_METHOD": "POST", "PATH_INFO": "/echo/bob",
+    assert direct_route(Router(endpoints), WsgiRequest({"REQUEST_METHOD": "POST", "PATH_INFO": "/echo/bob",
                                                          "CONTENT_LENGTH": "0"})) is not None
     posted = client.post("/echo/bob", data=b"")
     assert posted.status_code == 200 and posted.json["name"] == "bob"
