@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -60,9 +61,9 @@ class InferenceService:
 
     # -- the table, read once ----------------------------------------------------------------------
     @property
-    def served(self) -> dict[Key, Served]:
+    def served(self) -> Mapping[Key, Served]:
         """Every served version: (name, version) -> (metadata, backend name), sorted."""
-        return dict(self.table.served)
+        return self.table.served
 
     @property
     def meta(self) -> ModelMetadata | None:
@@ -74,9 +75,9 @@ class InferenceService:
         return self.table.backend_name
 
     @property
-    def failed(self) -> dict[Key, str]:
+    def failed(self) -> Mapping[Key, str]:
         """Versions left out because they failed their checks or their load: key -> reason."""
-        return dict(self.table.failed)
+        return self.table.failed
 
     def swap(self, table: ModelTable) -> None:
         """Serve ``table`` from now on: one assignment (model control's only way to change what
@@ -234,27 +235,27 @@ class InferenceService:
         table = self.table
         if table.default is not None:
             return table
+        self._or_not_ready(self.resolve)
+        return self.table
+
+    @staticmethod
+    def _or_not_ready(step: Callable[[], object]) -> None:
+        """``step()`` (plan or load the models), or a 503 for the request when it cannot: the reason
+        goes to the log, not to the client."""
         try:
-            self.resolve()
+            step()
         except (ModelLoadError, ConfigError) as exc:
             log.error("model not loaded: %s", exc)
             raise ModelNotReady(
                 "the model is not loaded in this worker; see the server log"
             ) from None
-        return self.table
 
     def model(self, name: str | None = None, version: int | None = None) -> LoadedModel:
         """A served model loaded in this process (default: the native API's), loading them on
         first use."""
         table = self.table
         if not table.loaded_here:
-            try:
-                self.load()
-            except (ModelLoadError, ConfigError) as exc:
-                log.error("model not loaded: %s", exc)
-                raise ModelNotReady(
-                    "the model is not loaded in this worker; see the server log"
-                ) from None
+            self._or_not_ready(self.load)
             table = self.table
         key = (
             table.default
