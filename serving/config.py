@@ -128,6 +128,31 @@ class Settings:
         "intra-op threads per worker for the framework; 0 = cores // workers, at least 1",
         minimum=0,
     )
+    share_memory: bool = setting(
+        True,
+        "import the backend's framework (and load ONNX Runtime sessions) in the gunicorn master"
+        " and freeze the collector before fork, so every worker shares those pages; false ="
+        " each worker imports and loads its own (docs/modes.md, memory)",
+    )
+    model_pool: int = setting(
+        0,
+        "model pool processes that hold the models for every HTTP worker (which then import no"
+        " framework, and send tensors through shared memory); 0 = off, each worker loads its own",
+        minimum=0,
+        maximum=64,
+    )
+    pool_dir: str = setting(
+        "",
+        "directory of the model pool's sockets (its own, mode 0700); empty = a fresh temporary"
+        " one per server",
+    )
+    pool_device: str = setting(
+        "cpu",
+        "the device the model pool's processes run the models on",
+        pattern=re.compile(r"^cpu$"),
+        hint="is not a device of this build: its backends run on cpu only",
+        accepts="cpu",
+    )
     model_repository: Path = setting(Path("models"), "model repository root directory")
     model: str = setting("", "model to serve; empty = digits-tf, else the only model present")
     model_version: int = setting(0, "version to serve; 0 = the latest", minimum=0)

@@ -138,6 +138,14 @@ class DeadlineExceeded(ServingError):
     reason = "deadline"
 
 
+class PoolUnavailable(ServingError):
+    """No model pool process could answer (one is restarting, or all are busy): retry shortly."""
+
+    status_code = 503
+    headers = {"Retry-After": "1"}
+    reason = "pool"
+
+
 class InferenceError(ServingError):
     """The model failed on valid input; the message is generic, the details go to the log."""
 

@@ -35,6 +35,19 @@ class Backend(ABC):
     platform: ClassVar[str] = "custom"
     #: The training framework whose native artifacts this backend reads; "" reads an export of any.
     framework: ClassVar[str] = ""
+    #: What the gunicorn master imports before fork (SERVING_SHARE_MEMORY) so that every worker
+    #: shares the framework's code and import-time heap. Importing runs no model: what hangs a
+    #: forked worker is a framework's thread pools started by a model call in the master.
+    framework_modules: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``load`` may run in the gunicorn master, so that every worker shares the loaded
+    #: model: true only where loading starts no thread and runs nothing (``preloadable``).
+    fork_safe_load: ClassVar[bool] = False
+
+    @classmethod
+    def preloadable(cls, math_threads: int) -> bool:
+        """Whether a model loaded with ``math_threads`` in the master stays usable in a forked
+        worker."""
+        return cls.fork_safe_load
 
     def __init__(self, metadata: ModelMetadata, math_threads: int) -> None:
         self.metadata = metadata
@@ -93,3 +106,17 @@ class Backend(ABC):
         shifted = np.exp(output - output.max(axis=1, keepdims=True))
         result: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
         return result
+
+
+#: Versions loaded in the gunicorn master before fork (SERVING_SHARE_MEMORY), by ``preload_key``;
+#: a worker takes its model from here when the artifact is still the one loaded.
+PRELOADED: dict[tuple[str, str, int, int, int], Backend] = {}
+
+
+def preload_key(
+    backend: type[Backend], metadata: ModelMetadata, math_threads: int
+) -> tuple[str, str, int, int, int]:
+    """Which loaded model a worker may take: backend, artifact, its size and mtime, and threads."""
+    artifact = metadata.path / backend.artifact
+    stat = artifact.stat()
+    return (backend.name, str(artifact), stat.st_size, stat.st_mtime_ns, math_threads)

@@ -17,6 +17,15 @@ class OnnxRuntimeBackend(Backend):
     thread_safe = True
     artifact = "model.onnx"
     platform = "onnxruntime_onnx"
+    framework_modules = ("onnxruntime",)
+    # An InferenceSession with one intra-op thread starts no thread and runs nothing when created:
+    # made in the master, it serves every forked worker (docs/modes.md, fork safety). With more,
+    # onnxruntime starts its pool's threads at creation, and a forked worker would not have them.
+    fork_safe_load = True
+
+    @classmethod
+    def preloadable(cls, math_threads: int) -> bool:
+        return math_threads == 1
 
     def load(self) -> None:
         import onnxruntime as ort

@@ -20,6 +20,7 @@ class TorchScriptBackend(Backend):
     artifact = "model.pt"
     platform = "pytorch_torchscript"
     framework = "pytorch"
+    framework_modules = ("torch",)
 
     def load(self) -> None:
         import torch

@@ -28,6 +28,7 @@ class SavedModelBackend(Backend):
     artifact = "saved_model.pb"
     platform = "tensorflow_savedmodel"
     framework = "tensorflow"
+    framework_modules = ("tensorflow",)
 
     def load(self) -> None:
         tf = self._tf = tensorflow_with_threads(self.math_threads)

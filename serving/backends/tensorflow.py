@@ -37,6 +37,7 @@ class KerasBackend(Backend):
     artifact = "model.keras"
     platform = "tensorflow_keras"
     framework = "tensorflow"
+    framework_modules = ("tensorflow", "keras")
 
     def load(self) -> None:
         tf = self._tf = tensorflow_with_threads(self.math_threads)

@@ -27,7 +27,8 @@ try:
 except ConfigError as exc:
     sys.exit(f"error: {exc}")
 
-from serving.host import hooks  # noqa: E402
+from serving.host import hooks, sharing  # noqa: E402
+from serving.host import pool_dir as pool  # noqa: E402
 from serving.host import workers as worker_classes  # noqa: E402
 from serving.observability.logging import gunicorn_logger_class  # noqa: E402
 
@@ -73,6 +74,21 @@ if settings.front == "asgi":
     worker_class = "serving.host.asgi_workers.UvicornWorker"
     threads = 1
 
+# SERVING_MODEL_POOL=N: N model processes hold the models for every HTTP worker; they are
+# gunicorn's dirty workers, supervised by its dirty arbiter (serving/host/model_pool.py). Their
+# sockets live in a directory of this server's own, which the HTTP workers find through
+# SERVING_POOL_DIR.
+if settings.model_pool:
+    try:
+        pool_directory = pool.prepare_pool_dir(settings, os.environ)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    settings = Settings.from_env()
+    dirty_apps = ["serving.host.model_pool:ModelPoolApp"]
+    dirty_workers = settings.model_pool
+    dirty_timeout = settings.timeout
+    dirty_graceful_timeout = settings.graceful_timeout
+
 # Timeouts: a worker silent for `timeout` s is killed and replaced; on reload or shutdown,
 # in-flight requests get `graceful_timeout` s to finish.
 timeout = settings.timeout
@@ -105,6 +121,13 @@ def on_starting(server):
     hooks.route_daemon_logs(server)
     multiprocess.wipe_metrics_dir(server)
     hooks.check_before_fork(server, settings)
+    sharing.share_before_fork(server, settings)
+
+
+def pre_fork(server, worker):
+    """Master, before each fork: what it allocated since is frozen too (shared, never collected)."""
+    if settings.share_memory:
+        sharing.freeze_before_fork()
 
 
 def on_reload(server):
@@ -126,8 +149,9 @@ def worker_exit(server, worker):
 
 
 def on_exit(server):
-    """Master, at the very end: remove a temporary metrics directory."""
+    """Master, at the very end: remove a temporary metrics (and model pool) directory."""
     multiprocess.remove_metrics_dir()
+    pool.remove_pool_dir()
 
 
 def child_exit(server, worker):

@@ -1,8 +1,9 @@
 """What gunicorn.conf.py's hooks do: checks in the master, model loading in each worker.
 
-# design: the master (``on_starting``) only reads metadata and checksums, so a missing, corrupt or
-# tampered model stops the server with one clear line before any worker is forked, and no
-# framework is ever imported in the master. Each worker loads its own model in
+# design: the master (``on_starting``) reads metadata and checksums, so a missing, corrupt or
+# tampered model stops the server with one clear line before any worker is forked. With
+# SERVING_SHARE_MEMORY (the default) it then imports the served backends' frameworks, so that
+# every worker shares them, but it never loads or runs a model. Each worker loads its own model in
 # ``post_worker_init``, after fork; if that fails the worker exits with gunicorn's boot-error
 # code, which makes the master halt instead of respawning workers in a loop.
 """
@@ -58,7 +59,17 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         unsafe = sorted(
             {backend for _, backend in service.served.values() if not is_thread_safe(backend)}
         )
-        if threaded and settings.mode != "batched" and unsafe:
+        if settings.model_pool and settings.mode == "batched":
+            raise ConfigError(
+                "SERVING_MODEL_POOL batches across every worker itself: serve it with"
+                " SERVING_MODE=threaded (or process), not batched"
+            )
+        if settings.model_pool and settings.model_control != "none":
+            raise ConfigError(
+                "the model pool serves the models fixed at start: SERVING_MODEL_CONTROL must be"
+                " none with SERVING_MODEL_POOL"
+            )
+        if threaded and settings.mode != "batched" and unsafe and not settings.model_pool:
             raise ConfigError(
                 f"the {unsafe[0]} backend is process-only but gunicorn runs {server.cfg.threads} "
                 "threads"
@@ -194,6 +205,19 @@ def return_large_blocks() -> None:
         pass
 
 
+def give_back_free_heap() -> None:
+    """Return the free pages of every malloc arena to the system (glibc's malloc_trim).
+
+    Loading and tracing a model frees much of what it allocated, and those freed pages, many of
+    them copied from the master's on first write, stay in this worker until malloc reuses them.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def load_in_worker(worker: Any) -> None:
     """Load this worker's model after fork; exit with the boot-error code if it cannot be loaded."""
     parts = parts_of(worker.wsgi)
@@ -219,3 +243,4 @@ def load_in_worker(worker: Any) -> None:
     # that worker waited for; after the freeze it takes microseconds (docs/modes.md, idle
     # connections).
     gc.freeze()
+    give_back_free_heap()

@@ -19,16 +19,20 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 
 from serving.backends import Backend, backend_class
+from serving.backends.base import PRELOADED, preload_key
 from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError, ModelNotReady
 from serving.observability import metrics
 from serving.runtime.batching import InFlight, MicroBatcher
 from serving.runtime.loaded_model import LoadedModel
+from serving.runtime.model_pool import PoolClient, PooledBackend
 from serving.runtime.model_table import EMPTY_TABLE, ModelTable
+from serving.runtime.pool_wire import mapping_size
 from serving.runtime.versions import DEFAULT_MODEL, Key, Planner, Served
 from serving.store.repository import ModelMetadata, ModelRepository
 
@@ -58,6 +62,8 @@ class InferenceService:
         #: Requests this worker is serving now; the app counts them in batched mode.
         self.in_flight = InFlight()
         self._body_limit: tuple[object, int] = (None, 0)
+        #: With SERVING_MODEL_POOL, this worker's connections to the pool's processes.
+        self._pool: PoolClient | None = None
 
     # -- the table, read once ----------------------------------------------------------------------
     @property
@@ -124,8 +130,7 @@ class InferenceService:
     ) -> LoadedModel:
         """Load, warm and start one version (its batcher thread in batched mode); not yet served."""
         started = time.perf_counter()
-        backend = backend_class(backend_name)(meta, threads)
-        backend.load()
+        backend = self._backend(meta, backend_name, threads)
         self._check_sample(backend, meta)
         model = LoadedModel(meta, backend_name, backend, self.settings, self.in_flight)
         model.load_seconds = time.perf_counter() - started
@@ -153,6 +158,31 @@ class InferenceService:
             else "",
         )
         return model
+
+    def _backend(self, meta: ModelMetadata, backend_name: str, threads: int) -> Backend:
+        """The version's loaded backend: the master's copy (loaded before fork, the artifact
+        unchanged since), its framework in this process, or a call into the model pool."""
+        if not self.settings.model_pool:
+            cls = backend_class(backend_name)
+            try:
+                return PRELOADED.pop(preload_key(cls, meta, threads))
+            except (KeyError, OSError):
+                backend = cls(meta, threads)
+                backend.load()
+                return backend
+        if self._pool is None:
+            widest = max(
+                max(m.input_shape[0] * m.input_shape[1], len(m.labels))
+                for m, _ in self._planned().served.values()
+            )
+            self._pool = PoolClient(
+                Path(self.settings.pool_dir),
+                mapping_size(self.settings.max_batch, widest),
+                self._max_client_timeout_s,
+            )
+        pooled = PooledBackend(meta, threads, self._pool)
+        pooled.load()
+        return pooled
 
     @staticmethod
     def _check_sample(backend: Backend, meta: ModelMetadata) -> None:

@@ -1,0 +1,219 @@
+"""Memory of the whole server (master and every worker, model pool included) per backend, mode and workers.
+
+For each configuration: start the server as shipped, drive it with wrk for ``--warmup`` seconds (every worker
+serves), then read ``/proc/<pid>/smaps_rollup`` of the master and every process below it: RSS, PSS and USS
+(private). PSS splits shared pages fairly, so its sum is what the server costs; the marginal cost of one more
+worker is the slope of total PSS between the two largest worker counts. ``--share off`` serves with
+``SERVING_SHARE_MEMORY=false``, the path every version before this benchmark took (nothing imported in the
+master, every worker imports its framework and loads its model), so the two are compared in one run.
+
+Writes ``reports/memory-<stamp>.md``, ``.csv`` and ``.png`` (total PSS against workers, one line per backend
+and variant).
+
+    python -m bench.memory                                 # the full matrix (about 15 minutes)
+    python -m bench.memory --workers 1,4 --modes process   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from bench.harness import ROOT, model_server, run_wrk, wrk_script
+from serving.observability.memory import ProcessMemory, tree_memory
+
+MB = 1e6
+# backend -> the model serving it (the digits models `python train.py --dataset digits` writes)
+MODELS = {"tensorflow": "digits-tf", "pytorch": "digits-torch", "onnx": "digits-tf"}
+# issue 24's targets: total PSS at -w 4 (MB), or a ratio to the "off" variant at -w 8
+TARGETS = {("tensorflow", 4): 450.0, ("pytorch", 4): 260.0}
+ONNX_RATIO = 0.5
+
+
+@dataclass
+class Row:
+    """One configuration's processes after warm-up."""
+
+    backend: str
+    mode: str
+    variant: str
+    workers: int
+    front: str
+    processes: list[ProcessMemory]
+    requests: int
+    errors: int
+
+    @property
+    def total_pss(self) -> float:
+        return sum(p.pss for p in self.processes) / MB
+
+    @property
+    def total_rss(self) -> float:
+        return sum(p.rss for p in self.processes) / MB
+
+    @property
+    def total_uss(self) -> float:
+        return sum(p.uss for p in self.processes) / MB
+
+    @property
+    def master(self) -> ProcessMemory:
+        return self.processes[0]
+
+    def others(self) -> list[ProcessMemory]:
+        return self.processes[1:]
+
+
+def measure(args: argparse.Namespace, out_dir: Path, backend: str, mode: str, variant: str, workers: int,
+            front: str, script: Path) -> Row:
+    slug = f"{backend}-{mode}-{variant}-w{workers}-{front}"
+    settings = {"model": MODELS[backend], "backend": backend, "mode": mode, "workers": workers,
+                "threads": args.threads, "share_memory": "true" if variant != "off" else "false"}
+    if variant == "pool":
+        settings["model_pool"] = str(args.pool_processes)
+    server = model_server(front, args.repo, out_dir, slug, ["--no-control-socket", "--timeout", "60"],
+                          **settings)
+    with server:
+        result = run_wrk(server.url + "/predict", script, max(2, 2 * workers), args.warmup)
+        time.sleep(1.0)
+        processes = tree_memory(server.pid)
+    return Row(backend, mode, variant, workers, front, processes, result.requests, result.errors)
+
+
+def render(rows: list[Row], args: argparse.Namespace, stamp: str, chart: Path | None) -> str:
+    lines = [
+        f"# Memory, {stamp} UTC",
+        "",
+        f"`python -m bench.memory` on {os.cpu_count()} cores: every process of the server (master, workers, model pool)"
+        f" after {args.warmup} s of wrk on `POST /predict` (one 8x8 digits sample), read from"
+        " `/proc/<pid>/smaps_rollup`. MB = 10^6 bytes. PSS splits shared pages between the processes that map them,"
+        " so the total is what the server costs; RSS counts a shared page once per process. `off` is"
+        " `SERVING_SHARE_MEMORY=false`, the path every earlier version took; `on` imports the framework in the"
+        " master and freezes the collector before fork.",
+        "",
+    ]
+    if chart is not None:
+        lines += [f"![total PSS against workers]({chart.name})", ""]
+    lines += [
+        "| backend | mode | variant | front | -w | total PSS | total USS | total RSS | master PSS"
+        " | per worker PSS / USS (mean) | requests | errors |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        others = row.others()
+        mean_pss = sum(p.pss for p in others) / len(others) / MB if others else 0.0
+        mean_uss = sum(p.uss for p in others) / len(others) / MB if others else 0.0
+        lines.append(
+            f"| {row.backend} | {row.mode} | {row.variant} | {row.front} | {row.workers} | {row.total_pss:,.0f} |"
+            f" {row.total_uss:,.0f} | {row.total_rss:,.0f} | {row.master.pss / MB:,.0f} |"
+            f" {mean_pss:,.0f} / {mean_uss:,.0f} | {row.requests:,} | {row.errors} |")
+    lines += ["", "## One more worker", "",
+              "Slope of total PSS between the two largest worker counts of each line.", "",
+              "| backend | mode | variant | front | MB per extra worker |", "| --- | --- | --- | --- | ---: |"]
+    for key, line in _lines(rows).items():
+        if len(line) >= 2:
+            (w1, p1), (w2, p2) = line[-2], line[-1]
+            lines.append(f"| {' | '.join(key)} | {(p2 - p1) / (w2 - w1):,.1f} |")
+    lines += ["", "## Targets (issue 24)", "", "| target | measured | met |", "| --- | --- | --- |"]
+    by_key = {(r.backend, r.mode, r.variant, r.front, r.workers): r for r in rows}
+    for (backend, workers), limit in TARGETS.items():
+        best = [r for r in rows if r.backend == backend and r.workers == workers and r.variant != "off"]
+        if best:
+            row = min(best, key=lambda r: r.total_pss)
+            lines.append(f"| {backend} -w {workers} total PSS <= {limit:.0f} MB | {row.total_pss:,.0f} MB"
+                         f" ({row.mode}, {row.variant}) | {'yes' if row.total_pss <= limit else 'no'} |")
+    for row in rows:
+        off = by_key.get(("onnx", row.mode, "off", row.front, 8))
+        if row.backend == "onnx" and row.workers == 8 and row.variant == "on" and off is not None:
+            ratio = row.total_pss / off.total_pss
+            met = "yes" if ratio <= ONNX_RATIO else "no"
+            lines.append(f"| onnx {row.mode} -w 8 total PSS <= {ONNX_RATIO} of off | {ratio:.2f}"
+                         f" ({row.total_pss:,.0f} / {off.total_pss:,.0f} MB) | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def _lines(rows: list[Row]) -> dict[tuple[str, ...], list[tuple[int, float]]]:
+    lines: dict[tuple[str, ...], list[tuple[int, float]]] = {}
+    for row in rows:
+        lines.setdefault((row.backend, row.mode, row.variant, row.front), []).append((row.workers, row.total_pss))
+    return {key: sorted(points) for key, points in lines.items()}
+
+
+def draw(rows: list[Row], path: Path) -> Path | None:
+    """Total PSS against workers, one line per backend x mode x variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for key, points in _lines(rows).items():
+        style = {"off": ":", "on": "-", "pool": "--"}.get(key[2], "-")
+        axes.plot([w for w, _ in points], [p for _, p in points], style, marker="o", label=" ".join(key))
+    axes.set_xlabel("gunicorn workers")
+    axes.set_ylabel("total PSS of the server (MB)")
+    axes.set_title("Server memory against workers")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="tensorflow,pytorch,onnx")
+    parser.add_argument("--modes", default="process,threaded,batched")
+    parser.add_argument("--variants", default="off,on", help="off, on (sharing across fork), pool (the model pool)")
+    parser.add_argument("--workers", default="1,2,4,8", help="comma-separated worker counts")
+    parser.add_argument("--fronts", default="wsgi")
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--pool-processes", type=int, default=1, help="model processes of the pool variant")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before reading memory")
+    parser.add_argument("--repo", type=Path, default=ROOT / "models")
+    parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    args = parser.parse_args()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
+    out_dir = args.reports / f"memory-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sample = orjson.loads((args.repo / "digits-tf" / "1" / "sample.json").read_bytes())
+    script = wrk_script(out_dir / "predict.lua", orjson.dumps({"data": sample["data"]}))
+    rows: list[Row] = []
+    for backend in args.backends.split(","):
+        for mode in args.modes.split(","):
+            if backend == "pytorch" and mode == "threaded":
+                continue  # process-only backend: the server refuses it
+            for variant in args.variants.split(","):
+                for front in args.fronts.split(","):
+                    for workers in (int(w) for w in args.workers.split(",")):
+                        row = measure(args, out_dir, backend, mode, variant, workers, front, script)
+                        rows.append(row)
+                        print(f"{backend} {mode} {variant} {front} -w {workers}: {row.total_pss:,.0f} MB PSS"
+                              f" ({len(row.processes)} processes, {row.requests} requests, {row.errors} errors)",
+                              flush=True)
+    with open(args.reports / f"memory-{stamp}.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["backend", "mode", "variant", "front", "workers", "pid", "rss", "pss", "uss"])
+        for row in rows:
+            for p in row.processes:
+                writer.writerow([row.backend, row.mode, row.variant, row.front, row.workers, p.pid, p.rss, p.pss,
+                                 p.uss])
+    chart = draw(rows, args.reports / f"memory-{stamp}.png")
+    report = render(rows, args, stamp, chart)
+    path = args.reports / f"memory-{stamp}.md"
+    path.write_text(report)
+    print(report)
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

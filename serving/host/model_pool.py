@@ -1,0 +1,332 @@
+"""The model pool's processes: each holds every served model once and batches across HTTP workers.
+
+# design: the pool's processes are gunicorn 27's dirty workers (``dirty_apps`` names
+# ``ModelPoolApp``; SERVING_MODEL_POOL sets ``dirty_workers``), so gunicorn supervises them: a
+# killed one is replaced by the dirty arbiter, the master replaces a dead arbiter, and SIGTERM and
+# SIGHUP reach them. The data path is not the dirty arbiter's (about 300 us of JSON messages through
+# the arbiter per call): each pool process runs a ``PoolServer`` thread on its own Unix socket in
+# SERVING_POOL_DIR, and HTTP worker threads connect to it directly, passing tensors through shared
+# memory (``serving.runtime.pool_wire``). One thread, one selector: it reads every request that
+# has arrived, runs them together (up to SERVING_MAX_BATCH_SIZE samples of one model, without
+# waiting for more: what arrives during a model call forms the next batch), and answers each. The
+# queue is bounded (SERVING_MAX_QUEUE: 503 at once beyond it) and a request whose deadline has
+# passed is answered 504 without running. The device the pool's models run on is the pool's
+# setting (SERVING_POOL_DEVICE), so one process can own an accelerator.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import mmap
+import os
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from gunicorn.dirty.app import DirtyApp
+
+from serving.backends import Backend, backend_class
+from serving.config import Settings, available_cores
+from serving.errors import ConfigError, ModelLoadError
+from serving.host.sharing import page_out_libraries
+from serving.observability.logging import configure_logging
+from serving.runtime import pool_wire as wire
+from serving.runtime.service import InferenceService
+
+log = logging.getLogger("serving")
+
+
+@dataclass
+class Peer:
+    """One HTTP worker thread's connection: its socket, the memory it shares and unread bytes."""
+
+    sock: socket.socket
+    memory: mmap.mmap
+    buffer: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class Pending:
+    """A request read from a peer, waiting for its batch."""
+
+    peer: Peer
+    request_id: int
+    key: str
+    shape: tuple[int, ...]
+    deadline: float
+
+
+class PoolServer:
+    """Serves ``models`` (key -> loaded backend) on the Unix socket ``path`` from one thread."""
+
+    def __init__(
+        self, models: dict[str, Backend], path: Path, max_batch_size: int, max_queue: int
+    ) -> None:
+        self.models, self.path = models, path
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.unlink(missing_ok=True)
+        self.listener.bind(str(path))
+        self.listener.listen(256)
+        self.listener.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.pending: list[Pending] = []
+        self.running = True
+        self._wake_r, self._wake_w = socket.socketpair()
+        self.selector.register(self._wake_r, selectors.EVENT_READ)
+        self.thread = threading.Thread(target=self.serve, name="model-pool", daemon=True)
+        self.batches = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, answer what is queued, close (the process is on its way out)."""
+        self.running = False
+        self._wake_w.send(b"x")
+        self.thread.join(timeout)
+        self.path.unlink(missing_ok=True)
+
+    def serve(self) -> None:
+        try:
+            while self.running or self.pending:
+                timeout = 0.0 if self.pending else None
+                for key, _ in self.selector.select(timeout):
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        self._wake_r.recv(64)
+                    else:
+                        self._read(key.data)
+                if self.pending:
+                    self._run_batch()
+        except Exception:  # the process must not keep a socket nobody answers on
+            log.exception("the model pool's server thread failed; the process stops")
+            os.kill(os.getpid(), 15)
+        finally:
+            self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            try:
+                sock.settimeout(2.0)
+                message, fds, _flags, _addr = socket.recv_fds(sock, wire.HELLO.size, 1)
+                magic, version, size = wire.HELLO.unpack(message)
+                if magic != wire.MAGIC or version != wire.VERSION or len(fds) != 1:
+                    for fd in fds:
+                        os.close(fd)
+                    self._refuse(sock, "not a model pool client of this version")
+                    continue
+                try:
+                    memory = mmap.mmap(fds[0], size)
+                finally:
+                    os.close(fds[0])
+                body = orjson.dumps({"models": sorted(self.models)})
+                sock.sendall(wire.HELLO_REPLY.pack(200, len(body)) + body)
+                sock.setblocking(False)
+            except (OSError, ValueError) as exc:
+                log.warning("model pool: a connection failed its hello: %s", exc)
+                sock.close()
+                continue
+            self.selector.register(sock, selectors.EVENT_READ, Peer(sock, memory))
+
+    @staticmethod
+    def _refuse(sock: socket.socket, reason: str) -> None:
+        body = orjson.dumps({"error": reason})
+        try:
+            sock.sendall(wire.HELLO_REPLY.pack(400, len(body)) + body)
+        finally:
+            sock.close()
+
+    def _read(self, peer: Peer) -> None:
+        try:
+            data = peer.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._forget(peer)
+            return
+        peer.buffer += data
+        while len(peer.buffer) >= wire.REQUEST.size:
+            request_id, key_length, ndim, deadline = wire.REQUEST.unpack_from(peer.buffer)
+            if key_length > wire.MAX_KEY or ndim > wire.MAX_DIMS:
+                self._forget(peer)  # not our client: no header is this large
+                return
+            end = wire.REQUEST.size + key_length + 4 * ndim
+            if len(peer.buffer) < end:
+                return
+            key = bytes(peer.buffer[wire.REQUEST.size : wire.REQUEST.size + key_length]).decode(
+                errors="replace"
+            )
+            shape = wire.read_dims(memoryview(peer.buffer)[end - 4 * ndim : end], ndim)
+            del peer.buffer[:end]
+            self._admit(Pending(peer, request_id, key, shape, deadline))
+
+    def _admit(self, request: Pending) -> None:
+        samples = int(np.prod(request.shape)) if request.shape else 0
+        if request.key not in self.models:
+            self._answer_error(request, 422, f"the model pool does not serve {request.key}")
+        elif not request.shape or samples * 4 > len(request.peer.memory):
+            self._answer_error(request, 422, f"shape {request.shape} does not fit the buffer")
+        elif len(self.pending) >= self.max_queue:
+            self._answer_error(request, 503, "the model pool's queue is full; retry shortly")
+        else:
+            self.pending.append(request)
+
+    def _run_batch(self) -> None:
+        now = time.monotonic()
+        live = []
+        for request in self.pending:
+            if request.deadline and request.deadline < now:
+                self._answer_error(request, 504, "the request's deadline passed in the pool")
+            else:
+                live.append(request)
+        if not live:
+            self.pending = []
+            return
+        key = live[0].key
+        batch_requests, rest, samples = [], [], 0
+        for request in live:
+            if request.key == key and (
+                not batch_requests or samples + request.shape[0] <= self.max_batch_size
+            ):
+                batch_requests.append(request)
+                samples += request.shape[0]
+            else:
+                rest.append(request)
+        self.pending = rest
+        inputs = [
+            np.frombuffer(r.peer.memory, np.float32, int(np.prod(r.shape))).reshape(r.shape)
+            for r in batch_requests
+        ]
+        batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        try:
+            output = self.models[key].predict(batch)
+        except Exception:
+            log.exception(
+                "inference failed in the model pool for a batch of %d on %s", samples, key
+            )
+            for request in batch_requests:
+                self._answer_error(request, 500, "inference failed")
+            return
+        finally:
+            del inputs, batch
+        self.batches += 1
+        offset = 0
+        for request in batch_requests:
+            rows = output[offset : offset + request.shape[0]]
+            offset += request.shape[0]
+            data = np.ascontiguousarray(rows, dtype=np.float32)
+            request.peer.memory[: data.nbytes] = data.tobytes()
+            self._send(
+                request,
+                wire.RESPONSE.pack(request.request_id, 200, data.ndim)
+                + wire.dims_bytes(data.shape),
+            )
+
+    def _answer_error(self, request: Pending, status: int, message: str) -> None:
+        encoded = message.encode()
+        self._send(request, wire.RESPONSE.pack(request.request_id, status, len(encoded)) + encoded)
+
+    def _send(self, request: Pending, data: bytes) -> None:
+        try:
+            request.peer.sock.setblocking(True)
+            request.peer.sock.sendall(data)
+            request.peer.sock.setblocking(False)
+        except OSError:
+            self._forget(request.peer)
+
+    def _forget(self, peer: Peer) -> None:
+        try:
+            self.selector.unregister(peer.sock)
+        except (KeyError, ValueError):
+            pass
+        peer.sock.close()
+        self.pending = [r for r in self.pending if r.peer is not peer]
+        try:
+            peer.memory.close()
+        except BufferError:
+            pass
+
+
+def pool_math_threads(settings: Settings) -> int:
+    """Intra-op threads per pool process: SERVING_MATH_THREADS, else the cores split evenly."""
+    return settings.math_threads or max(1, available_cores() // max(1, settings.model_pool))
+
+
+def load_pool_models(settings: Settings) -> dict[str, Backend]:
+    """Every served version, loaded here with its own backend on the pool's device."""
+    service = InferenceService(settings)
+    service.resolve()
+    threads = pool_math_threads(settings)
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    models: dict[str, Backend] = {}
+    for (name, version), (meta, backend_name) in service.served.items():
+        backend = backend_class(backend_name)(meta, threads)
+        backend.load()
+        models[f"{name}:{version}"] = backend
+    return models
+
+
+class ModelPoolApp(DirtyApp):
+    """gunicorn's dirty app: loads the models in ``init`` and serves them on the pool's socket."""
+
+    def __init__(self) -> None:
+        self.server: PoolServer | None = None
+
+    def init(self) -> None:
+        settings = Settings.from_env()
+        configure_logging(settings)
+        if not settings.pool_dir:
+            raise ConfigError("the model pool has no SERVING_POOL_DIR (set by gunicorn.conf.py)")
+        started = time.monotonic()
+        try:
+            models = load_pool_models(settings)
+        except ModelLoadError as exc:
+            log.error("model pool process %d cannot load its models: %s", os.getpid(), exc)
+            raise
+        gc.collect()
+        gc.freeze()
+        if settings.share_memory:
+            page_out_libraries()
+        path = Path(settings.pool_dir) / f"{os.getpid()}.sock"
+        self.server = PoolServer(models, path, settings.max_batch_size, settings.max_queue)
+        self.server.start()
+        log.info(
+            "model pool process %d serves %s on %s (%s, %d math threads), loaded in %.2fs",
+            os.getpid(),
+            ", ".join(models),
+            path,
+            settings.pool_device,
+            pool_math_threads(settings),
+            time.monotonic() - started,
+        )
+
+    def __call__(self, action: str, *args: Any, **kwargs: Any) -> Any:
+        """The dirty client's actions: ``status`` (what this process serves and has run)."""
+        if action != "status" or self.server is None:
+            raise ValueError(f"unknown action {action!r}")
+        return {
+            "pid": os.getpid(),
+            "models": sorted(self.server.models),
+            "batches": self.server.batches,
+        }
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
