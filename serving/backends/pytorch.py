@@ -21,6 +21,10 @@ class TorchScriptBackend(Backend):
     platform = "pytorch_torchscript"
     framework = "pytorch"
     framework_modules = ("torch",)
+    # Loading (and freezing) a TorchScript archive starts no thread and runs no operator: loaded in
+    # the master, the module serves every forked worker (measured: the fork-safety table in
+    # docs/modes.md). Running it there would start the intra-op pool and hang the workers.
+    fork_safe_load = True
 
     def load(self) -> None:
         import torch

@@ -30,6 +30,7 @@ from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
 from serving.fronts.parts import parts_of
 from serving.http.security import Gate, host_name
+from serving.observability.memory import set_server_root
 from serving.observability.metrics import TALLY, mark_worker_dead
 from serving.runtime.model_control import ModelWatcher
 from serving.runtime.service import InferenceService
@@ -224,6 +225,7 @@ def load_in_worker(worker: Any) -> None:
     if parts is None:
         return  # not our app (a custom WSGI wrapper): it loads lazily on the first request
     service = parts.service
+    set_server_root(worker.ppid)  # /metrics reports the memory of the master and every process
     # it serves requests on this thread: bound direct calls by SIGALRM
     return_large_blocks()
     if isinstance(worker, SyncWorker):

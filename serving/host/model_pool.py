@@ -91,7 +91,10 @@ class PoolServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, answer what is queued, close (the process is on its way out)."""
         self.running = False
-        self._wake_w.send(b"x")
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # the thread has ended and closed it
+            pass
         self.thread.join(timeout)
         self.path.unlink(missing_ok=True)
 
@@ -112,7 +115,13 @@ class PoolServer:
             log.exception("the model pool's server thread failed; the process stops")
             os.kill(os.getpid(), 15)
         finally:
+            for key in list(self.selector.get_map().values()):
+                if isinstance(key.data, Peer):
+                    self._forget(key.data)
+            self.selector.close()
             self.listener.close()
+            self._wake_r.close()
+            self._wake_w.close()
 
     def _accept(self) -> None:
         while True:

@@ -11,8 +11,7 @@ here.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -28,6 +27,8 @@ class ProcessMemory:
     rss: int
     pss: int
     uss: int
+    #: master, worker, pool-arbiter (gunicorn's dirty arbiter) or pool (a model pool process)
+    role: str = "server"
 
 
 def process_memory(pid: int) -> ProcessMemory | None:
@@ -45,24 +46,31 @@ def process_memory(pid: int) -> ProcessMemory | None:
     return ProcessMemory(pid, totals["rss"], totals["pss"], totals["uss"])
 
 
-def descendants(pid: int) -> Iterator[int]:
-    """Every process below ``pid`` (children first, then theirs), from /proc's children lists."""
-    pending = [pid]
-    while pending:
-        parent = pending.pop(0)
-        try:
-            text = (PROC / str(parent) / "task" / str(parent) / "children").read_text()
-        except OSError:
-            continue
-        for child in text.split():
-            yield int(child)
-            pending.append(int(child))
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid``, from /proc's children list."""
+    try:
+        return [
+            int(c) for c in (PROC / str(pid) / "task" / str(pid) / "children").read_text().split()
+        ]
+    except OSError:
+        return []
 
 
 def tree_memory(root: int) -> list[ProcessMemory]:
-    """``root`` (a gunicorn master) and every process below it, each one that could be read."""
-    found = (process_memory(pid) for pid in (root, *descendants(root)))
-    return [memory for memory in found if memory is not None]
+    """``root`` (a gunicorn master) and every process below it that could be read, with roles:
+    its children are workers, except the one with children of its own (the model pool's
+    arbiter), whose children are the pool's processes."""
+    found: list[tuple[int, str]] = [(root, "master")]
+    for child in children(root):
+        grandchildren = children(child)
+        found.append((child, "pool-arbiter" if grandchildren else "worker"))
+        found.extend((pid, "pool") for pid in grandchildren)
+    result = []
+    for pid, role in found:
+        memory = process_memory(pid)
+        if memory is not None:
+            result.append(replace(memory, role=role))
+    return result
 
 
 #: The server's root process, as a worker knows it (gunicorn's master); None outside gunicorn.
@@ -77,4 +85,7 @@ def set_server_root(pid: int) -> None:
 
 def server_memory() -> list[ProcessMemory]:
     """The whole server's processes (master, workers, model pool), or this process alone."""
-    return tree_memory(_root) if _root is not None else tree_memory(os.getpid())[:1]
+    if _root is None:
+        own = process_memory(os.getpid())
+        return [] if own is None else [own]
+    return tree_memory(_root)

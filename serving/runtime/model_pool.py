@@ -123,6 +123,8 @@ class PoolClient:
         self.directory, self.buffer_bytes, self.timeout_s = directory, buffer_bytes, timeout_s
         self._local = threading.local()
         self._turn = 0
+        self._open: set[PoolConnection] = set()  # every thread's, so ``close`` can close them
+        self._open_lock = threading.Lock()
 
     def sockets(self) -> list[Path]:
         """The pool processes' sockets, in a per-thread rotation so threads spread over them."""
@@ -149,6 +151,8 @@ class PoolClient:
             except OSError:
                 continue
             self._local.connection = current
+            with self._open_lock:
+                self._open.add(current)
             return current
         raise PoolUnavailable("no model pool process is answering; retry shortly")
 
@@ -157,7 +161,16 @@ class PoolClient:
         current = getattr(self._local, "connection", None)
         self._local.connection = None
         if current is not None:
+            with self._open_lock:
+                self._open.discard(current)
             current.close()
+
+    def close(self) -> None:
+        """Close every thread's connection (the service is closing)."""
+        with self._open_lock:
+            connections, self._open = self._open, set()
+        for connection in connections:
+            connection.close()
 
     def call(self, key: str, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` on ``key`` in some pool process; retried once on another if one fails."""

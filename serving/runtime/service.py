@@ -202,6 +202,8 @@ class InferenceService:
         if table.loaded_here:
             for model in table.models.values():
                 model.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def batchers(self) -> list[MicroBatcher]:
         """The batchers of every model loaded in this process (batched mode; empty otherwise)."""

@@ -1,0 +1,120 @@
+"""One copy for every worker (issue 24), through real gunicorn: what the master shares before fork, the
+memory gauge on /metrics, and the model pool on both fronts, killed and refused."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from serving.observability.memory import tree_memory
+from tests.asgi_support import FRONTS
+
+pytestmark = pytest.mark.slow
+SAMPLE = {"data": [[0.0] * 8 for _ in range(8)]}
+
+
+def warm(url: str, count: int = 60) -> list[list[float]]:
+    """Send ``count`` predictions (every worker serves some); the distinct answers."""
+    answers = []
+    for _ in range(count):
+        reply = requests.post(url + "/predict", json=SAMPLE, timeout=10)
+        assert reply.status_code == 200, reply.text
+        answers.append(reply.json()["prediction"][0])
+    return answers
+
+
+def mapped_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def total_pss(pid: int) -> int:
+    return sum(p.pss for p in tree_memory(pid))
+
+
+@pytest.mark.parametrize("backend", ["onnx", "pytorch"])
+def test_the_master_shares_the_framework_and_the_server_costs_less(server_factory: Any, backend: str) -> None:
+    model = "digits-torch" if backend == "pytorch" else "digits-tf"
+    totals = {}
+    for share in ("false", "true"):
+        with server_factory(model=model, backend=backend, workers=4, share_memory=share) as server:
+            answers = warm(server.url)
+            time.sleep(0.5)
+            totals[share] = total_pss(server.pid)
+            library = "libonnxruntime" if backend == "onnx" else "libtorch"
+            assert (library in mapped_libraries(server.pid)) == (share == "true")
+            if share == "true":
+                assert "shared by every worker: serving.fronts.wsgi" in server.log()
+                assert f"loaded {model}:1" in server.log()  # the weights too: one copy, loaded before fork
+                assert all(a == answers[0] for a in answers)
+    # measured: onnx 356 -> 158 MB at -w 8; pytorch 754 -> 276 MB at -w 4 (bench/memory.py)
+    assert totals["true"] < 0.75 * totals["false"], totals
+
+
+def test_the_memory_gauge_adds_up_to_what_proc_says(server_factory: Any) -> None:
+    with server_factory(model="digits-tf", backend="onnx", workers=2) as server:
+        warm(server.url, 20)
+        text = requests.get(server.url + "/metrics", timeout=10).text
+        measured = {p.pid: p for p in tree_memory(server.pid)}
+    rows = [line for line in text.splitlines() if line.startswith("serving_process_memory_bytes{")]
+    pss = {int(line.split('pid="')[1].split('"')[0]): float(line.rsplit(" ", 1)[1]) for line in rows
+           if 'kind="pss"' in line}
+    assert set(pss) == set(measured), (pss, measured)
+    assert any('role="master"' in line for line in rows) and sum('role="worker"' in line for line in rows) == 6
+    assert sum(pss.values()) == pytest.approx(sum(p.pss for p in measured.values()), rel=0.2)
+
+
+@pytest.mark.parametrize("front", ["wsgi", "asgi"])
+def test_the_pool_serves_every_worker_which_imports_no_framework(server_factory: Any, front: str) -> None:
+    with server_factory(model="digits-tf", backend="onnx", workers=2, mode="threaded", model_pool=1,
+                        **FRONTS[front]) as server:
+        expected = requests.post(server.url + "/predict", json=SAMPLE, timeout=10).json()["prediction"]
+        assert all(answer == expected[0] for answer in warm(server.url, 30))
+        processes = tree_memory(server.pid)
+        roles = [p.role for p in processes]
+        assert roles.count("pool") == 1 and roles.count("worker") == 2, roles
+        for process in processes:
+            mapped = "libonnxruntime" in mapped_libraries(process.pid)
+            assert mapped == (process.role == "pool"), process
+        v2 = requests.post(server.url + "/v2/models/digits-tf/infer", timeout=10, json={
+            "inputs": [{"name": "input", "shape": [2, 8, 8], "datatype": "FP32", "data": [0.0] * 128}]})
+        assert v2.status_code == 200, v2.text
+        assert "the model pool" in server.log()
+
+
+def test_a_killed_pool_process_gets_503s_not_hangs_and_is_replaced(server_factory: Any) -> None:
+    with server_factory(model="digits-tf", backend="onnx", workers=2, model_pool=1) as server:
+        warm(server.url, 10)
+        [pool] = [p.pid for p in tree_memory(server.pid) if p.role == "pool"]
+        os.kill(pool, signal.SIGKILL)
+        statuses, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            reply = requests.post(server.url + "/predict", json=SAMPLE, timeout=10)
+            assert time.monotonic() - started < 3, "a request waited on the dead pool process"
+            statuses.append(reply.status_code)
+            if reply.status_code == 503:
+                assert reply.headers["Retry-After"] == "1" and reply.json()["error"]
+            elif reply.status_code == 200 and 503 in statuses:
+                break
+            assert reply.status_code in (200, 503), reply.text
+            time.sleep(0.05)
+        assert statuses[-1] == 200 and 503 in statuses, statuses
+        [replacement] = [p.pid for p in tree_memory(server.pid) if p.role == "pool"]
+        assert replacement != pool
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"mode": "batched"}, "SERVING_MODE=threaded"),
+    ({"model_control": "explicit"}, "SERVING_MODEL_CONTROL must be none"),
+])
+def test_the_pool_refuses_settings_it_cannot_honour(server_factory: Any, settings: dict[str, str],
+                                                      message: str) -> None:
+    server = server_factory(model="digits-tf", backend="onnx", model_pool=1, **settings)
+    with pytest.raises(AssertionError, match=message):
+        server.start(timeout=30)
