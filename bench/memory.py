@@ -173,7 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="tensorflow,pytorch,onnx")
     parser.add_argument("--modes", default="process,threaded,batched")
-    parser.add_argument("--variants", default="off,on", help="off, on (sharing across fork), pool (the model pool)")
+    parser.add_argument("--variants", default="off,on,pool",
+                        help="off, on (sharing across fork), pool (the model pool)")
     parser.add_argument("--workers", default="1,2,4,8", help="comma-separated worker counts")
     parser.add_argument("--fronts", default="wsgi")
     parser.add_argument("--threads", type=int, default=4)
@@ -190,9 +191,11 @@ def main() -> None:
     rows: list[Row] = []
     for backend in args.backends.split(","):
         for mode in args.modes.split(","):
-            if backend == "pytorch" and mode == "threaded":
-                continue  # process-only backend: the server refuses it
             for variant in args.variants.split(","):
+                if backend == "pytorch" and mode == "threaded" and variant != "pool":
+                    continue  # process-only backend: the server refuses it (the pool's HTTP threads never call it)
+                if variant == "pool" and mode == "batched":
+                    continue  # the pool batches across workers itself: refused with batched mode
                 for front in args.fronts.split(","):
                     for workers in (int(w) for w in args.workers.split(",")):
                         row = measure(args, out_dir, backend, mode, variant, workers, front, script)

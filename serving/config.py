@@ -112,7 +112,7 @@ class Settings:
     threads: int = setting(
         0,
         "request threads per worker (threaded, batched; the pool of the asgi front, 1 in process"
-        " mode); 0 = 4 threaded, 16 batched",
+        " mode); 0 = 4 threaded, 16 batched or with the model pool",
         minimum=0,
     )
     mode: Mode = setting(
@@ -140,6 +140,12 @@ class Settings:
         " framework, and send tensors through shared memory); 0 = off, each worker loads its own",
         minimum=0,
         maximum=64,
+    )
+    pool_max_batch_size: int = setting(
+        0,
+        "model pool: most samples one pool process runs at once; 0 = SERVING_MAX_BATCH_SIZE x"
+        " SERVING_WORKERS / SERVING_MODEL_POOL (its batches hold every HTTP worker's requests)",
+        minimum=0,
     )
     pool_dir: str = setting(
         "",
@@ -311,7 +317,8 @@ class Settings:
         """Concurrent requests one worker serves: 1 in process mode."""
         if self.mode == "process":
             return 1
-        return self.threads or (16 if self.mode == "batched" else 4)
+        # batched mode and the model pool: request threads mostly wait for the model, which batches
+        return self.threads or (16 if self.mode == "batched" or self.model_pool else 4)
 
     def math_threads_for(self, workers: int) -> int:
         """Intra-op threads each of ``workers`` workers may use so that workers x threads <=

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import mmap
 import os
 import selectors
@@ -49,10 +50,11 @@ class Peer:
 
     sock: socket.socket
     memory: mmap.mmap
+    floats: np.ndarray
     buffer: bytearray = field(default_factory=bytearray)
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A request read from a peer, waiting for its batch."""
 
@@ -61,6 +63,7 @@ class Pending:
     key: str
     shape: tuple[int, ...]
     deadline: float
+    size: int  # values in the batch
 
 
 class PoolServer:
@@ -149,7 +152,8 @@ class PoolServer:
                 log.warning("model pool: a connection failed its hello: %s", exc)
                 sock.close()
                 continue
-            self.selector.register(sock, selectors.EVENT_READ, Peer(sock, memory))
+            peer = Peer(sock, memory, np.frombuffer(memory, np.float32))
+            self.selector.register(sock, selectors.EVENT_READ, peer)
 
     @staticmethod
     def _refuse(sock: socket.socket, reason: str) -> None:
@@ -169,27 +173,26 @@ class PoolServer:
         if not data:
             self._forget(peer)
             return
-        peer.buffer += data
-        while len(peer.buffer) >= wire.REQUEST.size:
-            request_id, key_length, ndim, deadline = wire.REQUEST.unpack_from(peer.buffer)
-            if key_length > wire.MAX_KEY or ndim > wire.MAX_DIMS:
+        buffer = peer.buffer
+        buffer += data
+        head = wire.REQUEST.size
+        while len(buffer) >= head:
+            request_id, key_length, ndim, deadline = wire.REQUEST.unpack_from(buffer)
+            if key_length > wire.MAX_KEY or not 0 < ndim <= wire.MAX_DIMS:
                 self._forget(peer)  # not our client: no header is this large
                 return
-            end = wire.REQUEST.size + key_length + 4 * ndim
-            if len(peer.buffer) < end:
+            end = head + key_length + 4 * ndim
+            if len(buffer) < end:
                 return
-            key = bytes(peer.buffer[wire.REQUEST.size : wire.REQUEST.size + key_length]).decode(
-                errors="replace"
-            )
-            shape = wire.read_dims(memoryview(peer.buffer)[end - 4 * ndim : end], ndim)
-            del peer.buffer[:end]
-            self._admit(Pending(peer, request_id, key, shape, deadline))
+            key = buffer[head : head + key_length].decode(errors="replace")
+            shape = wire.read_dims(buffer, ndim, head + key_length)
+            del buffer[:end]
+            self._admit(Pending(peer, request_id, key, shape, deadline, math.prod(shape)))
 
     def _admit(self, request: Pending) -> None:
-        samples = int(np.prod(request.shape)) if request.shape else 0
         if request.key not in self.models:
             self._answer_error(request, 422, f"the model pool does not serve {request.key}")
-        elif not request.shape or samples * 4 > len(request.peer.memory):
+        elif request.size > len(request.peer.floats):
             self._answer_error(request, 422, f"shape {request.shape} does not fit the buffer")
         elif len(self.pending) >= self.max_queue:
             self._answer_error(request, 503, "the model pool's queue is full; retry shortly")
@@ -197,54 +200,54 @@ class PoolServer:
             self.pending.append(request)
 
     def _run_batch(self) -> None:
+        """Run the oldest request's model on every waiting request of it that fits one batch."""
         now = time.monotonic()
-        live = []
-        for request in self.pending:
-            if request.deadline and request.deadline < now:
-                self._answer_error(request, 504, "the request's deadline passed in the pool")
-            else:
-                live.append(request)
-        if not live:
-            self.pending = []
-            return
-        key = live[0].key
-        batch_requests, rest, samples = [], [], 0
-        for request in live:
-            if request.key == key and (
-                not batch_requests or samples + request.shape[0] <= self.max_batch_size
-            ):
-                batch_requests.append(request)
-                samples += request.shape[0]
-            else:
-                rest.append(request)
-        self.pending = rest
-        inputs = [
-            np.frombuffer(r.peer.memory, np.float32, int(np.prod(r.shape))).reshape(r.shape)
-            for r in batch_requests
-        ]
+        pending = self.pending
+        if any(r.deadline and r.deadline < now for r in pending):
+            for request in pending:
+                if request.deadline and request.deadline < now:
+                    self._answer_error(request, 504, "the request's deadline passed in the pool")
+            pending = [r for r in pending if not (r.deadline and r.deadline < now)]
+            if not pending:
+                self.pending = []
+                return
+        key = pending[0].key
+        if len(pending) == 1:
+            chosen, self.pending = pending, []
+        else:
+            chosen, rest, samples = [], [], 0
+            for request in pending:
+                if request.key == key and (
+                    not chosen or samples + request.shape[0] <= self.max_batch_size
+                ):
+                    chosen.append(request)
+                    samples += request.shape[0]
+                else:
+                    rest.append(request)
+            self.pending = rest
+        inputs = [r.peer.floats[: r.size].reshape(r.shape) for r in chosen]
         batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
         try:
             output = self.models[key].predict(batch)
         except Exception:
             log.exception(
-                "inference failed in the model pool for a batch of %d on %s", samples, key
+                "inference failed in the model pool for a batch of %d on %s", len(batch), key
             )
-            for request in batch_requests:
+            for request in chosen:
                 self._answer_error(request, 500, "inference failed")
             return
         finally:
             del inputs, batch
         self.batches += 1
         offset = 0
-        for request in batch_requests:
+        for request in chosen:
             rows = output[offset : offset + request.shape[0]]
             offset += request.shape[0]
-            data = np.ascontiguousarray(rows, dtype=np.float32)
-            request.peer.memory[: data.nbytes] = data.tobytes()
+            request.peer.floats[: rows.size] = rows.reshape(-1)
             self._send(
                 request,
-                wire.RESPONSE.pack(request.request_id, 200, data.ndim)
-                + wire.dims_bytes(data.shape),
+                wire.RESPONSE.pack(request.request_id, 200, rows.ndim)
+                + wire.dims_bytes(rows.shape),
             )
 
     def _answer_error(self, request: Pending, status: int, message: str) -> None:
@@ -252,10 +255,17 @@ class PoolServer:
         self._send(request, wire.RESPONSE.pack(request.request_id, status, len(encoded)) + encoded)
 
     def _send(self, request: Pending, data: bytes) -> None:
+        sock = request.peer.sock
         try:
-            request.peer.sock.setblocking(True)
-            request.peer.sock.sendall(data)
-            request.peer.sock.setblocking(False)
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):  # the peer's socket buffer is full (answers are tiny: rare)
+                sock.setblocking(True)
+                sock.settimeout(1.0)
+                sock.sendall(data[sent:])
+                sock.setblocking(False)
         except OSError:
             self._forget(request.peer)
 
@@ -266,6 +276,7 @@ class PoolServer:
             pass
         peer.sock.close()
         self.pending = [r for r in self.pending if r.peer is not peer]
+        peer.floats = np.empty(0, np.float32)  # releases the view, so the mapping can close
         try:
             peer.memory.close()
         except BufferError:
@@ -275,6 +286,14 @@ class PoolServer:
 def pool_math_threads(settings: Settings) -> int:
     """Intra-op threads per pool process: SERVING_MATH_THREADS, else the cores split evenly."""
     return settings.math_threads or max(1, available_cores() // max(1, settings.model_pool))
+
+
+def pool_batch_size(settings: Settings) -> int:
+    """Samples per pool batch: the HTTP workers' batches together, split between pool processes."""
+    if settings.pool_max_batch_size:
+        return settings.pool_max_batch_size
+    share = max(1, settings.workers // max(1, settings.model_pool))
+    return settings.max_batch_size * share
 
 
 def load_pool_models(settings: Settings) -> dict[str, Backend]:
@@ -314,15 +333,17 @@ class ModelPoolApp(DirtyApp):
         if settings.share_memory:
             page_out_libraries()
         path = Path(settings.pool_dir) / f"{os.getpid()}.sock"
-        self.server = PoolServer(models, path, settings.max_batch_size, settings.max_queue)
+        self.server = PoolServer(models, path, pool_batch_size(settings), settings.max_queue)
         self.server.start()
         log.info(
-            "model pool process %d serves %s on %s (%s, %d math threads), loaded in %.2fs",
+            "model pool process %d serves %s on %s (%s, %d math threads, batches of up to %d),"
+            " loaded in %.2fs",
             os.getpid(),
             ", ".join(models),
             path,
             settings.pool_device,
             pool_math_threads(settings),
+            pool_batch_size(settings),
             time.monotonic() - started,
         )
 

@@ -36,7 +36,8 @@ def admit(meta: ModelMetadata, settings: Settings) -> tuple[ModelMetadata, str]:
             "load it"
             f" (use SERVING_BACKEND={meta.raw.get('backend') or meta.framework} or onnx)"
         )
-    if settings.mode == "threaded" and not is_thread_safe(backend):
+    # with the model pool, request threads never call the backend: one pool thread does
+    if settings.mode == "threaded" and not settings.model_pool and not is_thread_safe(backend):
         raise ConfigError(
             f"the {backend} backend is process-only: use SERVING_MODE=process, "
             "SERVING_MODE=batched (one model"

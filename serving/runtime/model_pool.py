@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import socket
@@ -39,12 +40,14 @@ from serving.store.repository import ModelMetadata
 #: How long a worker's start waits for a pool process to serve its model (the pool loads it).
 LOAD_WAIT_S = 120.0
 CONNECT_TIMEOUT_S = 2.0
+#: One read takes a whole answer: its header, the output shape or an error message.
+ANSWER_READ = 65536
 
 
 class PoolConnection:
     """One request thread's connection to one pool process, with the memory both sides map."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, timeout_s: float) -> None:
         self.path = path
         fd = os.memfd_create("serving-pool", os.MFD_CLOEXEC)
         try:
@@ -67,39 +70,51 @@ class PoolConnection:
         if status != 200:
             self.close()
             raise ConnectionError(f"the pool process refused the connection: {body.get('error')}")
+        # A blocking socket whose waits the kernel bounds (SO_RCVTIMEO): one system call per read,
+        # where Python's own timeout polls first. The bound is the longest request deadline.
+        self.sock.settimeout(None)
+        bound = wire.TIMEVAL.pack(int(timeout_s), int((timeout_s % 1) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
+        self.floats = np.frombuffer(self.memory, np.float32)
         self.models: frozenset[str] = frozenset(body["models"])
         self.next_id = 0
 
-    def call(self, key: str, batch: np.ndarray, deadline: float) -> np.ndarray:
+    def call(self, key: bytes, batch: np.ndarray, deadline: float) -> np.ndarray:
         """Run ``batch`` on model ``key`` in the pool process; raise the error its status means."""
-        data = np.ascontiguousarray(batch, dtype=np.float32)
-        if data.nbytes > len(self.memory):
-            raise InvalidInput(f"a batch of {data.nbytes} bytes is larger than the pool's buffer")
-        self.memory[: data.nbytes] = data.tobytes()
+        size = batch.size
+        if batch.ndim > wire.MAX_DIMS or batch.ndim == 0:
+            raise InvalidInput(f"a batch of {batch.ndim} dimensions cannot go to the pool")
+        if size > len(self.floats):
+            raise InvalidInput(f"a batch of {4 * size} bytes is larger than the pool's buffer")
+        self.floats[:size] = batch.reshape(-1)
         self.next_id = request_id = (self.next_id + 1) & 0xFFFFFFFF
-        encoded = key.encode()
-        self.sock.settimeout(max(0.001, deadline - time.monotonic()))
         self.sock.sendall(
-            wire.REQUEST.pack(request_id, len(encoded), data.ndim, deadline)
-            + encoded
-            + wire.dims_bytes(data.shape)
+            wire.REQUEST.pack(request_id, len(key), batch.ndim, deadline)
+            + key
+            + wire.dims_bytes(batch.shape)
         )
         try:
-            answer_id, status, count = wire.RESPONSE.unpack(
-                wire.recv_exact(self.sock, wire.RESPONSE.size)
-            )
-            extra = wire.recv_exact(self.sock, 4 * count if status == 200 else count)
-        except TimeoutError:
+            reply = self.sock.recv(ANSWER_READ)
+            if len(reply) < wire.RESPONSE.size:
+                reply += wire.recv_exact(self.sock, wire.RESPONSE.size - len(reply))
+            answer_id, status, count = wire.RESPONSE.unpack_from(reply)
+            needed = wire.RESPONSE.size + (4 * count if status == 200 else count)
+            if len(reply) < needed:
+                reply += wire.recv_exact(self.sock, needed - len(reply))
+        except BlockingIOError:  # SO_RCVTIMEO passed
             raise DeadlineExceeded("no answer from the model pool within the deadline") from None
         if answer_id != request_id:
             raise ConnectionError("the model pool answered another request")
+        extra = reply[wire.RESPONSE.size : needed]
         if status != 200:
             raise _error(status, extra.decode(errors="replace"))
         shape = wire.read_dims(extra, count)
-        return np.frombuffer(self.memory, np.float32, int(np.prod(shape))).reshape(shape).copy()
+        return self.floats[: math.prod(shape)].reshape(shape).copy()
 
     def close(self) -> None:
         self.sock.close()
+        self.floats = np.empty(0, np.float32)  # releases the view, so the mapping can close
         try:
             self.memory.close()
         except BufferError:  # an array still views it: the mapping goes with the array
@@ -144,7 +159,7 @@ class PoolClient:
             if path == exclude:
                 continue
             try:
-                current = PoolConnection(path, self.buffer_bytes)
+                current = PoolConnection(path, self.buffer_bytes, self.timeout_s)
             except ConnectionRefusedError:  # a killed process's socket: nobody listens
                 path.unlink(missing_ok=True)
                 continue
@@ -172,14 +187,15 @@ class PoolClient:
         for connection in connections:
             connection.close()
 
-    def call(self, key: str, batch: np.ndarray) -> np.ndarray:
+    def call(self, key: str | bytes, batch: np.ndarray) -> np.ndarray:
         """Run ``batch`` on ``key`` in some pool process; retried once on another if one fails."""
+        encoded = key.encode() if isinstance(key, str) else key
         deadline = time.monotonic() + self.timeout_s
         failed: Path | None = None
         for _attempt in range(2):
             connection = self.connection(exclude=failed)
             try:
-                return connection.call(key, batch, deadline)
+                return connection.call(encoded, batch, deadline)
             except (ConnectionError, BrokenPipeError, OSError):
                 failed = connection.path
                 self.drop()
@@ -221,12 +237,13 @@ class PooledBackend(Backend):
         super().__init__(metadata, math_threads)
         self.client = client
         self.key = f"{metadata.name}:{metadata.version}"
+        self._encoded = self.key.encode()
 
     def load(self) -> None:
         self.client.wait_for(self.key)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.client.call(self.key, batch)
+        return self.client.call(self._encoded, batch)
 
     def framework_version(self) -> str:
         return f"the model pool ({self.client.directory})"

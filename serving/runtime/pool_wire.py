@@ -27,20 +27,25 @@ REQUEST = struct.Struct("<IHHd")
 #: An answer: id, status (200 or an HTTP error status), dims (200) or the message's length.
 RESPONSE = struct.Struct("<IHH")
 DIM = struct.Struct("<I")
+#: struct timeval, for SO_RCVTIMEO / SO_SNDTIMEO.
+TIMEVAL = struct.Struct("@ll")
 #: Longest model key and most dimensions a request may name: a header is never larger.
 MAX_KEY = 512
 MAX_DIMS = 4
 PAGE = 4096
 
 
+_DIMS = [struct.Struct(f"<{count}I") for count in range(MAX_DIMS + 1)]
+
+
 def dims_bytes(shape: tuple[int, ...]) -> bytes:
     """The shape as the wire carries it."""
-    return b"".join(DIM.pack(d) for d in shape)
+    return _DIMS[len(shape)].pack(*shape)
 
 
-def read_dims(data: bytes | memoryview, count: int) -> tuple[int, ...]:
-    """``count`` dimensions from ``data``."""
-    return tuple(DIM.unpack_from(data, 4 * i)[0] for i in range(count))
+def read_dims(data: bytes | memoryview, count: int, offset: int = 0) -> tuple[int, ...]:
+    """``count`` dimensions from ``data`` at ``offset``."""
+    return _DIMS[count].unpack_from(data, offset)
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytes:
