@@ -3,7 +3,12 @@
 #                  (SERVING_FRONT=asgi make serve: asgi_server:app under an ASGI worker, docs/modes.md)
 # make test        the whole suite, real servers included (what .ci/run runs); installs the system packages
 # make test-fast   the in-process layer only (Flask test client, unit tests): under a minute
-# make bench       the throughput benchmark, WSGI and ASGI fronts (writes reports/bench-<date>.md); installs wrk
+# make bench       the throughput benchmark, WSGI and ASGI fronts (writes reports/bench-<date>.md), then the
+#                  memory benchmark; installs wrk
+# make bench-memory  PSS/USS/RSS of the whole server per backend x mode x workers, sharing off/on and the model
+#                  pool (reports/memory-<date>.md with a chart)
+# make bench-pool  the model pool: per-call overhead, throughput on the large model, memory (reports/pool-<date>.md)
+# make bench-fork  fork safety: 100,000 requests per backend with workers SIGKILLed and a SIGHUP
 # make loadtest    locust matrix of modes on both fronts, ~10 min (LOADTEST_ARGS=--quick for ~4 min)
 # make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
 #                  then serves mnist-tf
@@ -23,7 +28,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-batching bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-batching bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt requirements-runtime.txt requirements-frameworks.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +77,21 @@ fuzz: venv
 bench: venv
 	scripts/system-packages.sh $(BENCH_PACKAGES)
 	$(PY) -m bench.throughput
+	$(PY) -m bench.memory
+
+bench-memory: venv
+	scripts/system-packages.sh $(BENCH_PACKAGES)
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
+	$(PY) -m bench.memory
+
+bench-pool: venv
+	scripts/system-packages.sh $(BENCH_PACKAGES)
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
+	$(PY) -m bench.pool
+
+bench-fork: venv
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
+	$(PY) -m bench.fork_soak
 
 bench-batching: venv
 	scripts/system-packages.sh $(BENCH_PACKAGES)

@@ -130,9 +130,9 @@ class Settings:
     )
     share_memory: bool = setting(
         True,
-        "import the backend's framework (and load ONNX Runtime sessions) in the gunicorn master"
-        " and freeze the collector before fork, so every worker shares those pages; false ="
-        " each worker imports and loads its own (docs/modes.md, memory)",
+        "import the backends' frameworks (and load ONNX Runtime and TorchScript models) in the"
+        " master and freeze the collector before fork, so every worker shares those pages;"
+        " false = each worker imports and loads its own (docs/modes.md, memory)",
     )
     model_pool: int = setting(
         0,
