@@ -5,15 +5,15 @@
 # by ``max_requests``, and those a SIGHUP starts. The master imports the served backends'
 # frameworks and the front's modules (Flask, the serving package) but runs nothing: no model is
 # called here, because a framework's thread pools started before fork hang the workers (the
-# fork-safety table in docs/modes.md). Only a backend whose load starts no thread (ONNX Runtime
-# with one math thread) loads its models here, and every worker serves that one copy; the others
-# load their own model after fork.
+# fork-safety table in docs/modes.md). Only a backend whose load starts no thread and runs
+# nothing (ONNX Runtime with one math thread, TorchScript) loads its models here, and every worker
+# serves that one copy; the others load their own model after fork.
 #
 # Two things keep the shared pages shared. The collector is frozen before each fork
 # (``gc.freeze``), so a worker's collections never write to the frozen objects' headers, which
 # would copy their pages. And the master gives back the library pages it read while importing
-# (MADV_PAGEOUT on its read-only file mappings): it never runs that code, while the workers fault
-# in, and share, the part they use; the pages stay in the page cache, clean.
+# (MADV_DONTNEED on its file mappings that hold no copied page): it never runs that code, while the
+# workers fault in, and share, the part they use; the pages stay in the page cache, clean.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from serving.config import Settings
 from serving.errors import ModelLoadError
 from serving.runtime.service import InferenceService
 
-#: madvise(2): reclaim these pages (Linux 5.4+); clean file pages leave this process's resident set.
-MADV_PAGEOUT = 21
+#: madvise(2): drop these pages from this process; a clean file page maps back on its next touch.
+MADV_DONTNEED = 4
 
 
 def share_before_fork(server: Any, settings: Settings) -> None:
@@ -97,12 +97,15 @@ def freeze_before_fork() -> None:
     gc.freeze()
 
 
-def page_out_libraries(maps_path: str = "/proc/self/maps") -> int:
-    """Ask the kernel to drop this process's resident pages of read-only file mappings.
+def page_out_libraries(smaps_path: str = "/proc/self/smaps") -> int:
+    """Drop this process's resident pages of the file mappings it never wrote to.
 
-    Read-only mappings only: their pages are either clean copies of the file (re-read from the page
-    cache if touched again) or relocated pages the kernel keeps, since pageout never discards
-    data. Returns the bytes of the mappings advised (0 where madvise is not there).
+    A read-only mapping whose ``Anonymous`` count is 0 holds only clean pages of its file, so
+    ``MADV_DONTNEED`` loses nothing: a later touch maps the same page back from the page cache.
+    Mappings with copied pages (relocations applied at load, then made read-only) are left alone,
+    since dropping them would bring back the file's unrelocated bytes. ``MADV_PAGEOUT`` would be the
+    gentler call, but the kernel ignores it for files the caller may not write (Linux 6.x), which is
+    every library here. Returns the bytes of the mappings dropped (0 where madvise is not there).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -110,13 +113,26 @@ def page_out_libraries(maps_path: str = "/proc/self/maps") -> int:
     except (OSError, AttributeError):
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    advised = 0
-    with open(maps_path) as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or "w" in fields[1] or not fields[5].startswith("/"):
+    dropped = 0
+    for start, end in _clean_file_mappings(smaps_path):
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
+
+
+def _clean_file_mappings(smaps_path: str) -> list[tuple[int, int]]:
+    """(start, end) of every readable, unwritable file mapping with no anonymous (copied) page."""
+    found: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    with open(smaps_path) as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=5)
+            if head and head[0].endswith(":"):
+                if head[0] == "Anonymous:" and current is not None and head[1] == "0":
+                    found.append(current)
                 continue
-            start, end = (int(part, 16) for part in fields[0].split("-"))
-            if madvise(start, end - start, MADV_PAGEOUT) == 0:
-                advised += end - start
-    return advised
+            current = None
+            if len(head) == 6 and head[1][0] == "r" and "w" not in head[1] and head[5][0] == "/":
+                start, end = (int(part, 16) for part in head[0].split("-"))
+                current = (start, end)
+    return found
