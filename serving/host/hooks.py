@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import gc
@@ -158,6 +159,32 @@ def drain_worker(worker: Any) -> None:
             service.close()
     finally:
         TALLY.flush()
+
+
+def leave_worker() -> None:
+    """Worker, last of all: end the process with its exit code, without C++ static destructors.
+
+    Called from gunicorn's ``worker_exit`` hook, inside the ``finally`` its ``sys.exit`` passes
+    through. A framework imported by the master before fork (SERVING_SHARE_MEMORY) left threads in
+    the master that a forked worker does not have, and onnxruntime's static destructors then wait
+    forever on one of their condition variables, or abort on ``std::system_error``, as the worker
+    exits: a reload waited for the graceful timeout, and a worker that failed to boot died by
+    SIGABRT instead of exiting 3, so the master respawned it in a loop. Python's exit handlers
+    (logging's flush among them) still run.
+    """
+    error = sys.exc_info()[1]
+    code: object = error.code if isinstance(error, SystemExit) else int(error is not None)
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a pipe nobody reads any more
+            pass
+    os._exit(code)
 
 
 class HangWatchdog(threading.Thread):

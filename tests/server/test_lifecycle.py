@@ -28,10 +28,11 @@ def run_until_exit(env: dict[str, str], *args: str, timeout: float = 60) -> subp
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_master_never_imports_a_framework_but_workers_do(server_factory: Any) -> None:
+def test_with_sharing_off_the_master_never_imports_a_framework_but_workers_do(server_factory: Any) -> None:
+    # SERVING_SHARE_MEMORY=true (the default) imports it in the master on purpose: tests/server/test_memory.py
     for backend, model, marker in (("tensorflow", "digits-tf", "tensorflow"), ("pytorch", "digits-torch", "libtorch"),
                                    ("onnx", "digits-tf", "onnxruntime")):
-        server = server_factory(model=model, backend=backend, args=("--preload",)).start()
+        server = server_factory(model=model, backend=backend, share_memory="false", args=("--preload",)).start()
         assert requests.get(server.url + "/predict/test/label", timeout=10).json()["correct"] is True
         master_maps = loaded_libraries(server.pid)
         assert not any(lib in master_maps for lib in FRAMEWORK_LIBS), f"{backend}: master loaded a framework"

@@ -56,6 +56,25 @@ def test_the_master_shares_the_framework_and_the_server_costs_less(server_factor
     assert totals["true"] < 0.75 * totals["false"], totals
 
 
+@pytest.mark.parametrize(("backend", "model"), [("onnx", "digits-tf"), ("tensorflow", "digits-tf"),
+                                                ("pytorch", "digits-torch")])
+def test_workers_of_a_sharing_master_exit_at_once_and_cleanly(server_factory: Any, backend: str, model: str) -> None:
+    # Before leave_worker: onnxruntime's static destructors hung or aborted in the forked workers as they exited,
+    # so a reload waited for the graceful timeout and a worker that failed to boot died by SIGABRT, not code 3.
+    with server_factory(model=model, backend=backend, workers=2, model_pool=0) as server:
+        warm(server.url, 20)
+        old = {p.pid for p in tree_memory(server.pid) if p.role == "worker"}
+        os.kill(server.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and old & {p.pid for p in tree_memory(server.pid)}:
+            time.sleep(0.1)
+        assert not old & {p.pid for p in tree_memory(server.pid)}, "old workers still there 10 s after a reload"
+        warm(server.url, 20)
+    log = server.log()
+    assert "terminate called" not in log and "was sent" not in log and "exited with code" not in log, log[-3000:]
+    assert log.count("Worker exiting") >= 4
+
+
 def test_the_memory_gauge_adds_up_to_what_proc_says(server_factory: Any) -> None:
     with server_factory(model="digits-tf", backend="onnx", workers=2) as server:
         warm(server.url, 20)
