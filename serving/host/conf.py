@@ -144,8 +144,8 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    """Worker, on its way out: answer everything still queued for the model thread, then end the
-    process without the C++ static destructors that hang or abort after fork (hooks.leave_worker)."""
+    """Worker, on its way out: answer everything still queued for the model thread, then end
+    the process without the C++ static destructors that hang or abort after fork."""
     try:
         hooks.drain_worker(worker)
     finally:
