@@ -162,7 +162,7 @@ def main() -> None:
              "| backend | requests | 200 | failed | kills | reloads | connection retries | 503 retries | slowest |"
              " req/s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in args.backends.split(","):
-        backend, settings, roles = name, {}, ("worker",)
+        backend, settings, roles = name, {"model_pool": 0}, ("worker",)
         if name == "pool":
             backend, settings, roles = "tensorflow", {"model_pool": 1}, ("worker", "pool")
         print(f"{name} ...", flush=True)

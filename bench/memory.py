@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -74,7 +76,8 @@ def measure(args: argparse.Namespace, out_dir: Path, backend: str, mode: str, va
             front: str, script: Path) -> Row:
     slug = f"{backend}-{mode}-{variant}-w{workers}-{front}"
     settings = {"model": MODELS[backend], "backend": backend, "mode": mode, "workers": workers,
-                "threads": args.threads, "share_memory": "true" if variant != "off" else "false"}
+                "threads": args.threads, "share_memory": "true" if variant != "off" else "false",
+                "model_pool": "0"}
     if variant == "pool":
         settings["model_pool"] = str(args.pool_processes)
     for attempt in (1, 2):
@@ -99,7 +102,35 @@ def measure(args: argparse.Namespace, out_dir: Path, backend: str, mode: str, va
     return Row(backend, mode, variant, workers, front, processes, result.requests, result.errors)
 
 
-def render(rows: list[Row], args: argparse.Namespace, stamp: str, chart: Path | None) -> str:
+def measure_floor(args: argparse.Namespace, backend: str, workers: int) -> float:
+    """Total PSS (MB) of the framework alone at ``workers`` runners: bench/memory_floor.py, in a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "bench.memory_floor", "--repo", str(args.repo), "--model",
+                          MODELS[backend], "--backend", backend, "--children", str(workers)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    return int(out.stdout.split()[-1]) / MB
+
+
+def render_floors(rows: list[Row], floors: dict[tuple[str, int], float]) -> list[str]:
+    """The framework's floor against the server's best figure at the same worker count."""
+    lines = ["", "## The framework alone", "",
+             "`python -m bench.memory_floor`: a parent does what the master does before fork (imports the framework,"
+             " loads the model where that is fork-safe, freezes the collector, drops its library pages) and forks N"
+             " children that each run 300 predictions, with no HTTP server at all; TensorFlow's children load their"
+             " own model. The least a server of this design could cost; the difference is what gunicorn, Flask and"
+             " the serving package add.", "",
+             "| backend | runners / workers | framework alone | server, sharing on | server, pool | on - alone |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for (backend, workers), alone in sorted(floors.items()):
+        best = {variant: min((r.total_pss for r in rows if (r.backend, r.workers, r.variant, r.mode)
+                              == (backend, workers, variant, "process")), default=None) for variant in ("on", "pool")}
+        cells = [f"{best[v]:,.0f}" if best[v] is not None else "-" for v in ("on", "pool")]
+        extra = f"{best['on'] - alone:,.0f}" if best["on"] is not None else "-"
+        lines.append(f"| {backend} | {workers} | {alone:,.0f} | {cells[0]} | {cells[1]} | {extra} |")
+    return lines
+
+
+def render(rows: list[Row], args: argparse.Namespace, stamp: str, chart: Path | None,
+           floors: dict[tuple[str, int], float] | None = None) -> str:
     lines = [
         f"# Memory, {stamp} UTC",
         "",
@@ -108,7 +139,9 @@ def render(rows: list[Row], args: argparse.Namespace, stamp: str, chart: Path | 
         " `/proc/<pid>/smaps_rollup`. MB = 10^6 bytes. PSS splits shared pages between the processes that map them,"
         " so the total is what the server costs; RSS counts a shared page once per process. `off` is"
         " `SERVING_SHARE_MEMORY=false`, the path every earlier version took; `on` imports the framework in the"
-        " master and freezes the collector before fork.",
+        " master and freezes the collector before fork; `pool` is the model pool"
+        " (`SERVING_MODEL_POOL=1`). The defaults: TensorFlow through the pool (`SERVING_MODEL_POOL=auto`), PyTorch and"
+        " ONNX Runtime shared (`on`).",
         "",
     ]
     if chart is not None:
@@ -148,6 +181,8 @@ def render(rows: list[Row], args: argparse.Namespace, stamp: str, chart: Path | 
             met = "yes" if ratio <= ONNX_RATIO else "no"
             lines.append(f"| onnx {row.mode} -w 8 total PSS <= {ONNX_RATIO} of off | {ratio:.2f}"
                          f" ({row.total_pss:,.0f} / {off.total_pss:,.0f} MB) | {met} |")
+    if floors:
+        lines += render_floors(rows, floors)
     return "\n".join(lines) + "\n"
 
 
@@ -203,6 +238,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before reading memory")
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    parser.add_argument("--floor-workers", default="4", help="runner counts of the framework-alone rows (empty: none)")
     args = parser.parse_args()
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out_dir = args.reports / f"memory-{stamp}"
@@ -231,8 +267,11 @@ def main() -> None:
             for p in row.processes:
                 writer.writerow([row.backend, row.mode, row.variant, row.front, row.workers, p.pid, p.rss, p.pss,
                                  p.uss])
+    floors = {(backend, workers): measure_floor(args, backend, workers)
+              for backend in args.backends.split(",")
+              for workers in (int(w) for w in args.floor_workers.split(",") if w)}
     chart = draw(rows, args.reports / f"memory-{stamp}.png")
-    report = render(rows, args, stamp, chart)
+    report = render(rows, args, stamp, chart, floors)
     path = args.reports / f"memory-{stamp}.md"
     path.write_text(report)
     print(report)

@@ -38,6 +38,7 @@ _MODEL_ENTRY = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(:(\d{1,9}|\*))?"
 MODELS_PATTERN = re.compile(rf"^(\*|{_MODEL_ENTRY}(\s*,\s*{_MODEL_ENTRY})*)$")
 _PIN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}:\d{1,9}=[0-9a-fA-F]{64}"
 PINS_PATTERN = re.compile(rf"^{_PIN}(\s*,\s*{_PIN})*$")
+POOL_PATTERN = re.compile(r"^(auto|[0-9]|[1-5][0-9]|6[0-4])$")
 BIND_PATTERN = re.compile(r"^(unix:.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
 
 
@@ -134,12 +135,15 @@ class Settings:
         " master and freeze the collector before fork, so every worker shares those pages;"
         " false = each worker imports and loads its own (docs/modes.md, memory)",
     )
-    model_pool: int = setting(
-        0,
+    model_pool: str = setting(
+        "auto",
         "model pool processes that hold the models for every HTTP worker (which then import no"
-        " framework, and send tensors through shared memory); 0 = off, each worker loads its own",
-        minimum=0,
-        maximum=64,
+        " framework, and send tensors through shared memory); 0 = off, each worker loads its own;"
+        " auto = 1 when a served model runs on TensorFlow (unless batched mode, model control or"
+        " SERVING_SHARE_MEMORY=false), else 0",
+        pattern=POOL_PATTERN,
+        hint="is not auto or a number of processes from 0 to 64",
+        accepts="auto | 0 to 64",
     )
     pool_max_batch_size: int = setting(
         0,
@@ -313,12 +317,19 @@ class Settings:
             )
 
     @property
+    def pool_processes(self) -> int:
+        """Model pool processes, 0 = none. ``auto`` is 0 here: the gunicorn config resolves it
+        for the models it serves (``serving.host.model_pool.resolve_auto_pool``) before anything
+        else reads it."""
+        return int(self.model_pool) if self.model_pool.isdigit() else 0
+
+    @property
     def threads_per_worker(self) -> int:
-        """Concurrent requests one worker serves: 1 in process mode."""
-        if self.mode == "process":
+        """Concurrent requests one worker serves: 1 in process mode without the model pool."""
+        if self.mode == "process" and not self.pool_processes:
             return 1
         # batched mode and the model pool: request threads mostly wait for the model, which batches
-        return self.threads or (16 if self.mode == "batched" or self.model_pool else 4)
+        return self.threads or (16 if self.mode == "batched" or self.pool_processes else 4)
 
     def math_threads_for(self, workers: int) -> int:
         """Intra-op threads each of ``workers`` workers may use so that workers x threads <=

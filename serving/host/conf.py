@@ -32,6 +32,13 @@ from serving.host import pool_dir as pool  # noqa: E402
 from serving.host import workers as worker_classes  # noqa: E402
 from serving.observability.logging import gunicorn_logger_class  # noqa: E402
 
+# SERVING_MODEL_POOL=auto (the default) becomes a number here, once, for every process: one pool
+# process when a served model runs on TensorFlow (serving/host/pool_dir.py).
+try:
+    settings = pool.resolve_auto_pool(settings, os.environ)
+except ConfigError as exc:
+    sys.exit(f"error: {exc}")
+
 # Where and how many. Default: one worker per core, each with its share of the math threads.
 bind = [settings.bind]
 workers = settings.workers
@@ -58,9 +65,11 @@ if settings.certfile:
 # batched mode: gthread workers whose request threads queue work for one model thread per worker.
 # Both are gunicorn's own workers with JSON error pages and a bound on a silent client's hold on a
 # worker (serving/host/workers.py); `-k sync` or `-k gthread` on the command line runs gunicorn's.
+# With the model pool the HTTP workers hold no model, so they are threaded in every mode: their
+# request threads only wait for the pool, which batches them.
 worker_class = (
     "serving.host.workers.SyncWorker"
-    if settings.mode == "process"
+    if settings.mode == "process" and not settings.pool_processes
     else "serving.host.workers.ThreadWorker"
 )
 threads = settings.threads_per_worker
@@ -78,14 +87,14 @@ if settings.front == "asgi":
 # gunicorn's dirty workers, supervised by its dirty arbiter (serving/host/model_pool.py). Their
 # sockets live in a directory of this server's own, which the HTTP workers find through
 # SERVING_POOL_DIR.
-if settings.model_pool:
+if settings.pool_processes:
     try:
         pool_directory = pool.prepare_pool_dir(settings, os.environ)
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
     settings = Settings.from_env()
     dirty_apps = ["serving.host.model_pool:ModelPoolApp"]
-    dirty_workers = settings.model_pool
+    dirty_workers = settings.pool_processes
     dirty_timeout = settings.timeout
     dirty_graceful_timeout = settings.graceful_timeout
 
@@ -105,7 +114,11 @@ loglevel = settings.log_level
 errorlog = settings.log_file or "-"
 capture_output = bool(settings.log_file)
 accesslog = None
-proc_name = "serving"
+# At start gunicorn stops a live dirty arbiter named in /tmp/gunicorn-dirty-<proc_name>.pid, as the
+# orphan of a crashed run: with one name for every server, starting a second server on the machine
+# stopped the first one's model pool. So a server with a pool has a name of its own; an arbiter
+# whose master died stops by itself (it checks its parent every second).
+proc_name = f"serving-{os.getpid()}" if settings.pool_processes else "serving"
 # With SERVING_LOG_FORMAT=json, gunicorn's own lines (start, workers, timeouts) are JSON objects
 # too.
 json_logger = gunicorn_logger_class(settings)
@@ -122,6 +135,11 @@ def on_starting(server):
     multiprocess.wipe_metrics_dir(server)
     hooks.check_before_fork(server, settings)
     sharing.share_before_fork(server, settings)
+
+
+def on_dirty_starting(arbiter):
+    """The model pool's arbiter, before forking the pool's processes: their frameworks, once."""
+    sharing.share_in_pool_arbiter(arbiter, settings)
 
 
 def pre_fork(server, worker):

@@ -61,17 +61,17 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         unsafe = sorted(
             {backend for _, backend in service.served.values() if not is_thread_safe(backend)}
         )
-        if settings.model_pool and settings.mode == "batched":
+        if settings.pool_processes and settings.mode == "batched":
             raise ConfigError(
                 "SERVING_MODEL_POOL batches across every worker itself: serve it with"
                 " SERVING_MODE=threaded (or process), not batched"
             )
-        if settings.model_pool and settings.model_control != "none":
+        if settings.pool_processes and settings.model_control != "none":
             raise ConfigError(
                 "the model pool serves the models fixed at start: SERVING_MODEL_CONTROL must be"
                 " none with SERVING_MODEL_POOL"
             )
-        if threaded and settings.mode != "batched" and unsafe and not settings.model_pool:
+        if threaded and settings.mode != "batched" and unsafe and not settings.pool_processes:
             raise ConfigError(
                 f"the {unsafe[0]} backend is process-only but gunicorn runs {server.cfg.threads} "
                 "threads"

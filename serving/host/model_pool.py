@@ -285,14 +285,14 @@ class PoolServer:
 
 def pool_math_threads(settings: Settings) -> int:
     """Intra-op threads per pool process: SERVING_MATH_THREADS, else the cores split evenly."""
-    return settings.math_threads or max(1, available_cores() // max(1, settings.model_pool))
+    return settings.math_threads or max(1, available_cores() // max(1, settings.pool_processes))
 
 
 def pool_batch_size(settings: Settings) -> int:
     """Samples per pool batch: the HTTP workers' batches together, split between pool processes."""
     if settings.pool_max_batch_size:
         return settings.pool_max_batch_size
-    share = max(1, settings.workers // max(1, settings.model_pool))
+    share = max(1, settings.workers // max(1, settings.pool_processes))
     return settings.max_batch_size * share
 
 

@@ -1,4 +1,12 @@
-"""The model pool's socket directory, made by the master before fork and inherited by every process.
+"""The model pool's set-up in the master: how many processes ``auto`` means, and the directory of
+their sockets, both decided before fork and inherited by every process through the environment.
+
+``SERVING_MODEL_POOL=auto`` (the default) gives one pool process when a served model runs on
+TensorFlow: its runtime costs each worker about 43 MB of private memory in process (measured in
+docs/modes.md), and through the pool every worker costs about 12 MB and the pool batches them all.
+Batched mode (which batches in each worker), model control (the pool serves the models fixed at
+start) and SERVING_SHARE_MEMORY=false (every worker its own copy, the path of earlier versions) keep
+the models in the workers.
 
 Each pool process listens on ``<pid>.sock`` in it; HTTP workers connect to whichever are there. A
 directory given with SERVING_POOL_DIR is used as it is (made 0700 if missing); otherwise each server
@@ -9,6 +17,7 @@ removed at start: only files named like the pool's own.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import re
 import shutil
@@ -16,11 +25,39 @@ import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from serving.backends import backend_class
 from serving.config import Settings
-from serving.errors import ConfigError
+from serving.errors import ConfigError, ModelLoadError, ServingError
+from serving.runtime.service import InferenceService
 
 TEMP_PREFIX = "serving-pool-"
 SOCKET = re.compile(r"^\d+\.sock$")
+
+
+def resolve_auto_pool(settings: Settings, environ: MutableMapping[str, str]) -> Settings:
+    """The settings with ``auto`` replaced by a number of pool processes, exported to children."""
+    if settings.model_pool != "auto":
+        return settings
+    processes = 0
+    if settings.share_memory and settings.mode != "batched" and settings.model_control == "none":
+        service = InferenceService(settings)
+        try:
+            service.resolve()
+        except (ServingError, ModelLoadError, ConfigError):  # the start-up check says what is wrong
+            pass
+        else:
+            backends = {backend for _, backend in service.served.values()}
+            if any(_framework(backend) == "tensorflow" for backend in backends):
+                processes = 1
+    environ["SERVING_MODEL_POOL"] = str(processes)
+    return dataclasses.replace(settings, model_pool=str(processes))
+
+
+def _framework(backend: str) -> str:
+    try:
+        return backend_class(backend).framework
+    except ModelLoadError:  # an unknown backend: the start-up check refuses it
+        return ""
 
 
 def prepare_pool_dir(settings: Settings, environ: MutableMapping[str, str]) -> Path:

@@ -41,20 +41,12 @@ def share_before_fork(server: Any, settings: Settings) -> None:
     if not settings.share_memory:
         return
     started = time.monotonic()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    modules = ["serving.fronts.asgi" if settings.front == "asgi" else "serving.fronts.wsgi"]
     service = InferenceService(settings)
     service.resolve()
-    if not settings.model_pool:  # with the pool, HTTP workers import no framework at all
-        for backend in sorted({backend for _, backend in service.served.values()}):
-            modules += backend_class(backend).framework_modules
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:  # the worker's own load says what is missing, with its reason
-            server.log.warning(
-                "cannot import %s before fork (%s): each worker imports it", name, exc
-            )
+    modules = ["serving.fronts.asgi" if settings.front == "asgi" else "serving.fronts.wsgi"]
+    if not settings.pool_processes:  # with the pool, HTTP workers import no framework at all
+        modules += served_frameworks(service)
+    import_modules(modules, server.log)
     preloaded = preload_models(server, service, settings)
     freeze_before_fork()
     released = page_out_libraries()
@@ -68,10 +60,52 @@ def share_before_fork(server: Any, settings: Settings) -> None:
     )
 
 
+def share_in_pool_arbiter(arbiter: Any, settings: Settings) -> None:
+    """The model pool's arbiter, before it forks the pool's processes: import their frameworks once.
+
+    Every pool process, the first ones and those that replace a dead one, then starts with the
+    framework in place (a TensorFlow pool process is back in about a second, not after a fresh
+    import of several seconds) and shares its pages with the others; the HTTP workers, forked from
+    the master, still map no framework.
+    """
+    if not settings.share_memory:
+        return
+    started = time.monotonic()
+    service = InferenceService(settings)
+    service.resolve()
+    modules = served_frameworks(service)
+    import_modules(modules, arbiter.log)
+    freeze_before_fork()
+    page_out_libraries()
+    arbiter.log.info(
+        "shared by every model pool process: %s, imported in %.1fs",
+        ", ".join(modules) or "no framework",
+        time.monotonic() - started,
+    )
+
+
+def served_frameworks(service: InferenceService) -> list[str]:
+    """The modules the backends of every served version import."""
+    modules: list[str] = []
+    for backend in sorted({backend for _, backend in service.served.values()}):
+        modules += [m for m in backend_class(backend).framework_modules if m not in modules]
+    return modules
+
+
+def import_modules(modules: list[str], log: Any) -> None:
+    """Import each module; one that fails is left to the process that needs it, which says why."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # the worker's own load says what is missing, with its reason
+            log.warning("cannot import %s before fork (%s): each process imports it", name, exc)
+
+
 def preload_models(server: Any, service: InferenceService, settings: Settings) -> list[str]:
     """Load here the versions whose backend loads fork-safely (ONNX Runtime with one math thread),
     so that every worker serves the same copy of the weights; the others load in each worker."""
-    if settings.model_pool:
+    if settings.pool_processes:
         return []
     threads = settings.math_threads_for(server.cfg.workers)
     loaded = []

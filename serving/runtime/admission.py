@@ -37,7 +37,7 @@ def admit(meta: ModelMetadata, settings: Settings) -> tuple[ModelMetadata, str]:
             f" (use SERVING_BACKEND={meta.raw.get('backend') or meta.framework} or onnx)"
         )
     # with the model pool, request threads never call the backend: one pool thread does
-    if settings.mode == "threaded" and not settings.model_pool and not is_thread_safe(backend):
+    if settings.mode == "threaded" and not settings.pool_processes and not is_thread_safe(backend):
         raise ConfigError(
             f"the {backend} backend is process-only: use SERVING_MODE=process, "
             "SERVING_MODE=batched (one model"

@@ -162,7 +162,7 @@ class InferenceService:
     def _backend(self, meta: ModelMetadata, backend_name: str, threads: int) -> Backend:
         """The version's loaded backend: the master's copy (loaded before fork, the artifact
         unchanged since), its framework in this process, or a call into the model pool."""
-        if not self.settings.model_pool:
+        if not self.settings.pool_processes:
             cls = backend_class(backend_name)
             try:
                 return PRELOADED.pop(preload_key(cls, meta, threads))

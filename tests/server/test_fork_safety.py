@@ -14,7 +14,8 @@ from bench.fork_soak import drive
 pytestmark = pytest.mark.slow
 BODY = orjson.dumps({"data": [[0.0] * 8 for _ in range(8)]})
 CASES = {
-    "tensorflow": ({"model": "digits-tf", "backend": "tensorflow"}, ("worker",)),
+    # in the workers (the default for TensorFlow is the pool: the "pool" case)
+    "tensorflow": ({"model": "digits-tf", "backend": "tensorflow", "model_pool": 0}, ("worker",)),
     "pytorch": ({"model": "digits-torch", "backend": "pytorch"}, ("worker",)),
     "onnx": ({"model": "digits-tf", "backend": "onnx"}, ("worker",)),
     "pool": ({"model": "digits-tf", "backend": "tensorflow", "model_pool": 1}, ("worker", "pool")),

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.backends import backend_class
 from serving.errors import InvalidRequest
 from serving.protocol.inputs import PIXELS_8BIT, check_batch, rescale
 from serving.protocol.v2.codec import InferenceRequest, OutputTensor, RequestedOutput, input_array
@@ -45,7 +46,8 @@ def model_metadata(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
     return {
         "name": meta.name,
         "versions": [str(v) for v in versions],
-        "platform": type(model.backend).platform,
+        # the served backend's, also when the model pool runs it
+        "platform": backend_class(model.backend_name).platform,
         "inputs": [{"name": meta.input_name, "datatype": "FP32", "shape": [-1, *meta.input_shape]}],
         "outputs": [
             {"name": meta.output_name, "datatype": "FP32", "shape": [-1, len(meta.labels)]},
