@@ -53,6 +53,21 @@ class Totals:
             below += count
         return BOUNDS[-1]
 
+    def slower_than(self, seconds: float) -> float:
+        """How many answered requests took longer than ``seconds`` (the bucket holding it counted in
+        proportion, as ``quantile`` interpolates)."""
+        count = 0.0
+        for index, n in enumerate(self.buckets):
+            if not n:
+                continue
+            low = BOUNDS[index - 1] if index else 0.0
+            high = BOUNDS[index] if index < len(BOUNDS) else math.inf
+            if low >= seconds:
+                count += n
+            elif high > seconds:
+                count += n * (high - seconds) / (high - low) if high != math.inf else n
+        return count
+
     def merge(self, other: Totals) -> Totals:
         return Totals(
             self.requests + other.requests,
@@ -159,20 +174,44 @@ class Margins:
 def judge(stable: Totals, candidate: Totals, margins: Margins) -> tuple[str, str] | None:
     """Why ``candidate`` should be rolled back, as (``errors`` or ``latency``, the reason in words),
     or None while it does as well as the stable version, or either has answered too few requests in
-    the window to say."""
+    the window to say.
+
+    Errors: the candidate's error rate exceeds the stable version's by more than the margin.
+    Latency: its p99 exceeds the stable version's by more than the margin, which is to say more than
+    1% of its answers took longer than the stable p99 plus the margin. Either must hold with
+    confidence: the count beyond the line must exceed what that rate predicts by ``Z`` standard
+    deviations (and by ``Z`` requests at least), so a few slow or failed requests in a small sample
+    (a candidate's first calls, a stall of the machine) are not taken for a worse version.
+    """
     if candidate.requests < margins.min_requests or stable.requests < margins.min_requests:
         return None
     window = f"over the last {margins.window_s:g}s"
-    if candidate.error_rate - stable.error_rate > margins.error_rate:
+    line = min(1.0, stable.error_rate + margins.error_rate)
+    if _beyond(candidate.errors, candidate.requests, line):
         return "errors", (
             f"error rate {candidate.error_rate:.1%} ({candidate.errors} of {candidate.requests})"
             f" against the stable version's {stable.error_rate:.1%} {window}"
             f" (margin {margins.error_rate:.1%})"
         )
     ours, theirs = candidate.quantile(0.99), stable.quantile(0.99)
+    answered = candidate.requests - candidate.errors
     if ours is not None and theirs is not None and ours - theirs > margins.p99_s:
-        return "latency", (
-            f"p99 {ours * 1000:.1f} ms against the stable version's {theirs * 1000:.1f} ms"
-            f" {window} (margin {margins.p99_s * 1000:g} ms)"
-        )
+        slower = candidate.slower_than(theirs + margins.p99_s)
+        if _beyond(slower, answered, 0.01):
+            return "latency", (
+                f"p99 {ours * 1000:.1f} ms against the stable version's {theirs * 1000:.1f} ms"
+                f" {window} (margin {margins.p99_s * 1000:g} ms; {slower:.0f} of {answered}"
+                f" answers slower than {(theirs + margins.p99_s) * 1000:.1f} ms)"
+            )
     return None
+
+
+#: Standard deviations a count must exceed its expected value by before a candidate is condemned.
+Z = 3.0
+
+
+def _beyond(count: float, total: int, rate: float) -> bool:
+    """Whether ``count`` of ``total`` is clearly more than ``rate`` predicts (a one-sided binomial
+    test at about 3 sigma, with at least ``Z`` more than expected)."""
+    expected = total * rate
+    return count > expected + Z * math.sqrt(max(expected * (1.0 - rate), 1.0))

@@ -155,10 +155,11 @@ def test_window_quantiles_are_within_a_bucket_and_add_up_across_workers() -> Non
     assert len(BOUNDS) < 100
 
 
-def totals(requests: int, errors: int = 0, latency_s: float = 0.001) -> Totals:
+def totals(requests: int, errors: int = 0, latency_s: float = 0.001, slow: int = 0) -> Totals:
+    """A window of ``requests``: the first ``errors`` failed, the next ``slow`` took 200 ms, the rest ``latency_s``."""
     window = Window(30.0)
     for i in range(requests):
-        window.add(latency_s, i < errors)
+        window.add(0.2 if errors <= i < errors + slow else latency_s, i < errors)
     return window.totals()
 
 
@@ -167,12 +168,16 @@ def test_a_candidate_is_judged_on_errors_and_p99_once_both_have_enough_requests(
     stable = totals(500, errors=5)
     assert judge(stable, totals(49, errors=49), margins) is None  # too few to say
     assert judge(totals(49), totals(100, errors=100), margins) is None
-    assert judge(stable, totals(100, errors=5), margins) is None  # 5% vs 1%: within 5 points
-    kind, reason = judge(stable, totals(100, errors=7), margins)  # type: ignore[misc]
-    assert kind == "errors" and reason.startswith("error rate 7.0% (7 of 100) against the stable version's 1.0%")
+    assert judge(stable, totals(100, errors=5), margins) is None  # 5% against 1%: within the 5 points
+    assert judge(stable, totals(100, errors=9), margins) is None  # beyond them, but within the noise of 100
+    kind, reason = judge(stable, totals(100, errors=20), margins)  # type: ignore[misc]
+    assert kind == "errors" and reason.startswith("error rate 20.0% (20 of 100) against the stable version's 1.0%")
     assert judge(stable, totals(100, latency_s=0.045), margins) is None
+    assert judge(stable, totals(100, slow=3), margins) is None  # a p99 of 200 ms made of 3 stalls: noise
+    kind, reason = judge(stable, totals(100, slow=10), margins)  # type: ignore[misc]
+    assert kind == "latency" and "(margin 50 ms; 10 of 100 answers slower than" in reason
     kind, reason = judge(stable, totals(100, latency_s=0.2), margins)  # type: ignore[misc]
-    assert kind == "latency" and "p99 2" in reason and "(margin 50 ms)" in reason
+    assert kind == "latency" and reason.startswith("p99 2") and "against the stable version's 1." in reason
 
 
 # -- the data plane, real models ------------------------------------------------------------------------------
