@@ -111,7 +111,7 @@ def test_a_slow_candidate_put_in_force_under_load_is_rolled_back_within_one_wind
     answers, delay, event = rollback_on_latency(server.url, WINDOW_S)
     assert failures(answers) == [] and {"1", "3"} <= set(shares(answers))
     assert delay <= WINDOW_S and event["kind"] == "latency", (delay, event)
-    assert "p99" in event["reason"] and "(margin 50 ms)" in event["reason"]
+    assert event["reason"].startswith("p99 ") and "(margin 50 ms; " in event["reason"]
 
 
 def test_a_shadow_is_compared_and_never_answers(canary: tuple[GunicornServer, Path]) -> None:
