@@ -28,6 +28,7 @@ import argparse
 import collections
 import http.client
 import itertools
+import os
 import random
 import shutil
 import tempfile
@@ -277,7 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.models / MODEL / '1'} is missing: run `python train.py` first")
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     lines = [f"# Canary and shadow traffic under load ({stamp} UTC)", "", "`python -m bench.traffic "
-             f"--requests {args.requests} --keys {args.keys} --window {args.window:g} --fronts {args.fronts}`", ""]
+             f"--requests {args.requests} --keys {args.keys} --window {args.window:g} --fronts {args.fronts}`", "",
+             "Each front: gunicorn with 2 workers, batched mode, digits-torch 1 and its faulty copies 2 (fails"
+             " once a file exists), 3 (200 ms slower a call), 4 (answers moved by one class) under"
+             " tests.fakes:FaultyVersion;"
+             f" SERVING_TRAFFIC_WINDOW_S={args.window:g}, SERVING_TRAFFIC_MIN_REQUESTS=20, the other margins at their"
+             " defaults. 8 client threads (the split, sticky keys) or 6 (the other phases) on keep-alive connections,"
+             " unversioned v2 requests of one 8x8 sample, every answer checked, on the same"
+             f" {os.cpu_count()}-core machine as the server.", ""]
     with tempfile.TemporaryDirectory(prefix="bench-traffic-") as work:
         for front in parse_fronts(args.fronts):
             lines += run(front, args.models, Path(work), args.requests, args.keys, args.window)
