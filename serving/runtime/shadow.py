@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -81,14 +82,21 @@ class ShadowRunner:
         return self._queue.qsize()
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Stop the threads after the copies already queued (worker exit)."""
+        """Stop the threads (worker exit): copies not yet compared are dropped, the one being
+        compared may finish; waits ``timeout_s`` at most."""
         with self._lock:
             self._closed = True
             threads = list(self._threads)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
         for _ in threads:
             try:
-                self._queue.put(None, timeout=timeout_s)
+                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
             except queue.Full:
                 break
         for thread in threads:
-            thread.join(timeout_s)
+            thread.join(max(0.0, deadline - time.monotonic()))

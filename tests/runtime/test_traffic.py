@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from serving.fronts.parts import parts_of
 from serving.fronts.wsgi import create_app
 from serving.runtime.model_control import ControlError
 from serving.runtime.service import InferenceService
+from serving.runtime.shadow import ShadowCopy, ShadowRunner
 from serving.runtime.traffic import Routed, check_rule
 from serving.runtime.traffic_control import TrafficControl
 from serving.runtime.traffic_rules import TrafficRule, parse_rule, parse_rules, pick, sticky_draw
@@ -350,3 +352,23 @@ def test_the_admin_endpoints_answer_json(watched: tuple[InferenceService, Any]) 
         refused = client.post("/v2/repository/models/digits-torch/traffic", data=body,
                               content_type="application/json")
         assert refused.status_code == code and "error" in refused.json, (body, refused.json)
+
+
+def test_shadow_threads_stop_at_once_dropping_what_waits() -> None:
+    busy, release = threading.Semaphore(0), threading.Event()
+
+    def slow(copy: Any) -> None:
+        busy.release()
+        release.wait(10)
+
+    runner = ShadowRunner(threads=2, capacity=4)
+    copy = ShadowCopy(slow, None, X, X, 0.001, 1.0)
+    assert runner.submit(copy) and runner.submit(copy)
+    assert busy.acquire(timeout=5) and busy.acquire(timeout=5)  # both threads are comparing
+    assert all(runner.submit(copy) for _ in range(4)) and runner.depth == 4
+    assert runner.submit(copy) is False  # the queue is full: dropped
+    began = time.monotonic()
+    release.set()
+    runner.close(timeout_s=2.0)
+    assert time.monotonic() - began < 1.0 and runner.depth == 0
+    assert runner.submit(copy) is False  # closed
