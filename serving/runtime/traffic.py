@@ -268,8 +268,8 @@ class Traffic:
         model = models.get((name, release.choose(header))) or stable
         if model is None:
             return None
-        shadow = None
-        if release.wants_shadow() and release.rule.shadow is not None:
+        shadow = None  # copies of what the stable version answers: compared with its answers
+        if model is stable and release.rule.shadow is not None and release.wants_shadow():
             shadow = models.get((name, release.rule.shadow))
         return Routed(release, model, stable or model, shadow)
 

@@ -272,6 +272,21 @@ def test_a_shadow_gets_copies_whose_answers_are_compared_not_returned(canary_rep
         service.close()
 
 
+def test_a_shadow_beside_a_canary_gets_copies_of_the_stable_answers_only(canary_repo: Path) -> None:
+    service = served(canary_repo, "digits-torch: v1 50%, v2 50%, v3 shadow")
+    try:
+        stable = sum(answer(service)[1] == 1 for _ in range(200))
+        assert 60 < stable < 140
+        window = service.traffic.releases["digits-torch"].windows[3]
+        deadline = time.monotonic() + 10
+        while window.totals().requests < stable and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert window.totals().requests == stable
+    finally:
+        service.close()
+
+
 def test_a_rule_must_name_served_versions_with_the_same_input(canary_repo: Path) -> None:
     path = canary_repo / "digits-torch" / "3" / "metadata.json"
     meta = orjson.loads(path.read_bytes())
