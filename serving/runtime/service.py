@@ -33,7 +33,8 @@ from serving.runtime.loaded_model import LoadedModel, Route
 from serving.runtime.model_pool import PoolClient, PooledBackend
 from serving.runtime.model_table import EMPTY_TABLE, ModelTable
 from serving.runtime.pool_wire import mapping_size
-from serving.runtime.traffic import Header, Traffic, check_rule
+from serving.runtime.release import Header
+from serving.runtime.traffic import Traffic, check_rule
 from serving.runtime.versions import DEFAULT_MODEL, Key, Plan, Planner, Served
 from serving.store.repository import ModelMetadata, ModelRepository
 

@@ -25,8 +25,8 @@ from serving.observability import metrics
 from serving.runtime.control_files import ControlFiles, State
 from serving.runtime.model_control import ControlError, ModelControl
 from serving.runtime.service import InferenceService
-from serving.runtime.traffic import check_rule, merged_totals, role
-from serving.runtime.traffic_rules import TrafficRule, parse_rule
+from serving.runtime.traffic import check_rule, merged_totals
+from serving.runtime.traffic_rules import TrafficRule, parse_rule, role
 from serving.runtime.traffic_window import Totals
 
 log = logging.getLogger("serving")

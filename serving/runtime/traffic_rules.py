@@ -203,3 +203,10 @@ def required_versions(rules: dict[str, TrafficRule]) -> frozenset[Key]:
 
 def _percent(value: float) -> str:
     return f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def role(rule: TrafficRule, version: int) -> str:
+    """``stable``, ``candidate`` or ``shadow``: what ``version`` is in ``rule``."""
+    if version == rule.shadow:
+        return "shadow"
+    return "stable" if version == rule.stable else "candidate"

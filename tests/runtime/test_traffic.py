@@ -24,9 +24,10 @@ from serving.errors import ConfigError, InvalidRequest, ModelLoadError, ModelNot
 from serving.fronts.parts import parts_of
 from serving.fronts.wsgi import create_app
 from serving.runtime.model_control import ControlError
+from serving.runtime.release import Routed
 from serving.runtime.service import InferenceService
 from serving.runtime.shadow import ShadowCopy, ShadowRunner
-from serving.runtime.traffic import Routed, check_rule
+from serving.runtime.traffic import check_rule
 from serving.runtime.traffic_control import TrafficControl
 from serving.runtime.traffic_rules import TrafficRule, parse_rule, parse_rules, pick, sticky_draw
 from serving.runtime.traffic_window import BOUNDS, Margins, Totals, Window, judge
