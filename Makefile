@@ -9,6 +9,8 @@
 #                  pool (reports/memory-<date>.md with a chart)
 # make bench-pool  the model pool: per-call overhead, throughput on the large model, memory (reports/pool-<date>.md)
 # make bench-fork  fork safety: 100,000 requests per backend with workers SIGKILLed and a SIGHUP
+# make bench-traffic  canary and shadow traffic under load on both fronts: the split over 100,000 requests,
+#                  sticky keys, rollbacks on errors and latency, a shadow (reports/traffic-<date>.md)
 # make loadtest    locust matrix of modes on both fronts, ~10 min (LOADTEST_ARGS=--quick for ~4 min)
 # make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
 #                  then serves mnist-tf
@@ -28,7 +30,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-batching bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-traffic bench-batching bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt requirements-runtime.txt requirements-frameworks.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -107,6 +109,10 @@ test-image: venv
 # The images' constraints files, from pyproject.toml's dependencies at the versions requirements.txt installed.
 lock: venv
 	$(PY) scripts/lock_requirements.py
+
+bench-traffic: venv
+	@if [ -z "$$(ls -A models/digits-torch 2>/dev/null)" ]; then $(PY) train.py; fi
+	$(PY) -m bench.traffic
 
 bench-replicas: venv
 	scripts/system-packages.sh nginx iproute2:ip

@@ -262,6 +262,51 @@ class Settings:
         " (load_first, twice the memory for a moment) or unloads first (unload_first,"
         " 503 + Retry-After meanwhile)",
     )
+    # canary and shadow traffic between versions of a model (serving.runtime.traffic)
+    traffic: str = setting(
+        "",
+        "share each model's unversioned requests between its versions, the first listed being"
+        " the stable one: NAME: vN P%, ...; e.g. digits: v1 90%, v2 10%; 'vN shadow [P%]'"
+        " copies requests to a version without answering from it; 'sticky HEADER' keeps a"
+        " header value on one version; the versions named are served (docs/operations.md)",
+        accepts="NAME: vN P%, vN shadow [P%], sticky HEADER; NAME: ...",
+    )
+    traffic_window_s: float = setting(
+        30.0,
+        "traffic: seconds over which a candidate's error rate and p99 are compared with the"
+        " stable version's (in each worker)",
+        minimum=1,
+        maximum=3600,
+    )
+    traffic_error_margin: float = setting(
+        0.05,
+        "traffic: roll a candidate back when its error rate over the window exceeds the stable"
+        " version's by more than this (0.05 = 5 points)",
+        minimum=0,
+        maximum=1,
+    )
+    traffic_p99_margin_ms: float = setting(
+        50.0,
+        "traffic: roll a candidate back when its p99 over the window exceeds the stable"
+        " version's by more than this",
+        minimum=0,
+    )
+    traffic_min_requests: int = setting(
+        50,
+        "traffic: requests the candidate and the stable version must each have answered in a"
+        " worker's window before the candidate is judged",
+        minimum=1,
+    )
+    traffic_rollback: bool = setting(
+        True,
+        "traffic: roll a failing candidate back automatically (its weight to 0, logged, counted"
+        " and recorded as an event)",
+    )
+    shadow_queue: int = setting(
+        256,
+        "traffic: shadow copies waiting per worker; more are dropped and counted",
+        minimum=1,
+    )
     api_keys: str = setting(
         "",
         "inference keys, comma-separated: Authorization: Bearer KEY is then required on"

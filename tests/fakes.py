@@ -1,6 +1,6 @@
-"""A backend with faults on demand, for tests: ``SERVING_BACKEND=tests.fakes:FaultyOnnx``.
+"""Backends with faults on demand, for tests: ``SERVING_BACKEND=tests.fakes:FaultyOnnx`` (or ``FaultyVersion``).
 
-It is the real ONNX Runtime backend, except that a sample whose first pixel holds a magic value
+``FaultyOnnx`` is the real ONNX Runtime backend, except that a sample whose first pixel holds a magic value
 makes the whole model call misbehave: 0.125 sleeps SLOW_S, 0.25 raises, 0.375 returns the wrong
 shape, 0.5 hangs for HANG_S. Digits samples always have 0 in that corner, so real data is unaffected.
 """
@@ -8,6 +8,7 @@ shape, 0.5 hangs for HANG_S. Digits samples always have 0 in that corner, so rea
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -32,4 +33,32 @@ class FaultyOnnx(OnnxRuntimeBackend):
         output = super().predict(batch)
         if WRONG_SHAPE in corner:
             return output[:, :3]
+        return output
+
+
+class FaultyVersion(OnnxRuntimeBackend):
+    """ONNX Runtime with a fault chosen per version, for canary tests: ``SERVING_BACKEND=tests.fakes:FaultyVersion``.
+
+    A version whose metadata.json holds ``"test_fault": {"kind": KIND, "when": PATH}`` misbehaves on every
+    call while the file PATH exists (always, without ``when``): ``raise`` fails the call (a 500), ``slow`` adds
+    SLOW_S to it, ``wrong`` answers with every class moved by one (answers that disagree with the others').
+    Every other version is the plain ONNX Runtime backend. The load's sample check runs before ``when`` exists.
+    """
+
+    def load(self) -> None:
+        super().load()
+        fault = self.metadata.raw.get("test_fault") or {}
+        self._fault: str = fault.get("kind", "")
+        self._when = Path(fault["when"]) if fault.get("when") else None
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        output = super().predict(batch)
+        if not self._fault or (self._when is not None and not self._when.exists()):
+            return output
+        if self._fault == "raise":
+            raise RuntimeError("injected fault of a candidate version")
+        if self._fault == "slow":
+            time.sleep(SLOW_S)
+        if self._fault == "wrong":
+            return np.roll(output, 1, axis=1)
         return output

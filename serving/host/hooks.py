@@ -33,9 +33,9 @@ from serving.fronts.parts import parts_of
 from serving.http.security import Gate, host_name
 from serving.observability.memory import set_server_root
 from serving.observability.metrics import TALLY, mark_worker_dead
-from serving.runtime.model_control import ModelWatcher
 from serving.runtime.service import InferenceService
 from serving.runtime.waiting import ALARM, WAITER
+from serving.runtime.watcher import ModelWatcher
 
 log = logging.getLogger("serving")
 DAEMON_LOG = Path("run/server.log")
@@ -264,8 +264,10 @@ def load_in_worker(worker: Any) -> None:
         sys.exit(WORKER_BOOT_ERROR)
     if service.batchers():
         HangWatchdog(service, float(worker.cfg.timeout), worker.log).start()
-    if service.settings.model_control != "none":
-        ModelWatcher(service, worker.cfg.workers).start()
+    # every mode: traffic rules change at run time and failing candidates are rolled back
+    watcher = ModelWatcher(service, worker.cfg.workers)
+    watcher.prime()
+    watcher.start()
     # Everything loaded so far (frameworks, models, the app) lives as long as the worker: moved out
     # of the cyclic collector's reach, a full collection walks only what connections and requests
     # allocate. Measured: a full collection in an ONNX worker took 8-10 ms, a stall every request of

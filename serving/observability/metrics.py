@@ -99,6 +99,48 @@ MODEL_INFO = Gauge(
     ["model", "version", "backend", "framework", "mode"],
     multiprocess_mode="liveall",
 )
+MODEL_REQUESTS = Counter(
+    "serving_model_requests_total",
+    "Requests (and shadow copies) each model version was asked to answer, by outcome: ok, error"
+    " (5xx: the model failed or its deadline passed), refused (503: queue full, stopping)",
+    ["model", "outcome"],
+)
+# canary and shadow traffic (serving.runtime.traffic)
+TRAFFIC_WEIGHT = Gauge(
+    "serving_traffic_weight",
+    "Percent of a model's unversioned requests each version answers under its traffic rule"
+    " (role stable or candidate); for the shadow, the percent of requests it gets a copy of",
+    ["model", "version", "role"],
+    multiprocess_mode="livemostrecent",
+)
+TRAFFIC_FALLBACKS = Counter(
+    "serving_traffic_fallbacks_total",
+    "Requests a candidate version failed that the stable version then answered",
+    ["model", "version"],
+)
+TRAFFIC_ROLLBACKS = Counter(
+    "serving_traffic_rollbacks_total",
+    "Candidate versions rolled back automatically (weight set to 0), by reason: errors or latency",
+    ["model", "version", "reason"],
+)
+SHADOW_SAMPLES = Counter(
+    "serving_shadow_samples_total",
+    "Samples a shadow version answered, compared with the stable version's answer: agree or"
+    " disagree (the most probable class)",
+    ["model", "version", "result"],
+)
+SHADOW_LATENCY = Histogram(
+    "serving_shadow_latency_seconds",
+    "Latency of shadowed requests: the stable version's model call (arm stable) and the shadow's"
+    " copy of it (arm shadow)",
+    ["model", "version", "arm"],
+    buckets=LATENCY_BUCKETS,
+)
+SHADOW_DROPPED = Counter(
+    "serving_shadow_dropped_total",
+    "Shadow copies dropped because the worker's shadow queue was full",
+    ["model"],
+)
 
 FLUSH_SECONDS = 1.0
 log = logging.getLogger("serving")

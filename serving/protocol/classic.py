@@ -49,10 +49,12 @@ def _predict(request: RequestState, service: InferenceService) -> tuple[list[int
             'the JSON object needs an "images" field: {"images": <H x W pixels, 0-255>}'
         )
     images: Any = payload["images"]
-    meta = service.model().meta
+    route = service.route(header=request.header)
+    meta = route.meta
     batch = batch_from_data(images, meta, service.settings.max_batch, pixel_range=PIXELS_8BIT)
     request.batch_size = len(batch)
-    probabilities = service.predict(batch, request.timeout())
+    probabilities, model = service.answer(route, batch, request.timeout())
+    request.model = model.label
     return np.argmax(probabilities, axis=1).tolist(), _is_single(images, meta.input_shape)
 
 

@@ -25,6 +25,7 @@ from serving.protocol.openapi import (
 )
 from serving.protocol.stream import LINE, NDJSON, predict_stream
 from serving.protocol.v2 import routes as v2
+from serving.protocol.v2 import traffic
 
 NATIVE, OPS, V2, DOCS = "native", "operations", "v2 (Open Inference Protocol)", "documentation"
 CLASSIC = "classic MNIST client"
@@ -274,6 +275,38 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         V2,
         scope="admin",
         doc=operation(ref("ModelControl"), (400, 404, 500)),
+    ),
+    # canary and shadow traffic between versions (serving/protocol/v2/traffic.py)
+    Endpoint(
+        "GET",
+        "/v2/repository/models/<name>/traffic",
+        traffic.traffic_status,
+        "the model's traffic rule, each version's window, the shadow's agreement, events",
+        V2,
+        scope="admin",
+        doc=operation(ref("Traffic"), (404,)),
+    ),
+    Endpoint(
+        "POST",
+        "/v2/repository/models/<name>/traffic",
+        traffic.set_traffic,
+        "share the model's unversioned requests between its versions, on every worker",
+        V2,
+        scope="admin",
+        doc=operation(
+            ref("TrafficChange"),
+            (400, 404, 409, 413, 422, 500),
+            body={"application/json": traffic.RULE_BODY},
+        ),
+    ),
+    Endpoint(
+        "DELETE",
+        "/v2/repository/models/<name>/traffic",
+        traffic.clear_traffic,
+        "drop the model's traffic rule on every worker",
+        V2,
+        scope="admin",
+        doc=operation(ref("TrafficChange"), (404, 500)),
     ),
     # documentation
     Endpoint(

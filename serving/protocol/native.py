@@ -27,6 +27,7 @@ from serving.protocol.inputs import (
     pixel_range_of,
 )
 from serving.runtime.service import InferenceService
+from serving.store.repository import ModelMetadata
 
 MAX_FORM_MEMORY = 500_000  # Flask's defaults for form fields held in memory and the number of parts
 MAX_FORM_PARTS = 1000
@@ -80,10 +81,13 @@ def labels(request: RequestState, service: InferenceService) -> Answer:
 
 
 def predict(request: RequestState, service: InferenceService, labels: bool = False) -> Answer:
-    """``POST /predict`` (probabilities) or ``/predict/label`` (labels)."""
-    batch, request_id = decode(request, service)
-    probabilities = service.predict(batch, request.timeout())
-    prediction = service.labels_for(probabilities) if labels else probabilities
+    """``POST /predict`` (probabilities) or ``/predict/label`` (labels), from the default model
+    (the version its traffic rule draws, when it has one)."""
+    route = service.route(header=request.header)
+    batch, request_id = decode(request, service, route.meta)
+    probabilities, model = service.answer(route, batch, request.timeout())
+    request.model = model.label
+    prediction = model.labels_for(probabilities) if labels else probabilities
     return json_answer({"prediction": prediction, "id": request_id})
 
 
@@ -106,9 +110,12 @@ def test_label(request: RequestState, service: InferenceService) -> Answer:
     return json_answer({"prediction": label, "expected": expected, "correct": correct})
 
 
-def decode(request: RequestState, service: InferenceService) -> tuple[np.ndarray, Any]:
-    """The validated batch and the id to answer with (the body's ``id`` when it has a plain one)."""
-    meta = service.model().meta
+def decode(
+    request: RequestState, service: InferenceService, meta: ModelMetadata | None = None
+) -> tuple[np.ndarray, Any]:
+    """The validated batch for ``meta`` (default: the default model's) and the id to answer with
+    (the body's ``id`` when it has a plain one)."""
+    meta = meta or service.model().meta
     settings = service.settings
     mimetype = request.mimetype
     request_id: Any = request.request_id

@@ -25,6 +25,7 @@ ERRORS = {
     413: "body over SERVING_MAX_BODY_BYTES, or image over SERVING_MAX_IMAGE_PIXELS",
     415: "a Content-Type (or Content-Encoding) the endpoint does not accept",
     422: "well-formed but unusable input: wrong shape, NaN, out of range, empty or oversized batch",
+    409: "the change conflicts with what is served (a version not served or that fails its checks)",
     500: "the model failed; details are in the server log",
     503: "the model is not loaded in this worker, the queue is full or the server is stopping",
     504: "the request deadline passed before the model answered",
@@ -184,6 +185,60 @@ SCHEMAS: dict[str, Schema] = {
         loaded=BOOLEAN,
         workers={"type": "integer", "description": "workers that applied the change"},
         generation=INTEGER,
+    ),
+    "TrafficChange": obj(
+        ["name", "rule", "workers", "generation"],
+        name=STRING,
+        rule={"type": "string", "nullable": True, "description": "the rule in force; null: none"},
+        workers={"type": "integer", "description": "workers that applied the change"},
+        generation=INTEGER,
+    ),
+    "Traffic": obj(
+        ["name", "rule", "window_s", "workers", "versions", "events"],
+        name=STRING,
+        rule={"type": "string", "nullable": True, "description": "e.g. v1 90%, v2 10%"},
+        window_s={"type": "number", "description": "SERVING_TRAFFIC_WINDOW_S"},
+        workers={"type": "integer", "description": "workers whose windows are added up"},
+        versions=array(
+            obj(
+                ["version", "role", "percent", "requests", "errors", "error_rate"],
+                version=STRING,
+                role={"type": "string", "enum": ["stable", "candidate", "shadow"]},
+                percent=NUMBER,
+                requests=INTEGER,
+                errors=INTEGER,
+                error_rate=NUMBER,
+                p50_ms={"type": "number", "nullable": True},
+                p99_ms={"type": "number", "nullable": True},
+                agreement={"type": "number", "description": "shadow: share of samples agreeing"},
+                compared=INTEGER,
+            )
+        ),
+        shadow=obj(
+            ["version", "percent", "compared"],
+            version=STRING,
+            percent=NUMBER,
+            compared=INTEGER,
+            agreement={"type": "number", "nullable": True},
+            latency_difference_ms=obj(
+                [],
+                p50={"type": "number", "nullable": True},
+                p99={"type": "number", "nullable": True},
+            ),
+        ),
+        events=array(
+            obj(
+                ["time", "model", "event"],
+                time=STRING,
+                model=STRING,
+                event={"type": "string", "enum": ["set", "cleared", "rollback"]},
+                rule=STRING,
+                version=STRING,
+                kind={"type": "string", "enum": ["errors", "latency"]},
+                reason=STRING,
+                worker=INTEGER,
+            )
+        ),
     ),
     "RepositoryIndex": array(
         obj(

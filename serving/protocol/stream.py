@@ -28,7 +28,7 @@ from serving.http.encoding import json_bytes
 from serving.http.request import RequestState
 from serving.protocol.native import decode
 from serving.protocol.openapi import INTEGER, NUMBER, STRING, array, obj
-from serving.runtime.service import InferenceService
+from serving.runtime.service import InferenceService, Route
 
 NDJSON = "application/x-ndjson"
 #: The schema of one line of the stream (the OpenAPI document's 200 answer describes a line).
@@ -62,13 +62,18 @@ class StreamingHandler:
 
 
 def predict_lines(request: RequestState, service: InferenceService) -> Iterator[bytes]:
-    """Decode and validate the batch now; return the iterator of its result lines."""
-    batch, _ = decode(request, service)
+    """Decode and validate the batch now; return the iterator of its result lines (one version
+    answers the whole stream: the one the default model's traffic rule draws, if it has one)."""
+    route = service.route(header=request.header)
+    request.model = route.label
+    batch, _ = decode(request, service, route.meta)
     timeout = request.timeout() or service.settings.request_timeout_ms / 1000.0
-    return _classify(batch, service, time.monotonic() + timeout)
+    return _classify(batch, service, route, time.monotonic() + timeout)
 
 
-def _classify(batch: np.ndarray, service: InferenceService, deadline: float) -> Iterator[bytes]:
+def _classify(
+    batch: np.ndarray, service: InferenceService, route: Route, deadline: float
+) -> Iterator[bytes]:
     largest = service.settings.max_batch_size
     start, size = 0, 1
     while start < len(batch):
@@ -79,9 +84,9 @@ def _classify(batch: np.ndarray, service: InferenceService, deadline: float) -> 
             )
         chunk = batch[start : start + size]
         # the service clamps it like any client deadline
-        probabilities = service.predict(chunk, remaining)
+        probabilities, model = service.answer(route, chunk, remaining)
         for offset, (label, row) in enumerate(
-            zip(service.labels_for(probabilities), probabilities, strict=True)
+            zip(model.labels_for(probabilities), probabilities, strict=True)
         ):
             yield (
                 json_bytes({"index": start + offset, "label": label, "probabilities": row}) + b"\n"

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class LoadedModel:
         self._latency = metrics.INFERENCE_LATENCY.labels(self.label)
         self._batch_sizes = metrics.BATCH_SIZE.labels(self.label)
         self._depth = metrics.QUEUE_DEPTH.labels(self.label)
+        self._answered, self._failed, self._refused = (
+            metrics.MODEL_REQUESTS.labels(self.label, outcome)
+            for outcome in ("ok", "error", "refused")
+        )
         self.batcher: MicroBatcher | None = None
         # requests inside ``infer`` now: a retired version waits for them (model control only)
         self._users = 0
@@ -101,15 +105,27 @@ class LoadedModel:
     def infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         """Probabilities for ``batch``: through the batcher in batched mode, else a direct call,
         as the caller's ``Waiter`` waits; counted while model control may retire this version."""
-        if not self._count_users:
-            return self._call(batch, timeout_s)
-        with self._users_lock:
-            self._users += 1
         try:
-            return self._call(batch, timeout_s)
-        finally:
-            with self._users_lock:
-                self._users -= 1
+            if not self._count_users:
+                output = self._call(batch, timeout_s)
+            else:
+                with self._users_lock:
+                    self._users += 1
+                try:
+                    output = self._call(batch, timeout_s)
+                finally:
+                    with self._users_lock:
+                        self._users -= 1
+        except ServingError as error:
+            metrics.TALLY.inc(self._refused if error.status_code == 503 else self._failed)
+            raise
+        metrics.TALLY.inc(self._answered)
+        return output
+
+    def answer(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, LoadedModel]:
+        """``infer``, and this version as the one that answered (the data plane's ``Route``; a
+        routed request's may be another version, ``serving.runtime.traffic.Routed``)."""
+        return self.infer(batch, timeout_s), self
 
     def _batched(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         batcher = self.batcher
@@ -151,3 +167,16 @@ class LoadedModel:
         """Drain and stop the batcher (queued requests are answered first)."""
         if self.batcher is not None:
             self.batcher.stop()
+
+
+class Route(Protocol):
+    """Who answers one request: a ``LoadedModel``, or a version chosen by a traffic rule
+    (``serving.runtime.traffic.Routed``). ``meta`` is the input contract to decode with."""
+
+    @property
+    def meta(self) -> ModelMetadata: ...
+
+    @property
+    def label(self) -> str: ...
+
+    def answer(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, LoadedModel]: ...

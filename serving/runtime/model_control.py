@@ -1,7 +1,8 @@
 """Models that change while serving: version policies, polling, explicit load and unload.
 
-# design: each worker owns its models, so each worker changes them itself. A ``ModelWatcher``
-# thread per worker wakes every ``SERVING_POLL_SECONDS`` (poll) or every quarter second (explicit),
+# design: each worker owns its models, so each worker changes them itself. Its ``ModelWatcher``
+# thread (``serving.runtime.watcher``) reconciles every ``SERVING_POLL_SECONDS`` (poll) or when the
+# shared state changes (explicit),
 # works out what should be served (``plan``), loads and warms what is new while the old versions
 # keep answering, then swaps the service's model table in one assignment and retires what left it: a
 # retired version first waits until no request holds it (in-flight calls and, in batched mode, its
@@ -11,7 +12,7 @@
 # Workers agree because they read the same folder: in poll mode each polls the repository, so two
 # workers disagree for at most one poll interval plus one load. In explicit mode the worker that
 # gets ``POST /v2/repository/models/{name}/load`` writes the wanted set with a new generation number
-# into a file every worker watches (``<metrics dir>/control/state.json``), and answers once every
+# into a file every worker watches (``serving.runtime.control_files``), and answers once every
 # live worker's acknowledgement file reports that generation (or with the workers that failed or did
 # not answer in time). Versions per model follow ``SERVING_VERSION_POLICY``: latest, latest:N or
 # all; ``SERVING_MODELS=name:N`` pins one version.
@@ -19,20 +20,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import tempfile
 import threading
-import time
 import weakref
-from pathlib import Path
 from typing import Any
-
-import orjson
 
 from serving.errors import ModelNotFound, ServingError
 from serving.observability import metrics
+from serving.runtime.control_files import ControlFiles, control_directory
 from serving.runtime.loaded_model import LoadedModel
 from serving.runtime.model_table import ModelTable
 from serving.runtime.service import InferenceService
@@ -40,7 +35,6 @@ from serving.runtime.versions import Key, Plan
 from serving.store.repository import list_versions, valid_name
 
 log = logging.getLogger("serving")
-EXPLICIT_TICK_S = 0.25
 
 
 class ControlError(ServingError):
@@ -211,17 +205,7 @@ class ModelControl:
                 f"model {name} serves the native API (SERVING_MODEL) and stays loaded", 400
             )
         generation = files.update(change, initial)
-        deadline = time.monotonic() + timeout_s
-        expected = self.worker_count  # a worker that has not acknowledged yet counts as behind
-        while time.monotonic() < deadline:
-            acks = files.acks()
-            if len(acks) >= expected and all(ack["generation"] >= generation for ack in acks):
-                break
-            time.sleep(0.05)
-        acks = files.acks()
-        behind = [ack["pid"] for ack in acks if ack["generation"] < generation] + [0] * max(
-            0, expected - len(acks)
-        )
+        acks, behind = files.await_generation(generation, self.worker_count, timeout_s)
         states = [
             next((e for e in ack["index"] if e["name"] == name and e["state"] == "READY"), None)
             for ack in acks
@@ -237,7 +221,7 @@ class ModelControl:
         ]
         if behind:
             raise ControlError(
-                f"{len(behind)} of {max(expected, len(acks))} workers did not apply the change"
+                f"{behind} of {max(self.worker_count, len(acks))} workers did not apply the change"
                 f" within {timeout_s:g}s"
             )
         if load and not all(states):
@@ -290,97 +274,3 @@ class ModelControl:
                 }
             )
         return merged
-
-
-class ControlFiles:
-    """The explicit mode's shared state: the wanted model names with a generation, and each
-    worker's ack."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        (directory / "acks").mkdir(parents=True, exist_ok=True)
-        self.state = directory / "state.json"
-
-    def read(self) -> dict[str, Any] | None:
-        try:
-            value: dict[str, Any] = orjson.loads(self.state.read_bytes())
-            return value
-        except (OSError, orjson.JSONDecodeError):
-            return None
-
-    def update(self, change: Any, initial: list[str]) -> int:
-        """Apply ``change(names) -> names`` under a lock; returns the new generation."""
-        with open(self.directory / "state.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self.read() or {"generation": 0, "models": initial}
-            state = {"generation": state["generation"] + 1, "models": change(list(state["models"]))}
-            temporary = self.directory / f".state-{os.getpid()}.json"
-            temporary.write_bytes(orjson.dumps(state))
-            os.replace(temporary, self.state)
-            return int(state["generation"])
-
-    def ack(self, worker: str, generation: int, index: list[dict[str, str]]) -> None:
-        path = self.directory / "acks" / f"{worker}.json"
-        temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(
-            orjson.dumps({"pid": os.getpid(), "generation": generation, "index": index})
-        )
-        os.replace(temporary, path)
-
-    def acks(self) -> list[dict[str, Any]]:
-        """The acknowledgements of live workers (a dead worker's file is dropped)."""
-        found = []
-        for path in (self.directory / "acks").glob("*.json"):
-            try:
-                entry = orjson.loads(path.read_bytes())
-                os.kill(int(entry["pid"]), 0)
-            except ProcessLookupError:
-                path.unlink(missing_ok=True)
-                continue
-            except (OSError, orjson.JSONDecodeError, KeyError, ValueError):
-                continue
-            found.append(entry)
-        return found
-
-
-def control_directory() -> Path:
-    """``control/`` in the server's metrics directory (shared by its workers), else a private
-    one."""
-    base = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    return Path(base) / "control" if base else Path(tempfile.mkdtemp(prefix="serving-control-"))
-
-
-class ModelWatcher(threading.Thread):
-    """Keeps one worker's models in line with the repository (poll) or the shared state
-    (explicit)."""
-
-    def __init__(self, service: InferenceService, workers: int) -> None:
-        super().__init__(name="model-watcher", daemon=True)
-        self.service, self.workers = service, workers
-        self.control = ModelControl.of(service)
-        self.control.worker_count = workers  # how many acknowledgements a load or unload waits for
-        self.stopping = threading.Event()
-        self.generation = -1
-
-    def run(self) -> None:
-        settings = self.service.settings
-        interval = settings.poll_seconds if settings.model_control == "poll" else EXPLICIT_TICK_S
-        while not self.stopping.wait(interval):
-            try:
-                self.tick()
-            except Exception:  # never let the thread die: the next tick retries
-                log.exception("model control failed; the models served are unchanged")
-
-    def tick(self) -> None:
-        service, control = self.service, self.control
-        if service.settings.model_control == "poll":
-            control.reconcile(self.workers)
-            return
-        files = control.files
-        state = files.read()
-        generation = state["generation"] if state else 0
-        if generation != self.generation:
-            if state is not None:
-                control.reconcile(self.workers, names=list(state["models"]))
-            self.generation = generation
-        files.ack(str(os.getpid()), generation, service.index(unserved=True))

@@ -29,17 +29,19 @@ from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError, ModelNotReady
 from serving.observability import metrics
 from serving.runtime.batching import InFlight, MicroBatcher
-from serving.runtime.loaded_model import LoadedModel
+from serving.runtime.loaded_model import LoadedModel, Route
 from serving.runtime.model_pool import PoolClient, PooledBackend
 from serving.runtime.model_table import EMPTY_TABLE, ModelTable
 from serving.runtime.pool_wire import mapping_size
-from serving.runtime.versions import DEFAULT_MODEL, Key, Planner, Served
+from serving.runtime.release import Header
+from serving.runtime.traffic import Traffic, check_rule
+from serving.runtime.versions import DEFAULT_MODEL, Key, Plan, Planner, Served
 from serving.store.repository import ModelMetadata, ModelRepository
 
 log = logging.getLogger("serving")
 MIN_BODY_LIMIT, BODY_ENVELOPE, BYTES_PER_VALUE = 256 * 1024, 64 * 1024, 24
 
-__all__ = ["DEFAULT_MODEL", "InferenceService", "Key", "LoadedModel", "ModelTable"]
+__all__ = ["DEFAULT_MODEL", "InferenceService", "Key", "LoadedModel", "ModelTable", "Route"]
 
 
 class InferenceService:
@@ -52,6 +54,9 @@ class InferenceService:
         self.table: ModelTable = EMPTY_TABLE
         #: The one engine that decides what is served, at start and under model control.
         self.planner = Planner(settings, self.repository)
+        #: Canary and shadow traffic between versions (SERVING_TRAFFIC, the admin API).
+        self.traffic = Traffic(settings)
+        self.planner.required = self.traffic.required
         #: Serialises loads and table swaps (the first request's lazy load, model control's
         #: reconcile).
         self.load_lock = threading.RLock()
@@ -98,7 +103,7 @@ class InferenceService:
         start.
         """
         with self.load_lock:
-            plan = self.planner.plan(strict=True)
+            plan = self._strict_plan()
             if not self.table.loaded_here:
                 self.table = ModelTable(plan.served, plan.default, plan.failed)
             meta = plan.served[plan.default][0]
@@ -110,7 +115,7 @@ class InferenceService:
         with self.load_lock:
             if self.table.loaded_here:
                 return
-            plan = self.planner.plan(strict=True)
+            plan = self._strict_plan()
             workers = workers or self.settings.workers
             threads = self.settings.math_threads_for(workers)
             for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -124,6 +129,14 @@ class InferenceService:
                     model.close()
                 raise
             self.swap(ModelTable(plan.served, plan.default, plan.failed, models, os.getpid()))
+
+    def _strict_plan(self) -> Plan:
+        """The plan at start: any absent or refused version, or a traffic rule that does not fit
+        what is served, stops it."""
+        plan = self.planner.plan(strict=True)
+        for rule in self.traffic.configured.values():
+            check_rule(rule, plan.served)
+        return plan
 
     def load_one(
         self, meta: ModelMetadata, backend_name: str, threads: int, workers: int
@@ -204,6 +217,7 @@ class InferenceService:
                 model.close()
         if self._pool is not None:
             self._pool.close()
+        self.traffic.close()
 
     def batchers(self) -> list[MicroBatcher]:
         """The batchers of every model loaded in this process (batched mode; empty otherwise)."""
@@ -298,6 +312,30 @@ class InferenceService:
         if model is None:  # not in this table's models: cannot happen for a served version
             raise ModelNotReady(f"model {key[0]}:{key[1]} is not loaded here; retry")
         return model
+
+    def route(
+        self, name: str | None = None, version: int | None = None, header: Header | None = None
+    ) -> Route:
+        """Who answers a request for ``name`` (default: the native API's model) and ``version``:
+        that version when it names one; else, under a traffic rule for the model, the version the
+        rule draws (``header`` reads the sticky header); else the latest served version."""
+        if version is None and self.traffic.releases:
+            table = self.table
+            if not table.loaded_here:
+                self._or_not_ready(self.load)
+                table = self.table
+            default = table.default[0] if table.default is not None else ""
+            routed = self.traffic.route(table, name or default, header)
+            if routed is not None:
+                return routed
+        return self.model(name, version)
+
+    def answer(
+        self, route: Route, batch: np.ndarray, timeout_s: float | None = None
+    ) -> tuple[np.ndarray, LoadedModel]:
+        """Probabilities for a validated batch from ``route``, and the version that answered,
+        within ``timeout_s`` (clamped as ``predict`` clamps it)."""
+        return route.answer(batch, self.timeout_for(timeout_s))
 
     def predict(
         self, batch: np.ndarray, timeout_s: float | None = None, model: LoadedModel | None = None

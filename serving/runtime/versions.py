@@ -85,6 +85,9 @@ class Planner:
     def __init__(self, settings: Settings, repository: ModelRepository) -> None:
         self.settings, self.repository = settings, repository
         self.selection = Selection.parse(settings.models)
+        #: Versions served whatever the selection and the policy say: those the traffic rules in
+        #: force name (``serving.runtime.traffic``), replaced whole when the rules change.
+        self.required: frozenset[Key] = frozenset()
         self._checked: dict[tuple[Key, int], Served | str] = {}
 
     def default_name(self) -> str:
@@ -216,6 +219,20 @@ class Planner:
                     else:
                         served[(name, version)] = result
                         good += 1
+        for name, version in sorted(self.required - served.keys()):
+            if strict and version not in list_versions(self.repository.root / name):
+                raise ModelLoadError(
+                    f"SERVING_TRAFFIC names {name}:{version}, which is not in the repository"
+                )
+            result = (
+                admit(self.repository.resolve(name, version), self.settings)
+                if strict
+                else self.check(name, version)
+            )
+            if isinstance(result, str):
+                failed[(name, version)] = result
+            else:
+                served[(name, version)] = result
         ours = sorted(key for key in served if key[0] == default)
         if not ours:
             raise ModelLoadError(

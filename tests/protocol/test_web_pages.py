@@ -6,6 +6,7 @@ The pages in a real browser against real gunicorn are tests/server/test_web.py.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Iterator
@@ -140,3 +141,30 @@ def test_the_data_calls_need_a_key_when_keys_are_on_and_the_pages_do_not(model_r
         assert client.get("/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     finally:
         service_of(app).close()
+
+
+#: uPlot 1.6.32 from npm (sha512-KIMVnG68…xpiQIw==), as scripts/vendor-uplot.sh copies it: its minified IIFE build
+#: and style sheet, unchanged. A new release: run the script, then put the sums it prints here.
+UPLOT_FILES = {
+    "uplot.js": "19c8d4c6ad88929a79f4ae49d6f7161566dfd0ba3d15cc495e974f787eb78f1f",
+    "uplot.css": "df630c6a8d6f8eeaff264b50f73ce5b114f646ffd9a0bb74f049b0a00135fa04",
+}
+
+
+def test_the_chart_library_is_vendored_unchanged_with_its_licence_and_served_from_this_origin(
+        client: FlaskClient) -> None:
+    folder = Path(__file__).resolve().parents[2] / "serving" / "web"
+    for name, digest in UPLOT_FILES.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+    assert "The MIT License" in (folder / "uplot-LICENSE.txt").read_text()
+    assert (folder / "uplot.js").read_text().startswith("/*! https://github.com/leeoniya/uPlot (v1.6.32) */")
+    page = client.get("/ops").get_data(as_text=True)
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert all(url.startswith("/") and not url.startswith("//") for url in assets), assets  # no CDN
+    order = [url.split("?")[0] for url in assets if url.endswith(".js") or ".js?" in url]
+    assert order == ["/assets/common.js", "/assets/uplot.js", "/assets/ops-metrics.js", "/assets/ops-charts.js",
+                     "/assets/ops.js"]
+    for name in ("uplot.js", "uplot.css", "ops-metrics.js", "ops-charts.js"):
+        served = client.get(f"/assets/{name}")
+        assert served.status_code == 200 and served.data == (folder / name).read_bytes(), name
+    assert client.get("/assets/uplot-LICENSE.txt").status_code == 404  # shipped in the package, not served

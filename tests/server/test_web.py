@@ -636,3 +636,79 @@ def test_the_operators_panel_shows_live_traffic_behind_the_admin_key(tab_factory
     assert tab.console == []
     page.click("#pause")
     assert page.locator("#status").text_content() == "Paused."
+
+
+PAINTED = """(selector) => {
+  const canvas = document.querySelector(selector);
+  const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let painted = 0;
+  for (let i = 3; i < pixels.length; i += 4) if (pixels[i]) painted++;
+  return painted;
+}"""
+
+
+def test_the_operators_panel_charts_traffic_per_endpoint_and_per_version(tab_factory: Callable[..., Tab],
+                                                                         server: GunicornServer,
+                                                                         has_mnist: bool) -> None:
+    default, side = ("mnist-torch:1", 28) if has_mnist else ("digits-tf:1", 8)
+    tab = tab_factory(key=ADMIN_KEY)
+    page = tab.open("/ops")
+    page.select_option("#every", "1")
+    expect(page.locator("#status")).to_contain_text("Updated at")
+    with requests.Session() as session:
+        session.headers.update(auth())
+        for _ in range(40):
+            assert session.post(server.url + "/predict", json={"data": [0.0] * side * side}, timeout=5).ok
+        for _ in range(10):
+            assert session.post(server.url + "/predict", json={"data": [2.0]}, timeout=5).status_code == 422
+    legend = {name: page.locator(f"#chart-{name} .u-legend") for name in ("throughput", "latency", "errors",
+                                                                           "queue", "batch")}
+    expect(legend["throughput"]).to_contain_text("/predict", timeout=15_000)
+    expect(legend["latency"]).to_contain_text("/predict p99")
+    expect(legend["errors"]).to_contain_text("/predict 4xx")  # the 422s; no 5xx line: there was none
+    assert "/predict 5xx" not in (legend["errors"].text_content() or "")
+    label = page.locator("#chart-throughput canvas").get_attribute("aria-label") or ""
+    assert label.startswith("Requests per second over the last 5 minutes; now:") and "/predict" in label, label
+    assert page.evaluate(PAINTED, "#chart-throughput canvas") > 1000  # axes, grid and the lines
+    page.select_option("#by", "version")
+    expect(legend["throughput"]).to_contain_text(default)
+    expect(legend["latency"]).to_contain_text(f"{default} p50")
+    for name in ("queue", "batch"):
+        expect(legend[name]).to_contain_text(default)
+    assert page.locator("#chart-traffic").is_hidden() and page.locator("#chart-drift").is_hidden()
+    page.select_option("#window", "60")
+    label = page.locator("#chart-throughput canvas").get_attribute("aria-label") or ""
+    assert "over the last 60 seconds" in label and default in label, label
+    assert tab.console == []
+
+
+DRIFT = ('serving_drift_score{input="pixels",model="digits-tf",version="1"} 0.08\n'
+         'serving_drift_threshold{input="pixels",model="digits-tf",version="1"} 0.2\n')
+
+
+def test_traffic_and_drift_charts_appear_with_their_metrics(tab_factory: Callable[..., Tab],
+                                                             server: GunicornServer) -> None:
+    """A traffic rule put in force through the admin API is charted; drift gauges (issue 27's other half) are
+    drawn when /metrics has them, added here to the server's real answer."""
+    rule = f"{server.url}/v2/repository/models/digits-tf/traffic"
+    changed = requests.post(rule, json={"rule": "v1"}, headers=auth(ADMIN_KEY), timeout=60)
+    assert changed.status_code == 200 and changed.json()["workers"] == 2, changed.text
+    try:
+        tab = tab_factory(key=ADMIN_KEY)
+
+        def with_drift(route: Any) -> None:
+            answer = route.fetch()
+            route.fulfill(response=answer, body=answer.text() + DRIFT)
+
+        tab.page.route("**/metrics", with_drift)
+        page = tab.open("/ops")
+        page.select_option("#every", "1")
+        expect(page.locator("#chart-traffic")).to_be_visible(timeout=15_000)
+        expect(page.locator("#chart-traffic .u-legend")).to_contain_text("digits-tf:1 stable")
+        expect(page.locator("#chart-drift .u-legend")).to_contain_text("digits-tf:1 pixels")
+        expect(page.locator("#chart-drift .u-legend")).to_contain_text("threshold digits-tf:1 pixels")
+        label = page.locator("#chart-drift canvas").get_attribute("aria-label") or ""
+        assert "digits-tf:1 pixels 0.080" in label and "threshold digits-tf:1 pixels 0.20" in label, label
+        assert tab.console == []
+    finally:
+        assert requests.delete(rule, headers=auth(ADMIN_KEY), timeout=60).status_code == 200

@@ -92,17 +92,19 @@ def model_ready(
 def infer(
     request: RequestState, service: InferenceService, name: str, version: str | None = None
 ) -> Answer:
-    """``POST /v2/models/{name}[/versions/{version}]/infer``."""
-    model = service.model(name, _version(name, version))
-    request.model = model.label
+    """``POST /v2/models/{name}[/versions/{version}]/infer``: an unversioned request goes where
+    the model's traffic rule sends it (``model_version`` says which version answered)."""
+    route = service.route(name, _version(name, version), request.header)
+    request.model = route.label
     decoded = decode_request(_infer_body(request, service), request.header(HEADER_LENGTH))
-    check_outputs(decoded, model.meta)
-    batch = batch_from_request(decoded, model.meta, service.settings.max_batch)
+    check_outputs(decoded, route.meta)
+    batch = batch_from_request(decoded, route.meta, service.settings.max_batch)
     request.batch_size = len(batch)
     timeout = request.timeout()
     if timeout is None and decoded.timeout_s:
         timeout, request.client_deadline = decoded.timeout_s, True
-    probabilities = service.predict(batch, timeout, model)
+    probabilities, model = service.answer(route, batch, timeout)
+    request.model = model.label
     document = {
         "model_name": name,
         "model_version": str(model.meta.version),
