@@ -30,8 +30,9 @@ from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
 from serving.fronts.parts import parts_of
 from serving.http.security import Gate, host_name
+from serving.observability import drift, observed
 from serving.observability.memory import set_server_root
-from serving.observability.metrics import TALLY, mark_worker_dead
+from serving.observability.metrics import TALLY, mark_worker_dead, multiprocess_directory
 from serving.runtime.model_control import ModelWatcher
 from serving.runtime.service import InferenceService
 from serving.runtime.waiting import ALARM, WAITER
@@ -144,8 +145,10 @@ def _loopback(host: str) -> bool:
 
 
 def worker_exited(worker: Any) -> None:
-    """Master: a worker is gone; its live gauges (queue depth, model info) must stop counting."""
+    """Master: a worker is gone; its live gauges (queue depth, model info) and its drift window
+    must stop counting."""
     mark_worker_dead(worker.pid)
+    drift.forget_worker(multiprocess_directory(), worker.pid)
 
 
 def drain_worker(worker: Any) -> None:
@@ -157,6 +160,7 @@ def drain_worker(worker: Any) -> None:
         if service is not None:
             service.close()
     finally:
+        observed.close_all()  # spans, payload records and the drift window still buffered
         TALLY.flush()
 
 

@@ -35,6 +35,7 @@ MARKER = ".serving-metrics"
 #: prometheus_client's multiprocess file names: ``<type>[_<gauge mode>]_<pid>.db`` (values.py).
 METRIC_FILE = re.compile(
     r"^(counter|histogram|summary|gauge_(live)?(all|min|max|sum|mostrecent))_\d+\.db$"
+    r"|^drift_\d+\.(json|tmp)$"  # a worker's drift window (serving.observability.drift)
 )
 
 
