@@ -141,6 +141,9 @@ class PayloadLog:
             return
         thread.join(timeout_s)
         self._thread = None
+        close = getattr(self._write, "__self__", None)
+        if close is not None and hasattr(close, "close"):
+            close.close()
 
     # -- sinks -------------------------------------------------------------------------------------
     def _sink(self, settings: Settings) -> Callable[[Exchange], None]:
@@ -171,6 +174,11 @@ class LineSink:
         if self._fd is None:
             self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         os.write(self._fd, line)  # one write per line: O_APPEND keeps every worker's lines whole
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class CloudEventSink:
@@ -229,8 +237,14 @@ class CloudEventSink:
                     raise
                 continue
             if answer.status >= 300:
+                self.close()
                 raise OSError(f"the payload sink answered {answer.status}")
             return
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def _connect(self) -> http.client.HTTPConnection:
         kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
