@@ -34,6 +34,7 @@ class _Request:
     __slots__ = (
         "observation",
         "span",
+        "traced",
         "route",
         "record",
         "status",
@@ -51,6 +52,7 @@ class _Request:
     def __init__(self, method: str, path: str, route: str, record: bool, cap: int) -> None:
         self.observation = Observation(time.time_ns())
         self.span: Any = None
+        self.traced = False  # the span is sampled (recording)
         self.method, self.path, self.route, self.record, self.cap = method, path, route, record, cap
         self.status = 500
         self.state: Any = None
@@ -79,19 +81,35 @@ class Observer:
         return self.tracing is not None or self.payloads is not None
 
     def begin(self, method: str, path: str, carrier: Any, environ: bool) -> _Request:
-        """A request starts: ``carrier`` is its WSGI environ (``environ``) or its headers."""
-        match = self.router.match(method, path)
-        endpoint = match[0] if match is not None else None
-        route = endpoint.path if endpoint is not None else ""
-        record = bool(self.payloads and endpoint is not None and endpoint.direct)
+        """A request starts: ``carrier`` is its WSGI environ (``environ``) or its headers.
+
+        A span the sampler drops is neither made current nor named after its route, and the model
+        call is not timed for it: an unsampled request costs the SDK's sampling decision and the
+        ``traceparent`` of its answer, little else."""
+        route, record = "", False
+        if self.payloads is not None:
+            match = self.router.match(method, path)
+            route = match[0].path if match is not None else ""
+            record = match is not None and match[0].direct
         request = _Request(method, path, route, record, self.cap)
         if self.tracing is not None:
-            request.span = self.tracing.server_span(
-                f"{method} {route}" if route else method,
+            span = self.tracing.server_span(
+                method,
                 carrier,
                 self.tracing.environ_getter if environ else self.tracing.mapping_getter,
-                {"http.request.method": method, "url.path": path, "http.route": route},
             )
+            request.span = span
+            if span.is_recording():
+                if self.payloads is None:
+                    match = self.router.match(method, path)
+                    route = request.route = match[0].path if match is not None else ""
+                if route:
+                    span.update_name(f"{method} {route}")
+                span.set_attributes(
+                    {"http.request.method": method, "url.path": path, "http.route": route}
+                )
+                request.traced = True
+        request.observation.timed = request.traced or record
         return request
 
     def answered(self, request: _Request, status: int, content_type: str) -> list[tuple[str, str]]:
@@ -100,9 +118,13 @@ class Observer:
         request.state = CURRENT_REQUEST.get()
         if request.span is None:
             return []
-        return self.tracing.answer_headers(request.span)
+        return self.tracing.answer_headers(request.span)  # sampled or not, the context goes on
 
     def end(self, request: _Request) -> None:
+        if not request.observation.timed:  # an unsampled request that is not recorded either
+            if request.span is not None:
+                request.span.end()
+            return
         observation = request.observation
         state = request.state
         attributes: dict[str, Any] = {}
@@ -208,11 +230,16 @@ class ObservedWsgi:
                 environ["wsgi.input"] = _TeeInput(environ["wsgi.input"], request)
 
         def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if not request.observation.timed:  # unsampled, unrecorded: only the context goes on
+                if request.span is not None:
+                    headers.extend(observer.tracing.answer_headers(request.span))
+                return start_response(status, headers, exc_info)
             content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
             headers.extend(observer.answered(request, int(status[:3]), content_type))
             return start_response(status, headers, exc_info)
 
-        observation_token = OBSERVATION.set(request.observation)
+        timed = request.observation.timed
+        observation_token = OBSERVATION.set(request.observation) if timed else None
         span_token = tracing_activate(observer, request)
         try:
             body = self.app(environ, start)
@@ -222,7 +249,8 @@ class ObservedWsgi:
         finally:
             if span_token is not None:
                 observer.tracing.deactivate(span_token)
-            OBSERVATION.reset(observation_token)
+            if observation_token is not None:
+                OBSERVATION.reset(observation_token)
         if isinstance(body, list):
             if request.record:
                 request.sent = body
@@ -232,7 +260,8 @@ class ObservedWsgi:
 
 
 def tracing_activate(observer: Observer, request: _Request) -> object | None:
-    if request.span is None:
+    """Make a sampled request's span current (its model spans are then its children)."""
+    if not request.traced:
         return None
     return observer.tracing.activate(request.span)
 
@@ -307,14 +336,16 @@ def observe_asgi(http: HTTPApp, parts: ServingParts) -> HTTPApp:
                     request.sent.append(message["body"])
             await send(message)
 
-        observation_token = OBSERVATION.set(request.observation)
+        timed = request.observation.timed
+        observation_token = OBSERVATION.set(request.observation) if timed else None
         span_token = tracing_activate(observer, request)
         try:
             await http(scope, tee if request.record else receive, sending)
         finally:
             if span_token is not None:
                 observer.tracing.deactivate(span_token)
-            OBSERVATION.reset(observation_token)
+            if observation_token is not None:
+                OBSERVATION.reset(observation_token)
             observer.end(request)
 
     return observed

@@ -24,6 +24,8 @@ class Observation:
     """One request as the wrappers saw it."""
 
     started_ns: int
+    #: whether anyone reads the model call's times and data (a sampled span, a payload record)
+    timed: bool = False
     #: ``name:version`` of the model the request reached, and its labels
     model: str = ""
     labels: list[str] | None = None

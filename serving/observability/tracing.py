@@ -132,11 +132,19 @@ class Tracing:
     def deactivate(token: object) -> None:
         otel_context.detach(token)  # type: ignore[arg-type]
 
-    def answer_headers(self, span: Span) -> list[tuple[str, str]]:
-        """``traceparent`` (and ``tracestate``) naming the request's span, for the answer."""
-        carrier: dict[str, str] = {}
-        self.propagator.inject(carrier, context=trace.set_span_in_context(span))
-        return list(carrier.items())
+    @staticmethod
+    def answer_headers(span: Span) -> list[tuple[str, str]]:
+        """The W3C ``traceparent`` (and ``tracestate``) naming the request's span, for the answer
+        (written here rather than by the propagator: a quarter of the cost, whatever
+        ``OTEL_PROPAGATORS`` reads)."""
+        context = span.get_span_context()
+        if not context.is_valid:
+            return []
+        parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+        state = context.trace_state
+        if state:
+            return [("traceparent", parent), ("tracestate", state.to_header())]
+        return [("traceparent", parent)]
 
     def end_request(
         self,
