@@ -566,6 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     for row in Settings.describe():
         current = getattr(settings, row.variable[len(PREFIX) :].lower())
         print(f"{row.variable:<28} = {current!s:<18} (default {row.default or '-'}): {row.doc}")
+    try:  # read by the OpenTelemetry SDK itself when SERVING_TRACING is on
+        otel = otel_environment()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for key, value in sorted(otel.items()):
+        shown = "(set)" if "HEADERS" in key else value  # headers carry credentials
+        print(f"{key:<28} = {shown} (read by the OpenTelemetry SDK)")
     return 0
 
 
