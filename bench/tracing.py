@@ -13,6 +13,11 @@ so that each is compared with the "off" run of its own round:
 - payloads 1% / payloads 100%: ``SERVING_PAYLOAD_LOG`` to a file at those rates;
 - drift: ``SERVING_DRIFT=true`` (the model's reference statistics, a window folded once a second).
 
+A second table times the same request in process, with no HTTP server and no load generator (the WSGI
+app called directly, 2,000 calls per round, the fastest of 5 rounds, each configuration in a fresh
+subprocess): what each configuration adds to one request's CPU time, which a loaded 2-core machine blurs
+less than a throughput figure.
+
 Writes ``reports/tracing-<date>.md`` (and the raw wrk output under ``reports/tracing-<date>/``):
 
     python -m bench.tracing                         # 10 s per run, 3 rounds
@@ -52,6 +57,54 @@ def configurations(receiver_url: str, out_dir: Path, before: Path | None) -> lis
         ("drift", {"drift": "true"}),
     ]
     return configs
+
+
+IN_PROCESS = r"""
+import io, json, os, sys, time
+repo, tracing, rate, payloads = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
+os.environ["OTEL_TRACES_EXPORTER"] = "none"
+if rate != "1":
+    os.environ["OTEL_TRACES_SAMPLER"], os.environ["OTEL_TRACES_SAMPLER_ARG"] = "traceidratio", rate
+from serving.config import Settings
+from serving.fronts.wsgi import create_app, service_of
+app = create_app(Settings(model_repository=repo, model="digits-torch", backend="onnx", mode="threaded",
+                          tracing=tracing, payload_log=payloads, access_log=False))
+service_of(app).model()
+data = json.loads(open(os.path.join(repo, "digits-torch", "1", "sample.json")).read())["data"]
+body = json.dumps({"data": data}).encode()
+def call():
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/predict", "CONTENT_TYPE": "application/json",
+               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "HTTP_HOST": "localhost"}
+    out = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+    getattr(out, "close", lambda: None)()
+for _ in range(500):
+    call()
+rounds = []
+for _ in range(5):
+    started = time.perf_counter()
+    for _ in range(2000):
+        call()
+    rounds.append((time.perf_counter() - started) / 2000 * 1e6)
+print(min(rounds))
+"""
+IN_PROCESS_CONFIGS = (("off", "0", "1", ""), ("tracing 1% (spans not exported)", "1", "0.01", ""),
+                      ("tracing 100% (spans not exported)", "1", "1", ""),
+                      ("payloads 100% (to /dev/null)", "0", "1", "/dev/null"))
+
+
+def in_process(repo: Path) -> list[tuple[str, float]]:
+    """Microseconds per request of each configuration, the WSGI app called in process."""
+    import subprocess
+    import sys
+
+    results = []
+    for label, tracing, rate, payloads in IN_PROCESS_CONFIGS:
+        print(f"in process: {label} ...", flush=True)
+        output = subprocess.run([sys.executable, "-c", IN_PROCESS, str(repo), tracing, rate, payloads], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600, check=True).stdout
+        results.append((label, float(output.split()[-1])))
+        print(f"  {results[-1][1]:.1f} us per request", flush=True)
+    return results
 
 
 def main() -> None:
@@ -103,7 +156,7 @@ def main() -> None:
                         print(f"  {result.requests_per_s:,.0f} req/s ({ratio:.3f} of off), p99 {result.p99_ms:.2f} ms,"
                               f" errors {result.errors}", flush=True)
         spans = len(receiver.posts("/v1/traces"))
-    report = render(results, args, stamp, spans)
+    report = render(results, args, stamp, spans, in_process(args.repo))
     path = args.reports / f"tracing-{stamp}.md"
     path.write_text(report)
     print(report)
@@ -111,7 +164,7 @@ def main() -> None:
 
 
 def render(results: dict[tuple[str, str, str], list[tuple[WrkResult, float]]], args: argparse.Namespace,
-           stamp: str, exports: int) -> str:
+           stamp: str, exports: int, per_request: list[tuple[str, float]]) -> str:
     lines = [
         f"# Tracing, payload logs and drift: cost on the request path ({stamp} UTC)",
         "",
@@ -134,6 +187,16 @@ def render(results: dict[tuple[str, str, str], list[tuple[WrkResult, float]]], a
         per_round = ", ".join(f"{x:.3f}" for _, x in runs)
         lines.append(f"| {label} | {front} | {mode} | {rps:,.0f} | {ratio:.3f} | {per_round} | {p99:.2f} |"
                      f" {errors} |")
+    base = per_request[0][1]
+    lines += [
+        "",
+        "One request in process (the WSGI app called directly, no HTTP, no load generator; the fastest of 5"
+        " rounds of 2,000 calls; each configuration in a fresh process):",
+        "",
+        "| configuration | us per request | added |",
+        "| --- | ---: | ---: |",
+        *(f"| {label} | {us:.1f} | {us - base:+.1f} |" for label, us in per_request),
+    ]
     return "\n".join(lines) + "\n"
 
 

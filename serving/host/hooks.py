@@ -80,6 +80,7 @@ def check_before_fork(server: Any, settings: Settings) -> None:
                 " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
         warn_if_exposed(server, settings)
+        check_payload_log(settings)
         for model_meta, _ in service.served.values():
             if not model_meta.verified:
                 server.log.warning(
@@ -114,6 +115,21 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         if len(service.served) > 1
         else "",
     )
+
+
+def check_payload_log(settings: Settings) -> None:
+    """A payload log file the server cannot append to stops the start (not a warning per record)."""
+    target = settings.payload_log
+    if not target or target == "stdout" or target.startswith(("http://", "https://")):
+        return
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"SERVING_PAYLOAD_LOG={target!r} cannot be appended to ({exc.strerror}): give a file in"
+            " a writable directory, stdout, or an http(s):// sink"
+        ) from None
 
 
 def warn_if_exposed(server: Any, settings: Settings) -> None:

@@ -22,6 +22,7 @@ import queue
 import random
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,7 @@ log = logging.getLogger("serving")
 CE_REQUEST = "org.kubeflow.serving.inference.request"
 CE_RESPONSE = "org.kubeflow.serving.inference.response"
 SINK_TIMEOUT_S = 2.0
+WARN_EVERY_S = 60.0
 
 
 def status_rates(text: str) -> dict[str, float]:
@@ -78,6 +80,7 @@ class PayloadLog:
         self._queue: queue.Queue[Exchange | None] = queue.Queue(self._capacity)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._warned = -WARN_EVERY_S
 
     # -- the request side --------------------------------------------------------------------------
     def rate_for(self, status: int) -> float:
@@ -126,7 +129,10 @@ class PayloadLog:
                 self._write(exchange)
             except Exception as exc:
                 metrics.TALLY.inc(self._counts["failed"])
-                log.warning("payload record not written: %s", exc)
+                now = time.monotonic()
+                if now - self._warned >= WARN_EVERY_S:  # a dead sink: a line a minute, not a record
+                    self._warned = now
+                    log.warning("payload records not written (counted as failed): %s", exc)
             else:
                 metrics.TALLY.inc(self._counts["written"])
 

@@ -37,7 +37,8 @@ def test_the_asgi_front_traces_and_records_a_request(model_repo: Path, tmp_path:
                 ("content-type", "application/json"), ("traceparent", f"00-{TRACE}-{PARENT}-01"))), chunked=chunked)
             assert reply.status == 200
             assert reply.headers["traceparent"].startswith(f"00-{TRACE}-")
-            names = {"POST /predict", "decode", "model", "encode"} | ({"batch", "queue"} if mode == "batched" else set())
+            names = {"POST /predict", "decode", "model", "encode"}
+            names |= {"batch", "queue"} if mode == "batched" else set()
             spans = receiver.wait_for(
                 lambda r: s if names <= set(s := {x.name: x for x in r.spans() if x.trace_id == TRACE}) else None)
         finally:

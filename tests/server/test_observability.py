@@ -134,3 +134,9 @@ def test_drift_crosses_its_threshold_on_shifted_mnist_and_not_on_t10k(
         assert sum(score > 0.25 for score in scores.values()) >= 4, (name, scores)
     assert "serving_drift_threshold{model=\"mnist-torch\",version=\"1\"} 0.25" in requests.get(
         f"{server.url}/metrics", timeout=10).text
+
+
+def test_a_payload_log_file_that_cannot_be_written_stops_the_start(server_factory: Any, tmp_path: Path) -> None:
+    server = server_factory(model="digits-torch", backend="onnx", payload_log=str(tmp_path / "missing" / "p.jsonl"))
+    with pytest.raises(AssertionError, match="cannot be appended to"):
+        server.start(timeout=30)
