@@ -201,6 +201,11 @@ class _TeeInput:
         if data and sum(map(len, request.read)) <= request.cap:
             request.read.append(data)
 
+    def __iter__(self) -> Iterator[bytes]:
+        for line in self._stream:
+            self._keep(line)
+            yield line
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
