@@ -14,6 +14,7 @@
 # make loadtest    locust matrix of modes on both fronts, ~10 min (LOADTEST_ARGS=--quick for ~4 min)
 # make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
 #                  then serves mnist-tf
+# make bench-tracing  tracing (off, 1%, 100%), payload logs and drift on the request path (reports/tracing-<date>.md)
 # make bench-uploads  upload accuracy of the MNIST and 8x8 models (reports/upload-accuracy-<date>.md)
 # make fuzz        the image decoder, JSON parser and v2 codec fuzzed for longer (FUZZ_EXAMPLES=20000)
 # make test-image  build both container images and check them for real (.ci/run runs it after make test)
@@ -30,7 +31,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-traffic bench-batching bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-traffic bench-batching bench-tracing bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt requirements-runtime.txt requirements-frameworks.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +91,11 @@ bench-pool: venv
 	scripts/system-packages.sh $(BENCH_PACKAGES)
 	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
 	$(PY) -m bench.pool
+
+bench-tracing: venv
+	scripts/system-packages.sh $(BENCH_PACKAGES)
+	@if [ -z "$$(ls -A models/digits-torch 2>/dev/null)" ]; then $(PY) train.py; fi
+	$(PY) -m bench.tracing
 
 bench-fork: venv
 	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi

@@ -341,6 +341,72 @@ class Settings:
         " 0 = SERVING_REQUEST_TIMEOUT_MS",
         minimum=0,
     )
+    # -- observability: tracing, payload logs, drift (docs/operations.md); all off by default ------
+    tracing: bool = setting(
+        False,
+        "OpenTelemetry traces of every request (W3C traceparent in and out), exported as the"
+        " standard OTEL_* variables say (OTLP over HTTP by default; docs/operations.md#tracing)",
+    )
+    payload_log: str = setting(
+        "",
+        "payload records of inference requests and answers: stdout, a file path, or the"
+        " http(s):// URL of a CloudEvents sink (KServe's logger format); empty = off",
+        pattern=re.compile(r"^(stdout|https?://\S+|(?![A-Za-z][A-Za-z0-9+.-]*:)[^\n]+)$"),
+        hint="is not stdout, a file path or an http(s):// URL",
+        accepts="stdout | PATH | http(s)://HOST[:PORT]/PATH",
+    )
+    payload_log_mode: Literal["all", "request", "response"] = setting(
+        "all", "what a payload record holds: all, request or response (KServe's logger modes)"
+    )
+    payload_log_rate: float = setting(
+        1.0, "fraction of inference requests recorded (0 to 1)", minimum=0, maximum=1
+    )
+    payload_log_status_rates: str = setting(
+        "",
+        "rates by answer status that override SERVING_PAYLOAD_LOG_RATE, e.g. 5xx=1,4xx=0.5,503=0",
+        pattern=re.compile(
+            r"^([1-5]xx|[1-5][0-9]{2})\s*=\s*(0(\.[0-9]+)?|1(\.0+)?)"
+            r"(\s*,\s*([1-5]xx|[1-5][0-9]{2})\s*=\s*(0(\.[0-9]+)?|1(\.0+)?))*$"
+        ),
+        hint="is not a comma-separated list of STATUS=RATE (STATUS 200 or 2xx, RATE 0 to 1)",
+        accepts="comma-separated STATUS=RATE (STATUS a code or 1xx-5xx)",
+    )
+    payload_log_max_bytes: int = setting(
+        16384,
+        "largest payload record; bodies beyond it are left out (their tensors' summaries stay)",
+        minimum=1024,
+    )
+    payload_log_redact: str = setting(
+        "",
+        "JSON fields and headers written as [redacted] in payload records, comma-separated"
+        " (Authorization, Cookie and keys always are)",
+        accepts="comma-separated names",
+    )
+    payload_log_thumbnails: bool = setting(
+        False, "payload records of image models carry a small PNG of the first input"
+    )
+    payload_log_queue: int = setting(
+        1024,
+        "payload records a worker buffers for its writer; beyond, records are dropped and counted",
+        minimum=1,
+    )
+    drift: bool = setting(
+        False,
+        "drift scores (PSI of inputs and predicted classes against the reference statistics"
+        " recorded at train or import) as serving_drift_score on /metrics",
+    )
+    drift_window_s: float = setting(
+        300.0, "seconds of traffic the drift window holds", minimum=1, maximum=86400
+    )
+    drift_min_samples: int = setting(
+        500, "samples the window needs before a drift score is exported", minimum=1
+    )
+    drift_threshold: float = setting(
+        0.25,
+        "drift score above which the alert fires (exported as serving_drift_threshold; PSI 0.1"
+        " moderate, 0.25 significant)",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
@@ -396,7 +462,10 @@ class Settings:
             if raw:
                 values[item.name] = _convert(key, raw, hints[item.name])
         values.update(overrides)
-        return cls(**values)
+        settings = cls(**values)
+        if settings.tracing:
+            otel_environment(env)  # a value the SDK would silently replace is refused at start
+        return settings
 
     @classmethod
     def describe(cls) -> list[SettingDoc]:
@@ -419,6 +488,52 @@ class Settings:
                 )
             )
         return rows
+
+
+#: The standard OpenTelemetry variables whose values the server checks at start: the SDK reads
+#: these and the rest of its OTEL_* variables itself (endpoint, headers, timeouts, resource, batch
+#: processor), and falls back to a default with a warning on a value it does not know; a typo in
+#: a sampler or exporter name must stop the start instead. (docs/operations.md#tracing)
+OTEL_CHOICES: dict[str, tuple[str, ...]] = {
+    "OTEL_SDK_DISABLED": ("true", "false"),
+    "OTEL_TRACES_EXPORTER": ("otlp", "console", "none"),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": ("http/protobuf",),
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": ("http/protobuf",),
+    "OTEL_TRACES_SAMPLER": (
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ),
+}
+
+
+def otel_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``OTEL_*`` variables set, lower-cased where the SDK compares them so; ConfigError for a
+    value the SDK would replace by its default (an unknown exporter, protocol or sampler, a sampler
+    argument that is not a ratio)."""
+    env = os.environ if environ is None else environ
+    found = {key: value.strip() for key, value in env.items() if key.startswith("OTEL_")}
+    for key, choices in OTEL_CHOICES.items():
+        value = found.get(key, "").lower()
+        if value and value not in choices:
+            raise ConfigError(f"{key}={found[key]!r} is not one of: {', '.join(choices)}")
+        if value:
+            found[key] = value
+    if found.get("OTEL_TRACES_SAMPLER", "").endswith("traceidratio"):
+        raw = found.get("OTEL_TRACES_SAMPLER_ARG", "1")
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(
+                f"OTEL_TRACES_SAMPLER_ARG={raw!r} is not a sampling ratio from 0 to 1;"
+                " e.g. 0.01 samples one trace in a hundred"
+            )
+    return found
 
 
 class SettingDoc(NamedTuple):
@@ -507,6 +622,14 @@ def main(argv: list[str] | None = None) -> int:
     for row in Settings.describe():
         current = getattr(settings, row.variable[len(PREFIX) :].lower())
         print(f"{row.variable:<28} = {current!s:<18} (default {row.default or '-'}): {row.doc}")
+    try:  # read by the OpenTelemetry SDK itself when SERVING_TRACING is on
+        otel = otel_environment()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for key, value in sorted(otel.items()):
+        shown = "(set)" if "HEADERS" in key else value  # headers carry credentials
+        print(f"{key:<28} = {shown} (read by the OpenTelemetry SDK)")
     return 0
 
 

@@ -34,6 +34,7 @@ from serving.config import CLIENT_SILENCE_S, Settings, silence_limit
 from serving.errors import BadRequest, ConfigError, MethodNotAllowed, ModelLoadError, NoRoute
 from serving.fronts import suspend
 from serving.fronts.asgi_pool import RequestPool
+from serving.fronts.observed import observe_asgi
 from serving.fronts.parts import ServingParts
 from serving.http.answers import DRAIN_LIMIT, Answer, answer_for_exception
 from serving.http.completion import finish
@@ -93,6 +94,8 @@ class AsgiApp:
         self.serving_parts = ServingParts(
             settings, self.service, self.gate, self.router, self.access_log, "asgi"
         )
+        # tracing and payload logs wrap the HTTP handler (left as it is when they are off)
+        self._http = observe_asgi(self._http, self.serving_parts)  # type: ignore[method-assign]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from serving.config import Settings
 from serving.errors import MethodNotAllowed, NoRoute, PayloadTooLarge, ServingError
 from serving.fronts.dispatch import Dispatcher
+from serving.fronts.observed import observe_wsgi
 from serving.fronts.parts import ATTRIBUTE, ServingParts, parts_of
 from serving.http.answers import Answer, answer_for_exception
 from serving.http.completion import finish
@@ -46,13 +47,9 @@ def create_app(
     app.after_request(_finish_request)
     # Flask sends werkzeug's HTTP errors here too
     app.register_error_handler(Exception, _render_error)
-    app.wsgi_app = Dispatcher(
-        app.wsgi_app,
-        router,
-        parts.gate,
-        parts.service,  # type: ignore[method-assign]
-        parts.access_log,
-    )
+    dispatcher = Dispatcher(app.wsgi_app, router, parts.gate, parts.service, parts.access_log)
+    # tracing and payload logs wrap the dispatcher (it is returned as it is when they are off)
+    app.wsgi_app = observe_wsgi(dispatcher, parts)  # type: ignore[method-assign]
     return app
 
 

@@ -31,8 +31,9 @@ from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
 from serving.fronts.parts import parts_of
 from serving.http.security import Gate, host_name
+from serving.observability import drift, observed
 from serving.observability.memory import set_server_root
-from serving.observability.metrics import TALLY, mark_worker_dead
+from serving.observability.metrics import TALLY, mark_worker_dead, multiprocess_directory
 from serving.runtime.service import InferenceService
 from serving.runtime.waiting import ALARM, WAITER
 from serving.runtime.watcher import ModelWatcher
@@ -80,6 +81,7 @@ def check_before_fork(server: Any, settings: Settings) -> None:
                 " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
         warn_if_exposed(server, settings)
+        check_payload_log(settings)
         for model_meta, _ in service.served.values():
             if not model_meta.verified:
                 server.log.warning(
@@ -116,6 +118,21 @@ def check_before_fork(server: Any, settings: Settings) -> None:
     )
 
 
+def check_payload_log(settings: Settings) -> None:
+    """A payload log file the server cannot append to stops the start (not a warning per record)."""
+    target = settings.payload_log
+    if not target or target == "stdout" or target.startswith(("http://", "https://")):
+        return
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"SERVING_PAYLOAD_LOG={target!r} cannot be appended to ({exc.strerror}): give a file in"
+            " a writable directory, stdout, or an http(s):// sink"
+        ) from None
+
+
 def warn_if_exposed(server: Any, settings: Settings) -> None:
     """A bind beyond loopback with no key: say at start what anyone who reaches the port can do."""
     # also refuses an unreadable key file or a short key, in the master, before forking
@@ -145,8 +162,10 @@ def _loopback(host: str) -> bool:
 
 
 def worker_exited(worker: Any) -> None:
-    """Master: a worker is gone; its live gauges (queue depth, model info) must stop counting."""
+    """Master: a worker is gone; its live gauges (queue depth, model info) and its drift window
+    must stop counting."""
     mark_worker_dead(worker.pid)
+    drift.forget_worker(multiprocess_directory(), worker.pid)
 
 
 def drain_worker(worker: Any) -> None:
@@ -158,6 +177,7 @@ def drain_worker(worker: Any) -> None:
         if service is not None:
             service.close()
     finally:
+        observed.close_all()  # spans, payload records and the drift window still buffered
         TALLY.flush()
 
 

@@ -141,6 +141,12 @@ SHADOW_DROPPED = Counter(
     "Shadow copies dropped because the worker's shadow queue was full",
     ["model"],
 )
+PAYLOAD_RECORDS = Counter(
+    "serving_payload_records_total",
+    "Payload records (SERVING_PAYLOAD_LOG) by outcome: written, dropped (the writer's buffer was"
+    " full) or failed (the sink refused or could not be reached)",
+    ["outcome"],
+)
 
 FLUSH_SECONDS = 1.0
 log = logging.getLogger("serving")
@@ -260,6 +266,19 @@ class ProcessMemoryCollector:
 
 _MEMORY = ProcessMemoryCollector()
 REGISTRY.register(_MEMORY)
+#: Collectors computed at scrape time, beside the multiprocess files: the memory gauge, drift.
+_SCRAPED: list[Any] = [_MEMORY]
+
+
+def register_collector(collector: Any) -> None:
+    """Add a collector that computes its metrics at scrape time (every worker's, in one answer)."""
+    _SCRAPED.append(collector)
+    REGISTRY.register(collector)
+
+
+def multiprocess_directory() -> str | None:
+    """prometheus_client's multiprocess directory, where per-worker state is merged (or None)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 def exposition() -> tuple[bytes, str]:
@@ -268,7 +287,8 @@ def exposition() -> tuple[bytes, str]:
     if MULTIPROCESS:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        registry.register(_MEMORY)
+        for collector in _SCRAPED:
+            registry.register(collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 

@@ -11,7 +11,7 @@ own: a directory given with ``SERVING_METRICS_DIR`` (or ``PROMETHEUS_MULTIPROC_D
 the first time, and is then marked with a ``MARKER`` file; a directory that holds other files and no
 marker is refused with one line (prometheus_client would also read any ``*.db`` file there as its
 own). In a marked directory only prometheus_client's files (``counter_<pid>.db``,
-``gauge_livesum_<pid>.db``, ...) are deleted.
+``gauge_livesum_<pid>.db``, ...) and the workers' drift windows (``drift_<pid>.json``) are deleted.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ MARKER = ".serving-metrics"
 #: prometheus_client's multiprocess file names: ``<type>[_<gauge mode>]_<pid>.db`` (values.py).
 METRIC_FILE = re.compile(
     r"^(counter|histogram|summary|gauge_(live)?(all|min|max|sum|mostrecent))_\d+\.db$"
+    r"|^drift_\d+\.(json|tmp)$"  # a worker's drift window (serving.observability.drift)
 )
 
 

@@ -90,6 +90,9 @@ class BatchStats:
 class MicroBatcher:
     """Collects concurrent requests into batches for one model, run by one dedicated thread."""
 
+    #: What a queued request is (``serving.runtime.instruments.TracedBatcher`` adds its context).
+    pending_type: type[Pending] = Pending
+
     def __init__(
         self,
         predict: Predict,
@@ -167,7 +170,7 @@ class MicroBatcher:
     ) -> Pending:
         if not self._accepting:
             raise ServiceStopping("the server is shutting down; retry on another instance")
-        pending = Pending(batch, time.monotonic() + timeout_s, notify)
+        pending = self.pending_type(batch, time.monotonic() + timeout_s, notify)
         try:
             self._queue.put_nowait(pending)
         except queue.Full:

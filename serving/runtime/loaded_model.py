@@ -25,6 +25,7 @@ from serving.backends import Backend
 from serving.config import Settings
 from serving.errors import InferenceError, ServingError
 from serving.observability import metrics
+from serving.runtime import instruments
 from serving.runtime.batching import BatchStats, InFlight, MicroBatcher
 from serving.runtime.waiting import WAITER
 from serving.store.repository import ModelMetadata
@@ -65,8 +66,10 @@ class LoadedModel:
         # no switch can happen: no lock per request
         self._count_users = settings.model_control != "none"
         self._call = self._direct
+        # tracing, payload logs and drift attach by wrapping (nothing changes when they are off)
+        self.run = instruments.wrap_run(self, settings)  # type: ignore[method-assign]
         if settings.mode == "batched":
-            self.batcher = MicroBatcher(
+            self.batcher = instruments.batcher_class(settings)(
                 self.run,
                 settings.max_batch_size,
                 settings.max_delay_ms,
@@ -76,6 +79,7 @@ class LoadedModel:
                 in_flight=in_flight,
             )
             self._call = self._batched
+        self._call = instruments.wrap_call(self, settings, self._call)
 
     def start(self) -> None:
         if self.batcher is not None:

@@ -33,6 +33,7 @@ from serving.store.repository import (
     valid_name,
 )
 from serving.toolchain.export import INPUT_NAME, ONNX_TOLERANCE, export_tf_function, export_torch
+from serving.toolchain.reference import from_file
 from serving.toolchain.signatures import ImportRefused, Signature, detect, signature
 from serving.toolchain.training import write_json
 
@@ -153,6 +154,21 @@ def _export_onnx(fmt: str, staging: Path, raw: dict[str, Any], sig: Signature) -
     export_tf_function(function, spec, staging / ONNX_ARTIFACT)
 
 
+def _reference(
+    path: str,
+    shape: tuple[int, int],
+    backend: str,
+    raw: dict[str, Any],
+    staging: Path,
+    labels: list[str],
+) -> dict[str, Any]:
+    """The reference statistics of ``--reference``'s inputs and of the model's predictions."""
+    try:
+        return from_file(path, shape, lambda batch: _run(backend, raw, staging, batch), labels)
+    except ValueError as exc:
+        raise ImportRefused(str(exc)) from None
+
+
 def import_model(args: argparse.Namespace) -> Path:
     """Import ``args.path`` as the next (or the given) version of ``args.name``; returns the
     version folder."""
@@ -233,6 +249,8 @@ def import_model(args: argparse.Namespace) -> Path:
                 )
             raw["onnx_max_abs_diff"] = diff
         final = _run(backend, raw, staging, batch[:1])
+        if getattr(args, "reference", None):  # drift: statistics of representative inputs
+            raw["reference"] = _reference(args.reference, sig.shape, backend, raw, staging, labels)
         write_json(staging / "labels.json", labels)
         write_json(
             staging / "sample.json",
@@ -284,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--export-onnx", action="store_true", help="also write and check an ONNX export"
+    )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="a .npy array of representative inputs (N x H x W, in the input range): their"
+        " statistics are recorded for drift scores",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

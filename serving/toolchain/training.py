@@ -34,6 +34,7 @@ from serving.toolchain.export import (
     in_chunks,
     onnxruntime_version,
 )
+from serving.toolchain.reference import from_training
 
 FRAMEWORKS = ("tensorflow", "pytorch")
 NAME_SUFFIX = {"tensorflow": "tf", "pytorch": "torch"}
@@ -176,7 +177,10 @@ def train(config: TrainConfig, dataset: Dataset, log: Log = print) -> TrainResul
             "labels.json",
             "sample.json",
         ]
-        version = _publish(config, dataset, staging, artifacts, accuracy, diff, outcome.versions)
+        reference = from_training(dataset.x_train, outcome.native, dataset.labels)  # drift
+        version = _publish(
+            config, dataset, staging, artifacts, accuracy, diff, outcome.versions, reference
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return TrainResult(
@@ -354,6 +358,7 @@ def _publish(
     accuracy: float,
     diff: float,
     versions: dict[str, str],
+    reference: dict[str, Any] | None = None,
 ) -> int:
     """Write metadata.json into the staging directory and rename it to the next free version."""
     model_dir = config.out / config.name
@@ -387,6 +392,7 @@ def _publish(
             "artifacts": {name: {"sha256": sha256_file(staging / name)} for name in artifacts},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": versions,
+            "reference": reference,
         }
         write_json(staging / "metadata.json", metadata)
         staging.chmod(0o755)  # mkdtemp made it private; servers may run as another user

@@ -49,6 +49,7 @@ def test_the_prometheus_configs_pass_promtool(tmp_path: Path) -> None:
     key_file.write_text(ADMIN_KEY)
     local = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     local["scrape_configs"][0]["authorization"]["credentials_file"] = str(key_file)
+    local["rule_files"] = [str(DEPLOY / name) for name in local["rule_files"]]  # relative to deploy/
     (tmp_path / "local.yml").write_text(yaml.safe_dump(local))
     promtool_check(tmp_path / "local.yml")
     pods = yaml.safe_load((K8S / "prometheus-scrape.yml").read_text())
@@ -76,9 +77,11 @@ def scraped_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -
     (work / "admin-keys").write_text(ADMIN_KEY + "\n")
     (work / "api-keys").write_text(API_KEY + "\n")
     server = GunicornServer(model_repo, work, model="digits-torch", backend="onnx", workers=2,
-                            admin_keys_file=work / "admin-keys", api_keys_file=work / "api-keys")
+                            admin_keys_file=work / "admin-keys", api_keys_file=work / "api-keys",
+                            drift="true", drift_min_samples="1")
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
+    config["rule_files"] = [str(DEPLOY / name) for name in config["rule_files"]]
     (job,) = config["scrape_configs"]
     job.update(scrape_interval="1s", scrape_timeout="1s")
     job["authorization"]["credentials_file"] = str(work / "admin-keys")
@@ -173,15 +176,15 @@ def metric_names(expr: str) -> set[str]:
 @pytest.mark.slow
 def test_every_dashboard_expression_runs_and_names_exported_metrics(scraped_server: dict[str, Any]) -> None:
     server, prometheus = scraped_server["server"], scraped_server["prometheus"]
-    exposition = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                              timeout=10).text
-    exported = {line.split("{")[0].split()[0] for line in exposition.splitlines() if line and not line.startswith("#")}
-    assert "process_resident_memory_bytes" not in exported  # why the dashboard has no per-worker RSS panel
     with requests.Session() as session:
         session.headers["Authorization"] = f"Bearer {API_KEY}"
         for _ in range(20):
             session.post(server.url + "/predict", json=SAMPLE, timeout=10)
-    time.sleep(3)  # a flush and two scrapes
+    time.sleep(3)  # a flush (metrics, the drift window) and two scrapes
+    exposition = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                              timeout=10).text
+    exported = {line.split("{")[0].split()[0] for line in exposition.splitlines() if line and not line.startswith("#")}
+    assert "process_resident_memory_bytes" not in exported  # why the dashboard has no per-worker RSS panel
     expressions = dashboard_expressions()
     assert len(expressions) >= 12
     empty = []
@@ -194,3 +197,54 @@ def test_every_dashboard_expression_runs_and_names_exported_metrics(scraped_serv
     # Only what this process-mode, error-free traffic cannot produce may be empty: refusals and queues.
     assert all("serving_rejected_requests_total" in expr or "serving_queue_depth" in expr or "5.." in expr
                or "4..|5.." in expr for expr in empty), empty
+
+
+RULES = DEPLOY / "prometheus-rules.yml"
+
+
+def test_the_drift_alerts_fire_above_their_threshold_and_only_then(tmp_path: Path) -> None:
+    """promtool's rule unit tests on deploy/prometheus-rules.yml: a band over the threshold for 10 minutes fires
+    the input alert, the class prior the prediction alert, and a score under it fires nothing."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is missing: apt-get install prometheus")
+    series = 'serving_drift_score{job="serving",instance="a:8000",model="mnist",version="1",input="%s"}'
+    threshold = 'serving_drift_threshold{job="serving",instance="a:8000",model="mnist",version="1"}'
+    labels = {"job": "serving", "instance": "a:8000", "model": "mnist", "version": "1", "severity": "warning"}
+    rules = {rule["alert"]: rule for rule in yaml.safe_load(RULES.read_text())["groups"][0]["rules"]}
+
+    def fired(alert: str, value: str) -> dict[str, Any]:
+        """The alert as promtool renders it: labels, and the annotations' templates filled in."""
+        annotations = {key: re.sub(r"\{\{ \$value[^}]*\}\}", value, text).replace("{{ $labels.model }}", "mnist")
+                       .replace("{{ $labels.version }}", "1").replace("{{ $labels.instance }}", "a:8000")
+                       for key, text in rules[alert]["annotations"].items()}
+        return {"exp_labels": labels, "exp_annotations": annotations}
+    tests = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": [
+        {"interval": "1m", "input_series": [
+            {"series": series % "band_1_1", "values": "0.02 0.9x20"},
+            {"series": series % "mean_intensity", "values": "0.01x20"},
+            {"series": series % "class_prior", "values": "0.03x20"},
+            {"series": threshold, "values": "0.25x20"}],
+         "alert_rule_test": [
+            {"eval_time": "5m", "alertname": "ServingInputDrift", "exp_alerts": []},
+            {"eval_time": "15m", "alertname": "ServingInputDrift", "exp_alerts": [fired("ServingInputDrift", "0.90")]},
+            {"eval_time": "15m", "alertname": "ServingPredictionDrift", "exp_alerts": []}]},
+        {"interval": "1m", "input_series": [
+            {"series": series % "class_prior", "values": "0.6x20"},
+            {"series": series % "band_0_0", "values": "0.2x20"},
+            {"series": threshold, "values": "0.25x20"}],
+         "alert_rule_test": [
+            {"eval_time": "15m", "alertname": "ServingPredictionDrift",
+             "exp_alerts": [fired("ServingPredictionDrift", "0.60")]},
+            {"eval_time": "15m", "alertname": "ServingInputDrift", "exp_alerts": []}]}]}
+    (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
+    for command in (["check", "rules", str(RULES)], ["test", "rules", str(tmp_path / "tests.yml")]):
+        result = subprocess.run([promtool, *command], capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_prometheus_loads_the_alert_rules(scraped_server: dict[str, Any]) -> None:
+    groups = requests.get(scraped_server["prometheus"] + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+    assert {rule["name"] for group in groups for rule in group["rules"]} == {"ServingInputDrift",
+                                                                             "ServingPredictionDrift"}

@@ -229,3 +229,23 @@ def test_tf_serving_signature_read_without_tensorflow_matches_tensorflow(tfservi
          f" ModelRepository({str(tfserving)!r}).resolve('mnist'); assert 'tensorflow' not in sys.modules"],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60, check=False)
     assert master_like.returncode == 0, master_like.stderr[-1500:]
+
+
+def test_reference_statistics_are_recorded_from_representative_inputs(sources: Path, tmp_path: Path) -> None:
+    """``--reference FILE.npy``: drift's reference (the inputs' bands and the model's predicted classes) goes
+    into metadata.json; a file of the wrong shape is refused in one line."""
+    from sklearn.datasets import load_digits
+
+    inputs = tmp_path / "digits.npy"
+    np.save(inputs, (load_digits().data / 16.0).reshape(-1, 8, 8).astype(np.float32))
+    result = serving_import(str(sources / "logreg.onnx"), "--name", "drifty", "--input-range", "0,1",
+                            "--reference", str(inputs), "--repository", str(tmp_path / "repo"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    reference = orjson.loads((tmp_path / "repo" / "drifty" / "1" / "metadata.json").read_bytes())["reference"]
+    assert reference["samples"] == 1797 and len(reference["inputs"]) == 17
+    predicted = reference["class_prior"]["counts"]
+    assert sum(predicted) == 1797 and min(predicted) > 100  # a working classifier predicts every digit
+    np.save(tmp_path / "flat.npy", np.zeros((200, 10), dtype=np.float32))
+    refused = serving_import(str(sources / "logreg.onnx"), "--name", "x", "--reference", str(tmp_path / "flat.npy"),
+                             "--repository", str(tmp_path / "other"))
+    assert refused.returncode == 2 and "--reference" in refused.stderr and "expected [N, 8, 8]" in refused.stderr
