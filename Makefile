@@ -16,6 +16,7 @@
 # make fuzz        the image decoder, JSON parser and v2 codec fuzzed for longer (FUZZ_EXAMPLES=20000)
 # make test-image  build both container images and check them for real (.ci/run runs it after make test)
 # make lock        regenerate requirements-runtime.txt / -frameworks.txt (the images' pins) from pyproject.toml
+# make protos      regenerate the gRPC API's messages (serving/protocol/v2/proto/*_pb2.py) from its .proto files
 # make docs        regenerate docs/settings.md and the endpoint table in docs/api.md
 
 VENV ?= .venv
@@ -28,7 +29,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-batching bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: fuzz lock protos venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-batching bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt requirements-runtime.txt requirements-frameworks.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -107,6 +108,9 @@ test-image: venv
 # The images' constraints files, from pyproject.toml's dependencies at the versions requirements.txt installed.
 lock: venv
 	$(PY) scripts/lock_requirements.py
+
+protos: venv
+	$(PY) scripts/generate_protos.py
 
 bench-replicas: venv
 	scripts/system-packages.sh nginx iproute2:ip

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -28,7 +29,8 @@ from gunicorn.workers.sync import SyncWorker
 from serving.backends import is_thread_safe
 from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
-from serving.fronts.parts import parts_of
+from serving.fronts.grpc.server import GrpcFront
+from serving.fronts.parts import ServingParts, parts_of
 from serving.http.security import Gate, host_name
 from serving.observability.memory import set_server_root
 from serving.observability.metrics import TALLY, mark_worker_dead
@@ -78,7 +80,8 @@ def check_before_fork(server: Any, settings: Settings) -> None:
                 "worker), or"
                 " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
-        warn_if_exposed(server, settings)
+        grpc_address = check_grpc_address(settings, server.cfg.bind)
+        warn_if_exposed(server, settings, grpc_address)
         for model_meta, _ in service.served.values():
             if not model_meta.verified:
                 server.log.warning(
@@ -100,7 +103,7 @@ def check_before_fork(server: Any, settings: Settings) -> None:
     workers = server.cfg.workers
     server.log.info(
         "serving %s version %d (%s backend, %s) with %d workers x %d threads; math threads per "
-        "worker: %d%s",
+        "worker: %d%s; gRPC: %s",
         meta.name,
         meta.version,
         service.backend_name,
@@ -112,16 +115,42 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         f"{', '.join(f'{n}:{v}' for n, v in service.served if (n, v) != (meta.name, meta.version))}"
         if len(service.served) > 1
         else "",
+        f"{grpc_address} (every worker)" if grpc_address else "off",
     )
 
 
-def warn_if_exposed(server: Any, settings: Settings) -> None:
+def check_grpc_address(settings: Settings, binds: list[str]) -> str | None:
+    """The gRPC address, once the master has bound it alone for a moment (ConfigError if it cannot).
+
+    The workers bind it with SO_REUSEPORT, which would let them share the port with another server
+    of the same user without a word: binding it without that option first fails instead when
+    anything holds it (another server, an earlier one still running).
+    """
+    address = settings.grpc_address(binds[0] if binds else None)
+    if address is None:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except OSError as exc:
+        raise ConfigError(
+            f"the gRPC address {address} cannot be bound ({exc.strerror or exc}): another server"
+            " may hold it; set SERVING_GRPC_BIND to a free HOST:PORT, or off"
+        ) from None
+    return address
+
+
+def warn_if_exposed(server: Any, settings: Settings, grpc_address: str | None = None) -> None:
     """A bind beyond loopback with no key: say at start what anyone who reaches the port can do."""
     # also refuses an unreadable key file or a short key, in the master, before forking
     gate = Gate(settings)
     exposed = [
         address
-        for address in server.cfg.bind
+        for address in [*server.cfg.bind, *([grpc_address] if grpc_address else [])]
         if not address.startswith("unix:") and not _loopback(host_name(address))
     ]
     if exposed and not gate.keys_on:
@@ -149,15 +178,67 @@ def worker_exited(worker: Any) -> None:
 
 
 def drain_worker(worker: Any) -> None:
-    """Worker, on its way out: answer everything still queued for the model thread, then flush
-    metrics."""
+    """Worker, on its way out: let the gRPC calls in flight finish, answer everything still queued
+    for the model thread, then flush metrics."""
     parts = parts_of(getattr(worker, "wsgi", None))
     service = parts.service if parts is not None else None
+    front = getattr(worker, "grpc_front", None)
     try:
+        if isinstance(front, GrpcFront):
+            front.wait()
         if service is not None:
             service.close()
     finally:
         TALLY.flush()
+        end_worker_process()
+
+
+def end_worker_process() -> None:
+    """End the worker here, with the exit code gunicorn's ``sys.exit`` carries, as a forked child
+    should: ``os._exit``, after flushing the logs, without the C++ destructors of the libraries the
+    master loaded before fork.
+
+    Measured: onnxruntime, imported in the master (SERVING_SHARE_MEMORY), destroys at exit a
+    condition variable whose waiters are the master's threads, which a child does not have: a
+    worker that returned from Python hung there until the master killed it after
+    SERVING_GRACEFUL_TIMEOUT (30 s per stop), and with gRPC's threads it aborted instead (SIGABRT:
+    ``std::system_error``). Nothing is left to run by then: the calls in flight were answered, the
+    queues drained and the metrics flushed.
+    """
+    error = sys.exc_info()[1]  # inside gunicorn's ``finally``: the SystemExit on its way out
+    code = error.code if isinstance(error, SystemExit) else 0
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+
+def start_grpc(worker: Any, parts: ServingParts) -> None:
+    """Serve gRPC in this worker, on the port every worker shares; exit with the boot-error code
+    when it cannot be bound (the master then stops instead of respawning)."""
+    address = parts.settings.grpc_address(worker.cfg.bind[0] if worker.cfg.bind else None)
+    if address is None:
+        return
+    front = GrpcFront(parts, address)
+    try:
+        front.start()
+    except (RuntimeError, OSError) as exc:
+        worker.log.error("worker %d cannot serve gRPC on %s: %s", worker.pid, address, exc)
+        sys.exit(WORKER_BOOT_ERROR)
+    worker.grpc_front = front
+    # SIGTERM stops new gRPC calls at once, as it stops the HTTP listeners; the ASGI workers'
+    # event loop takes the signal over, and their stop calls begin_stop (serving.host.asgi_workers)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop_then_exit(signum: int, frame: Any) -> None:
+        front.begin_stop()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop_then_exit)
 
 
 class HangWatchdog(threading.Thread):
@@ -239,6 +320,7 @@ def load_in_worker(worker: Any) -> None:
         HangWatchdog(service, float(worker.cfg.timeout), worker.log).start()
     if service.settings.model_control != "none":
         ModelWatcher(service, worker.cfg.workers).start()
+    start_grpc(worker, parts)
     # Everything loaded so far (frameworks, models, the app) lives as long as the worker: moved out
     # of the cyclic collector's reach, a full collection walks only what connections and requests
     # allocate. Measured: a full collection in an ONNX worker took 8-10 ms, a stall every request of

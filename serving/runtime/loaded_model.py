@@ -54,6 +54,8 @@ class LoadedModel:
         self._latency = metrics.INFERENCE_LATENCY.labels(self.label)
         self._batch_sizes = metrics.BATCH_SIZE.labels(self.label)
         self._depth = metrics.QUEUE_DEPTH.labels(self.label)
+        self._queued = metrics.QUEUE_SECONDS.labels(self.label)
+        self._requests = metrics.ModelRequests(self.label)
         self.batcher: MicroBatcher | None = None
         # requests inside ``infer`` now: a retired version waits for them (model control only)
         self._users = 0
@@ -100,16 +102,25 @@ class LoadedModel:
 
     def infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         """Probabilities for ``batch``: through the batcher in batched mode, else a direct call,
-        as the caller's ``Waiter`` waits; counted while model control may retire this version."""
-        if not self._count_users:
-            return self._call(batch, timeout_s)
-        with self._users_lock:
-            self._users += 1
+        as the caller's ``Waiter`` waits; counted while model control may retire this version, and
+        in the version's request counts (its outcome and time, queue included)."""
+        started = time.perf_counter()
         try:
-            return self._call(batch, timeout_s)
-        finally:
-            with self._users_lock:
-                self._users -= 1
+            if not self._count_users:
+                output = self._call(batch, timeout_s)
+            else:
+                with self._users_lock:
+                    self._users += 1
+                try:
+                    output = self._call(batch, timeout_s)
+                finally:
+                    with self._users_lock:
+                        self._users -= 1
+        except BaseException:
+            self._requests.observe(False, time.perf_counter() - started)
+            raise
+        self._requests.observe(True, time.perf_counter() - started)
+        return output
 
     def _batched(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         batcher = self.batcher
@@ -135,6 +146,7 @@ class LoadedModel:
     def _observe_batch(self, stats: BatchStats) -> None:
         metrics.TALLY.observe(self._latency, stats.seconds)
         metrics.TALLY.observe(self._batch_sizes, stats.samples)
+        metrics.TALLY.inc(self._queued, stats.queued)
 
     def retire(self, limit_s: float) -> None:
         """Unload after a version switch: wait (up to ``limit_s``) until no request holds this
