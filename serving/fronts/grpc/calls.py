@@ -109,8 +109,8 @@ class GrpcRequest(RequestState):
     def timeout(self) -> float | None:
         """The call's own deadline in seconds (the service clamps it to
         ``SERVING_MAX_CLIENT_TIMEOUT_MS``), None when it has none."""
-        remaining: float = self.context.time_remaining()
-        if remaining > NO_DEADLINE_S:
+        remaining: float | None = self.context.time_remaining()  # grpc.aio's says None for none
+        if remaining is None or remaining > NO_DEADLINE_S:
             return None
         self.client_deadline = True
         if remaining <= 0:
