@@ -307,7 +307,7 @@ def render(args: argparse.Namespace, meta: ModelMetadata, measured: dict, placed
         f" with the same client (perf_analyzer; target gRPC <= HTTP,"
         f" {'met' if pa_grpc1.p50_ms <= pa_http1.p50_ms else 'NOT met'}); h2load's gRPC p50 {grpc1.p50_ms:.3f} ms"
         f" against wrk's HTTP p50 {wrk1.p50_ms:.3f} ms.",
-        "perf_analyzer over HTTP and gRPC at concurrency 1..8 (and 12, 16, 24): every inference answered 200"
+        "perf_analyzer over HTTP and gRPC at concurrency 1..8 (and 12 to 48): every inference answered 200"
         f" ({', '.join(f'{k}: {v:,}' for k, v in sorted(measured['statuses'].items()))})"
         if not failed else f"FAILED requests: {failed}",
     ]

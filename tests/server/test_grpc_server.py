@@ -239,3 +239,27 @@ def test_off_and_a_taken_port(model_repo: Path, server_factory: Any, tmp_path: P
                                 capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0
     assert f"the gRPC address 127.0.0.1:{port} cannot be bound" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_repository_load_and_unload_over_grpc(server_factory: Any, repo_copy: Path, x: np.ndarray) -> None:
+    """The repository extension's RPCs act on every worker, like their REST twins (SERVING_MODEL_CONTROL=explicit)."""
+    server = server_factory(repo_copy, model="digits-torch", backend="onnx", model_control="explicit").start()
+    client = triton.InferenceServerClient(server.grpc_target)
+    try:
+        assert not client.is_model_ready("digits-tf")
+        client.load_model("digits-tf")
+        index = {(m.name, m.version): m.state for m in client.get_model_repository_index().models}
+        assert index[("digits-tf", "1")] == "READY" and client.is_model_ready("digits-tf")
+        tensor = triton.InferInput("input", [2, 8, 8], "FP32")
+        tensor.set_data_from_numpy(x[:2])
+        assert client.infer("digits-tf", [tensor]).as_numpy("probabilities").shape == (2, 10)
+        client.unload_model("digits-tf")
+        assert not client.is_model_ready("digits-tf")
+        with pytest.raises(triton.InferenceServerException) as gone:
+            client.infer("digits-tf", [tensor])
+        assert gone.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(triton.InferenceServerException) as refused:
+            client.unload_model("digits-torch")  # the native API's model stays
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "native API" in refused.value.message()
+    finally:
+        client.close()
