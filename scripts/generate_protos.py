@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = Path("serving/protocol/v2/proto")
 #: In dependency order: grpc_service.proto imports model_config.proto.
-PROTOS = ("model_config.proto", "grpc_service.proto")
+PROTOS = ("model_config.proto", "grpc_service.proto", "rpc_status.proto")
 DEFAULT_POOL = "_descriptor_pool.Default().AddSerializedFile("
 PRIVATE_POOL = "_POOL.AddSerializedFile("
 POOL_IMPORT = "from serving.protocol.v2.proto import POOL as _POOL\n"
@@ -32,9 +32,11 @@ POOL_IMPORT = "from serving.protocol.v2.proto import POOL as _POOL\n"
 
 def generate(out: Path) -> list[Path]:
     """Compile every proto into ``out`` (a root the package path is created under); the files written."""
-    from grpc_tools import protoc  # a developer tool: only this script needs it
+    import grpc_tools  # a developer tool: only this script needs it
+    from grpc_tools import protoc
 
-    args = ["protoc", f"-I{ROOT}", f"--python_out={out}", f"--pyi_out={out}"]
+    well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
+    args = ["protoc", f"-I{ROOT}", f"-I{well_known}", f"--python_out={out}", f"--pyi_out={out}"]
     args += [str(ROOT / PROTO_DIR / name) for name in PROTOS]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")

@@ -22,6 +22,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from serving.protocol.v2.proto.rpc_status_pb2 import RetryInfo, Status
 from serving.toolchain.data import load_digits_dataset
 from tests.conftest import GUNICORN, ROOT, GunicornServer, clean_env, free_port
 from tests.deploy.test_deploy_security import make_certificates, start_https
@@ -206,6 +207,11 @@ def test_asgi_batched_overload_answers_unavailable_with_pushback(server_factory:
     assert grpc.StatusCode.OK in codes and grpc.StatusCode.UNAVAILABLE in codes, codes
     refused = [trailers for code, trailers in results if code == grpc.StatusCode.UNAVAILABLE]
     assert all(trailers.get("grpc-retry-pushback-ms") == "1000" for trailers in refused), refused
+    for trailers in refused:  # gRPC's rich error model too: google.rpc.Status with RetryInfo
+        status = Status.FromString(trailers["grpc-status-details-bin"])
+        retry = RetryInfo()
+        assert status.code == grpc.StatusCode.UNAVAILABLE.value[0] and status.details[0].Unpack(retry)
+        assert retry.retry_delay.seconds == 1 and "queue" in status.message
 
 
 def test_the_deadline_is_the_calls_own_clamped_by_the_server(server_factory: Any, x: np.ndarray) -> None:

@@ -9,7 +9,8 @@
 # scope with the same ``Gate`` as HTTP, and calls the handler. A failure goes through
 # ``answer_for_exception``, the one place a failure is counted and logged, and its HTTP status
 # becomes the gRPC code (``STATUS_CODES``, Google's mapping); an overloaded server's UNAVAILABLE
-# carries ``grpc-retry-pushback-ms``, which gRPC's own retry policy honours. Every call ends in
+# carries ``grpc-retry-pushback-ms``, which gRPC's own retry policy honours, and a google.rpc.Status
+# with RetryInfo (gRPC's rich error model) in ``grpc-status-details-bin``. Every call ends in
 # ``finish``: ``serving_grpc_requests_total{method, code}``, its latency, and the access line (its
 # status is the HTTP one the same outcome has on REST, so the log reads the same for both). The
 # ``x-request-id`` trailer names the request, as the header does on HTTP.
@@ -30,6 +31,7 @@ from serving.http.security import Gate
 from serving.observability import metrics
 from serving.observability.context import CURRENT_REQUEST
 from serving.observability.logging import AccessLog
+from serving.protocol.v2.proto.rpc_status_pb2 import RetryInfo, Status
 from serving.protocol.v2.rpcs import Rpc
 from serving.runtime.service import InferenceService
 
@@ -158,10 +160,10 @@ class GrpcCalls:
                 error, answer = exc, b""
                 status = answer_for_exception(exc, request).status  # counted and logged there
             code = grpc.StatusCode.OK if error is None else status_code(status)
-            trailers: tuple[tuple[str, str], ...] = (("x-request-id", request.request_id),)
+            trailers: tuple[tuple[str, str | bytes], ...] = (("x-request-id", request.request_id),)
             retry_after = isinstance(error, ServingError) and error.headers.get("Retry-After")
-            if code is grpc.StatusCode.UNAVAILABLE and retry_after:
-                trailers += (("grpc-retry-pushback-ms", str(int(retry_after) * 1000)),)
+            if code is grpc.StatusCode.UNAVAILABLE and retry_after and error is not None:
+                trailers += retry_trailers(code, _details(error), int(retry_after))
             context.set_trailing_metadata(trailers)
             self.finish(request, status, code)
             if error is not None:
@@ -185,6 +187,22 @@ class GrpcCalls:
             request.model or self.service.default_label,
             request.batch_size,
         )
+
+
+def retry_trailers(
+    code: grpc.StatusCode, details: str, seconds: int
+) -> tuple[tuple[str, str | bytes], ...]:
+    """When to retry, both ways a client reads it: ``grpc-retry-pushback-ms`` (gRPC's own retry
+    policy) and a ``google.rpc.Status`` with ``google.rpc.RetryInfo`` in ``grpc-status-details-bin``
+    (gRPC's rich error model, grpcio-status' ``rpc_status.from_call``)."""
+    retry = RetryInfo()
+    retry.retry_delay.seconds = seconds
+    status = Status(code=code.value[0], message=details)
+    status.details.add().Pack(retry)
+    return (
+        ("grpc-retry-pushback-ms", str(seconds * 1000)),
+        ("grpc-status-details-bin", status.SerializeToString()),
+    )
 
 
 def _details(error: BaseException) -> str:
