@@ -15,10 +15,12 @@
 # make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
 #                  then serves mnist-tf
 # make bench-tracing  tracing (off, 1%, 100%), payload logs and drift on the request path (reports/tracing-<date>.md)
+# make bench-grpc  gRPC against HTTP v2 binary (h2load, wrk, perf_analyzer) and the gRPC server's placement
 # make bench-uploads  upload accuracy of the MNIST and 8x8 models (reports/upload-accuracy-<date>.md)
 # make fuzz        the image decoder, JSON parser and v2 codec fuzzed for longer (FUZZ_EXAMPLES=20000)
 # make test-image  build both container images and check them for real (.ci/run runs it after make test)
 # make lock        regenerate requirements-runtime.txt / -frameworks.txt (the images' pins) from pyproject.toml
+# make protos      regenerate the gRPC API's messages (serving/protocol/v2/proto/*_pb2.py) from its .proto files
 # make docs        regenerate docs/settings.md and the endpoint table in docs/api.md
 
 VENV ?= .venv
@@ -31,7 +33,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: fuzz lock venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-traffic bench-batching bench-tracing bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: bench-grpc fuzz lock protos venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-traffic bench-batching bench-tracing bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt requirements-runtime.txt requirements-frameworks.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -101,6 +103,12 @@ bench-fork: venv
 	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
 	$(PY) -m bench.fork_soak
 
+# gRPC against HTTP v2 binary, perf_analyzer over both, the gRPC server's placement (reports/grpc-<date>.md)
+bench-grpc: venv
+	scripts/system-packages.sh $(BENCH_PACKAGES) nghttp2-client:h2load
+	@if [ -z "$$(ls -A models/mnist-torch 2>/dev/null)" ]; then $(PY) train.py --dataset mnist --framework pytorch; fi
+	$(PY) -m bench.grpc
+
 bench-batching: venv
 	scripts/system-packages.sh $(BENCH_PACKAGES)
 	$(PY) -m bench.batching
@@ -119,6 +127,9 @@ lock: venv
 bench-traffic: venv
 	@if [ -z "$$(ls -A models/digits-torch 2>/dev/null)" ]; then $(PY) train.py; fi
 	$(PY) -m bench.traffic
+
+protos: venv
+	$(PY) scripts/generate_protos.py
 
 bench-replicas: venv
 	scripts/system-packages.sh nginx iproute2:ip

@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: start the model server on either front, drive it with wrk, parse what wrk says.
+"""Shared benchmark plumbing: start the model server on either front, drive it with wrk (HTTP) or h2load (gRPC),
+parse what they say.
 
 Servers come from ``serving.tools.testing`` (always stopped); load only ever targets 127.0.0.1 and every
 run is bounded by wrk's ``-d`` duration.
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from serving.protocol.v2.proto import grpc_service_pb2 as pb
 from serving.tools.testing import GunicornServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,3 +99,33 @@ def parse_wrk(output: str) -> WrkResult:
     if socket_errors:
         errors += sum(int(n) for n in socket_errors.groups())
     return WrkResult(rps, p50, p99, total, errors, output)
+
+
+def grpc_body(x: np.ndarray, model: str, name: str) -> bytes:
+    """One gRPC request on the wire, as h2load sends it: the 5-byte length prefix, then ModelInferRequest."""
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    message = request.SerializeToString()
+    return b"\0" + struct.pack(">I", len(message)) + message
+
+
+def run_h2load(url: str, body: Path, headers: dict[str, str], connections: int, seconds: int,
+               out: Path) -> tuple[float, float, float, int]:
+    """h2load (nghttp2) over HTTP/2 for ``seconds``, one request in flight per connection: req/s, p50 and p99 ms
+    (from its per-request log), and the requests it did not see succeed. (Its HTTP/1.1 mode hangs at the end
+    against gunicorn's sync workers, which close every connection: wrk measures HTTP.)"""
+    if shutil.which("h2load") is None:
+        raise SystemExit("h2load is not installed: apt-get install -y nghttp2-client (make bench-grpc does)")
+    log = out.with_suffix(".log")
+    command = ["h2load", "-D", str(seconds), "--warm-up-time", "1", "-c", str(connections), "-m", "1",
+               "-d", str(body), f"--log-file={log}"]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    result = subprocess.run([*command, url], capture_output=True, text=True, timeout=seconds + 120, check=False)
+    out.write_text(" ".join(command) + f" {url}\n\n" + result.stdout + result.stderr)
+    rate = float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", result.stdout).group(1))  # type: ignore[union-attr]
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", result.stdout)
+    failed = int(done.group(1)) - int(done.group(2)) if done else -1
+    latencies = np.asarray([int(line.split("\t")[2]) for line in log.read_text().splitlines() if line], dtype=float)
+    return rate, float(np.percentile(latencies, 50)) / 1000, float(np.percentile(latencies, 99)) / 1000, failed

@@ -10,8 +10,10 @@ starts its own gunicorn server (as shipped: process mode, access log, metrics an
 checks that every request body gets a 200 with the same probabilities on each protocol, then drives
 each body with wrk on 127.0.0.1 for ``--seconds`` (binary bodies are read from a file by the Lua
 script, since a Lua long string would rewrite the line breaks inside them). Bodies follow the input
-shape in the model's metadata. Then measures, in this process and without HTTP, what decoding, the
-model call and encoding cost per request. Writes one ``reports/v2-<stamp>.md`` with a section per
+shape in the model's metadata; with ``--grpc`` (the default) the same 1 and 64 samples also go over gRPC
+(``raw_input_contents``, checked first against the same probabilities), driven by nghttp2's h2load with as
+many connections. Then measures, in this process and without HTTP, what decoding, the model call and
+encoding cost per request. Writes one ``reports/v2-<stamp>.md`` with a section per
 model and the raw wrk output under ``reports/v2-<stamp>/<model>/``. Target: with 64 samples per
 request, v2 binary serves >= 3x the samples/s of native JSON, and >= 0.7 of what the bare model calls
 allow (the backend's predict on the same 64 samples, one math thread, times the workers). ``--model
@@ -30,16 +32,18 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import numpy as np
 import orjson
 import requests
 
 from bench import mnist_shaped
-from bench.harness import ROOT, WrkResult, run_wrk, wrk_script
+from bench.harness import ROOT, WrkResult, grpc_body, run_h2load, run_wrk, wrk_script
 from serving.backends import backend_class
 from serving.http.encoding import json_bytes
 from serving.protocol.inputs import batch_from_data
 from serving.protocol.v2.codec import InferenceRequest, decode_request, encode_response
+from serving.protocol.v2.proto.grpc_service_pb2 import ModelInferResponse
 from serving.protocol.v2.tensors import batch_from_request, output_tensors
 from serving.store.repository import ModelMetadata, ModelRepository
 from serving.toolchain.data import load_digits_dataset, load_mnist
@@ -179,7 +183,8 @@ class ModelRun:
 def bench_model(model: str, args: argparse.Namespace, out_dir: Path) -> ModelRun:
     """Start a server for ``model``, check every body, drive each with wrk, then measure in-process costs."""
     meta = ModelRepository(args.repo).resolve(model)
-    cases = bodies(held_out_samples(meta), meta.input_name)
+    x_samples = held_out_samples(meta)
+    cases = bodies(x_samples, meta.input_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": model, "SERVING_BACKEND": args.backend,
            "SERVING_MODE": "process", "SERVING_WORKERS": str(args.workers), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -210,8 +215,28 @@ def bench_model(model: str, args: argparse.Namespace, out_dir: Path) -> ModelRun
             samples = int(label.split("|")[1])
             print(f"  {result.requests_per_s * samples:,.0f} samples/s ({result.requests_per_s:,.0f} req/s),"
                   f" p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, errors {result.errors}", flush=True)
+        if args.grpc:  # the same samples over gRPC (raw_input_contents), driven by h2load, one call per connection
+            target = f"http://{srv.grpc_target}/inference.GRPCInferenceService/ModelInfer"
+            for samples in (1, 64):
+                label = f"gRPC raw|{samples}"
+                body_path = out_dir / f"grpc-raw-{samples}.bin"
+                body_path.write_bytes(grpc_body(x_samples[:samples], model, meta.input_name))
+                cases[label] = ("grpc", body_path.read_bytes(), {})
+                with grpc.insecure_channel(srv.grpc_target) as channel:  # right before it is timed, as above
+                    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+                    answer = ModelInferResponse.FromString(call(cases[label][1][5:], timeout=10))
+                got = np.frombuffer(answer.raw_output_contents[0], dtype="<f4")
+                assert np.array_equal(reference[samples], got), f"{model} {label}: answers differ"
+                print(f"gRPC raw, {samples} samples ...", flush=True)
+                rate, p50, p99, failed = run_h2load(target, body_path, {"content-type": "application/grpc",
+                                                                         "te": "trailers"}, args.connections,
+                                                    args.seconds, out_dir / f"grpc-raw-{samples}.txt")
+                results[label] = WrkResult(rate, p50, p99, int(rate * args.seconds), failed, "")
+                print(f"  {rate * samples:,.0f} samples/s ({rate:,.0f} req/s), p50 {p50:.2f} ms, p99 {p99:.2f} ms,"
+                      f" failed {failed}", flush=True)
     print("protocol costs in-process ...", flush=True)
-    return ModelRun(meta, cases, results, protocol_costs(cases, meta, args.backend))
+    http_cases = {label: case for label, case in cases.items() if case[0] != "grpc"}
+    return ModelRun(meta, cases, results, protocol_costs(http_cases, meta, args.backend))
 
 
 def main() -> None:
@@ -224,6 +249,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="benchmark this one model (the same as --models NAME)")
     parser.add_argument("--backend", default="onnx")
     parser.add_argument("--repo", type=Path, default=ROOT / "models", help="model repository")
+    parser.add_argument("--grpc", action=argparse.BooleanOptionalAction, default=True,
+                        help="also gRPC rows (raw_input_contents, driven by h2load: apt-get install nghttp2-client)")
     args = parser.parse_args()
     if args.model and args.models:
         parser.error("give --model or --models, not both")

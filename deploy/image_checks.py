@@ -17,6 +17,8 @@ only, so it runs with the system's python3 as well as the project's venv.
 - no compiler, pip or test tool in the image (and no TensorFlow or PyTorch in the ONNX image);
 - ``docker stop`` (its default 10 s timeout) while a request is in flight: the request still gets a
   right answer, new connections are refused while it drains, the container exits 0 before the timeout;
+- the gRPC port (``SERVING_GRPC_BIND``) answers grpc.health.v1's Check with SERVING, asked from inside the
+  container with the image's own grpcio;
 - the ASGI front (``SERVING_FRONT=asgi``) in batched mode answers a prediction right: both fronts are in both images;
 - with nothing at /models the image refuses to start, with one log line saying so.
 
@@ -93,9 +95,19 @@ def wait_until(predicate, timeout: float, step: float = 0.25) -> float | None:  
     return None
 
 
+#: The gRPC port each container was given (the image's default, 0.0.0.0:8001, is not for a host network).
+GRPC_PORTS: dict[str, int] = {}
+#: A gRPC health check run with the image's own Python and grpcio: prints the status's name.
+GRPC_HEALTH = ("import grpc, sys\nfrom grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g\n"
+               "with grpc.insecure_channel(sys.argv[1]) as c:\n"
+               "    print(h.HealthCheckResponse.ServingStatus.Name(g.HealthStub(c).Check(h.HealthCheckRequest(),"
+               " timeout=10).status))")
+
+
 def run_container(image: Image, name: str, port: int, models_dir: Path, *env: str) -> None:
+    GRPC_PORTS[name] = free_port()
     args = ["run", "-d", "--name", name, "--network", "host", "-e", f"SERVING_BIND=127.0.0.1:{port}",
-            "-e", "SERVING_WORKERS=2"]
+            "-e", f"SERVING_GRPC_BIND=127.0.0.1:{GRPC_PORTS[name]}", "-e", "SERVING_WORKERS=2"]
     for item in env:
         args += ["-e", item]
     if image.models == "mounted":
@@ -182,6 +194,10 @@ def check_running(image: Image, name: str, port: int, models: tuple[str, ...], s
     predicted = json.loads(body).get("prediction", [None])[0] if code == 200 else body[:200].decode()
     image.record("a prediction is right", code == 200 and predicted == sample["label"],
                  f"POST /predict/label ({models[0]}) -> {code}, {predicted!r} (expected {sample['label']!r})")
+    health = docker("exec", name, "python", "-c", GRPC_HEALTH, f"127.0.0.1:{GRPC_PORTS[name]}", check=False)
+    image.record("gRPC health answers SERVING", health.stdout.strip() == "SERVING",
+                 f"grpc.health.v1 Check on 127.0.0.1:{GRPC_PORTS[name]} -> "
+                 f"{health.stdout.strip() or health.stderr.strip()[-200:]}")
     for model in models:
         code, body = request(port, "GET", f"/v2/models/{model}")
         meta = json.loads(body) if code == 200 else {}
@@ -287,7 +303,8 @@ def check_no_model(image: Image) -> None:
     """Nothing at /models: the container must exit with one clear line, not serve or crash-loop silently."""
     name, port = f"serving-check-{image.role}-empty", free_port()
     docker("rm", "-f", name, check=False)
-    docker("run", "-d", "--name", name, "--network", "host", "-e", f"SERVING_BIND=127.0.0.1:{port}", image.tag)
+    docker("run", "-d", "--name", name, "--network", "host", "-e", f"SERVING_BIND=127.0.0.1:{port}",
+           "-e", f"SERVING_GRPC_BIND=127.0.0.1:{free_port()}", image.tag)
     try:
         exited = wait_until(lambda: docker("inspect", "-f", "{{.State.Status}}", name).stdout.strip() == "exited", 60)
         code = docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip()

@@ -40,6 +40,7 @@ _PIN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}:\d{1,9}=[0-9a-fA-F]{64}"
 PINS_PATTERN = re.compile(rf"^{_PIN}(\s*,\s*{_PIN})*$")
 POOL_PATTERN = re.compile(r"^(auto|[0-9]|[1-5][0-9]|6[0-4])$")
 BIND_PATTERN = re.compile(r"^(unix:.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
+GRPC_BIND_PATTERN = re.compile(r"^(off|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
 
 
 def available_cores() -> int:
@@ -335,6 +336,27 @@ class Settings:
     )
     certfile: str = setting("", "TLS certificate (PEM); with SERVING_KEYFILE gunicorn serves HTTPS")
     keyfile: str = setting("", "TLS private key (PEM), readable only by the server's user")
+    grpc_bind: str = setting(
+        "",
+        "gRPC address of the Open Inference Protocol's gRPC API (with grpc.health.v1 and server"
+        " reflection), shared by every worker; off = none; empty = the HTTP bind's host with its"
+        " port + 1 (8001 next to 8000, as Triton), none next to a unix: bind",
+        pattern=GRPC_BIND_PATTERN,
+        hint="is not HOST:PORT or off; e.g. 127.0.0.1:8001 (gRPC workers share a TCP port)",
+        accepts="HOST:PORT | off",
+    )
+    grpc_threads: int = setting(
+        0,
+        "gRPC handler threads per worker; 0 = the mode's request threads (at least 2, so a"
+        " health check never waits behind an inference)",
+        minimum=0,
+    )
+    grpc_max_connection_age_s: float = setting(
+        0,
+        "close a gRPC connection (gracefully, GOAWAY) after this many seconds, so long-lived"
+        " clients spread over the workers again; 0 = never",
+        minimum=0,
+    )
     max_client_timeout_ms: int = setting(
         0,
         "longest deadline a client may ask for with X-Request-Timeout-Ms;"
@@ -422,10 +444,33 @@ class Settings:
                 f"SERVING_MAX_BODY_BYTES={self.max_body_bytes} is too small for one sample: use 0"
                 " (derived from the model) or >= 1024"
             )
+        if self.grpc_bind and self.grpc_bind == self.bind:
+            raise ConfigError(
+                f"SERVING_GRPC_BIND={self.grpc_bind} is SERVING_BIND too: gRPC needs a port of its"
+                " own (e.g. the next one), or off"
+            )
         if bool(self.certfile) != bool(self.keyfile):
             raise ConfigError(
                 "TLS needs both SERVING_CERTFILE and SERVING_KEYFILE (PEM files), or neither"
             )
+
+    def grpc_address(self, http_bind: str | None = None) -> str | None:
+        """Where the gRPC front listens (None: nowhere): ``SERVING_GRPC_BIND``, else next to
+        ``http_bind`` (gunicorn's first bind; default ``SERVING_BIND``), on the next port."""
+        if self.grpc_bind == "off":
+            return None
+        if self.grpc_bind:
+            return self.grpc_bind
+        bind = http_bind or self.bind
+        host, _, port = bind.rpartition(":")
+        if bind.startswith("unix:") or not port.isdigit():
+            return None
+        if int(port) >= 65535:
+            raise ConfigError(
+                f"the gRPC port next to {bind} would be {int(port) + 1}: set SERVING_GRPC_BIND"
+                " (or off)"
+            )
+        return f"{host}:{int(port) + 1}"
 
     @property
     def pool_processes(self) -> int:

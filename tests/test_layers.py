@@ -98,5 +98,6 @@ def test_serving_is_formatted_and_held_to_100_character_lines() -> None:
     for command in checks:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
-    assert max(len(line) for path in (ROOT / "serving").rglob("*.py") for line in path.read_text().splitlines()
-               if " " in line.strip()) <= 100
+    # protoc's output is generated, not written (scripts/generate_protos.py --check keeps it current)
+    assert max(len(line) for path in (ROOT / "serving").rglob("*.py") if not path.name.endswith("_pb2.py")
+               for line in path.read_text().splitlines() if " " in line.strip()) <= 100

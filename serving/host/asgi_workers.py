@@ -65,7 +65,12 @@ class GracefulServer(Server):  # type: ignore[misc]
     """uvicorn's server, except that a stop answers the connections it accepted but had not read
     yet."""
 
+    #: The worker's gRPC front, stopped with the HTTP listeners (set by ``UvicornWorker``).
+    grpc_front: Any = None
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.grpc_front is not None:
+            self.grpc_front.begin_stop()
         for server in self.servers:
             # stop accepting first; uvicorn's shutdown closes them again (idempotent)
             server.close()
@@ -193,6 +198,7 @@ class UvicornWorker(_UvicornWorker):  # type: ignore[misc]
     async def _serve(self) -> None:  # uvicorn_worker's, with GracefulServer
         self.config.app = self.wsgi
         server = GracefulServer(config=self.config)
+        server.grpc_front = getattr(self, "grpc_front", None)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         if not server.started:
@@ -209,6 +215,9 @@ class AsgiWorker(_GunicornAsgiWorker):  # type: ignore[misc]
         self.wsgi = self.asgi
 
     def handle_exit_signal(self) -> None:
+        front = getattr(self, "grpc_front", None)
+        if front is not None:
+            front.begin_stop()
         super().handle_exit_signal()
         for server in self.servers:
             server.close()

@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -29,7 +30,8 @@ from gunicorn.workers.sync import SyncWorker
 from serving.backends import is_thread_safe
 from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
-from serving.fronts.parts import parts_of
+from serving.fronts.grpc.server import GrpcFront
+from serving.fronts.parts import ServingParts, parts_of
 from serving.http.security import Gate, host_name
 from serving.observability import drift, observed
 from serving.observability.memory import set_server_root
@@ -80,8 +82,9 @@ def check_before_fork(server: Any, settings: Settings) -> None:
                 "worker), or"
                 " SERVING_BACKEND=onnx to serve its ONNX export with threads"
             )
-        warn_if_exposed(server, settings)
         check_payload_log(settings)
+        grpc_address = check_grpc_address(settings, server.cfg.bind)
+        warn_if_exposed(server, settings, grpc_address)
         for model_meta, _ in service.served.values():
             if not model_meta.verified:
                 server.log.warning(
@@ -103,7 +106,7 @@ def check_before_fork(server: Any, settings: Settings) -> None:
     workers = server.cfg.workers
     server.log.info(
         "serving %s version %d (%s backend, %s) with %d workers x %d threads; math threads per "
-        "worker: %d%s",
+        "worker: %d%s; gRPC: %s",
         meta.name,
         meta.version,
         service.backend_name,
@@ -115,6 +118,7 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         f"{', '.join(f'{n}:{v}' for n, v in service.served if (n, v) != (meta.name, meta.version))}"
         if len(service.served) > 1
         else "",
+        f"{grpc_address} (every worker)" if grpc_address else "off",
     )
 
 
@@ -133,13 +137,38 @@ def check_payload_log(settings: Settings) -> None:
         ) from None
 
 
-def warn_if_exposed(server: Any, settings: Settings) -> None:
+def check_grpc_address(settings: Settings, binds: list[str]) -> str | None:
+    """The gRPC address, once the master has bound it alone for a moment (ConfigError if it cannot).
+
+    The workers bind it with SO_REUSEPORT, which would let them share the port with another server
+    of the same user without a word: binding it without that option first fails instead when
+    anything holds it (another server, an earlier one still running).
+    """
+    address = settings.grpc_address(binds[0] if binds else None)
+    if address is None:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except OSError as exc:
+        raise ConfigError(
+            f"the gRPC address {address} cannot be bound ({exc.strerror or exc}): another server"
+            " may hold it; set SERVING_GRPC_BIND to a free HOST:PORT, or off"
+        ) from None
+    return address
+
+
+def warn_if_exposed(server: Any, settings: Settings, grpc_address: str | None = None) -> None:
     """A bind beyond loopback with no key: say at start what anyone who reaches the port can do."""
     # also refuses an unreadable key file or a short key, in the master, before forking
     gate = Gate(settings)
     exposed = [
         address
-        for address in server.cfg.bind
+        for address in [*server.cfg.bind, *([grpc_address] if grpc_address else [])]
         if not address.startswith("unix:") and not _loopback(host_name(address))
     ]
     if exposed and not gate.keys_on:
@@ -169,16 +198,44 @@ def worker_exited(worker: Any) -> None:
 
 
 def drain_worker(worker: Any) -> None:
-    """Worker, on its way out: answer everything still queued for the model thread, then flush
-    metrics."""
+    """Worker, on its way out: let the gRPC calls in flight finish, answer everything still queued
+    for the model thread, then flush metrics."""
     parts = parts_of(getattr(worker, "wsgi", None))
     service = parts.service if parts is not None else None
+    front = getattr(worker, "grpc_front", None)
     try:
+        if isinstance(front, GrpcFront):
+            front.wait()
         if service is not None:
             service.close()
     finally:
         observed.close_all()  # spans, payload records and the drift window still buffered
         TALLY.flush()
+
+
+def start_grpc(worker: Any, parts: ServingParts) -> None:
+    """Serve gRPC in this worker, on the port every worker shares; exit with the boot-error code
+    when it cannot be bound (the master then stops instead of respawning)."""
+    address = parts.settings.grpc_address(worker.cfg.bind[0] if worker.cfg.bind else None)
+    if address is None:
+        return
+    front = GrpcFront(parts, address)
+    try:
+        front.start()
+    except (RuntimeError, OSError) as exc:
+        worker.log.error("worker %d cannot serve gRPC on %s: %s", worker.pid, address, exc)
+        sys.exit(WORKER_BOOT_ERROR)
+    worker.grpc_front = front
+    # SIGTERM stops new gRPC calls at once, as it stops the HTTP listeners; the ASGI workers'
+    # event loop takes the signal over, and their stop calls begin_stop (serving.host.asgi_workers)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop_then_exit(signum: int, frame: Any) -> None:
+        front.begin_stop()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop_then_exit)
 
 
 def leave_worker() -> None:
@@ -288,6 +345,7 @@ def load_in_worker(worker: Any) -> None:
     watcher = ModelWatcher(service, worker.cfg.workers)
     watcher.prime()
     watcher.start()
+    start_grpc(worker, parts)
     # Everything loaded so far (frameworks, models, the app) lives as long as the worker: moved out
     # of the cyclic collector's reach, a full collection walks only what connections and requests
     # allocate. Measured: a full collection in an ONNX worker took 8-10 ms, a stall every request of

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
+from typing import Protocol
 
 from serving.config import Settings
 from serving.errors import ConfigError, Forbidden, MisdirectedHost, Unauthorized
 from serving.http.request import RequestState
-from serving.http.routing import Endpoint
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class Guarded(Protocol):
+    """What the gate reads of what a request calls: an HTTP ``Endpoint`` or a gRPC ``Rpc``."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def scope(self) -> str: ...
 
 
 def read_keys(inline: str, path: str, variable: str) -> tuple[bytes, ...]:
@@ -94,7 +104,7 @@ class Gate:
     def keys_on(self) -> bool:
         return bool(self.inference_keys or self.admin_keys)
 
-    def check(self, request: RequestState, endpoint: Endpoint) -> None:
+    def check(self, request: RequestState, endpoint: Guarded) -> None:
         """Refuse the request unless its Host is allowed and it carries a key of the endpoint's
         scope."""
         scope = endpoint.scope

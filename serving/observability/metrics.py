@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
@@ -99,12 +100,6 @@ MODEL_INFO = Gauge(
     ["model", "version", "backend", "framework", "mode"],
     multiprocess_mode="liveall",
 )
-MODEL_REQUESTS = Counter(
-    "serving_model_requests_total",
-    "Requests (and shadow copies) each model version was asked to answer, by outcome: ok, error"
-    " (5xx: the model failed or its deadline passed), refused (503: queue full, stopping)",
-    ["model", "outcome"],
-)
 # canary and shadow traffic (serving.runtime.traffic)
 TRAFFIC_WEIGHT = Gauge(
     "serving_traffic_weight",
@@ -146,6 +141,39 @@ PAYLOAD_RECORDS = Counter(
     "Payload records (SERVING_PAYLOAD_LOG) by outcome: written, dropped (the writer's buffer was"
     " full) or failed (the sink refused or could not be reached)",
     ["outcome"],
+)
+# Per model version, for Triton's statistics extension (serving.protocol.v2.triton) as much as for
+# dashboards: inference requests that reached the model, by outcome, and the seconds they took from
+# arrival to answer; the seconds they waited in the batching queue; when the last one was answered.
+MODEL_REQUESTS = Counter(
+    "serving_model_requests_total",
+    "Inference requests (and shadow copies) that reached a model version, by outcome: ok, error"
+    " (5xx: the model failed or its deadline passed), refused (503: queue full, stopping)",
+    ["model", "outcome"],
+)
+MODEL_REQUEST_SECONDS = Counter(
+    "serving_model_request_seconds_total",
+    "Seconds those requests took, arrival to answer, by outcome",
+    ["model", "outcome"],
+)
+QUEUE_SECONDS = Counter(
+    "serving_queue_seconds_total",
+    "Seconds requests waited in the batching queue before their batch ran (batched mode)",
+    ["model"],
+)
+LAST_INFERENCE = Gauge(
+    "serving_model_last_inference_timestamp_seconds",
+    "When a version last answered an inference request (Unix time, to the second)",
+    ["model"],
+    multiprocess_mode="max",
+)
+# The gRPC front's calls (serving.fronts.grpc), by method and status code.
+GRPC_REQUESTS = Counter("serving_grpc_requests_total", "gRPC calls answered", ["method", "code"])
+GRPC_LATENCY = Histogram(
+    "serving_grpc_request_latency_seconds",
+    "Time from a gRPC call's start to its answer, per method",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
 )
 
 FLUSH_SECONDS = 1.0
@@ -243,6 +271,72 @@ def observe_request(endpoint: str, method: str, status: int, seconds: float) -> 
         _REQUEST_CHILDREN[key] = children
     TALLY.inc(children[0])
     TALLY.observe(children[1], seconds)
+
+
+class ModelRequests:
+    """The request counts of one model version: its outcomes, durations and last answer time."""
+
+    OUTCOMES = ("ok", "error", "refused")
+
+    def __init__(self, model: str) -> None:
+        self._children = {
+            outcome: (
+                MODEL_REQUESTS.labels(model, outcome),
+                MODEL_REQUEST_SECONDS.labels(model, outcome),
+            )
+            for outcome in self.OUTCOMES
+        }
+        self._last = LAST_INFERENCE.labels(model)
+        self._last_second = 0
+
+    def observe(self, outcome: str, seconds: float) -> None:
+        """Count one request: its outcome (ok, error or refused) and duration; the time of the
+        last answer at most once a second (a gauge write is a locked file write in multiprocess
+        mode)."""
+        count, total = self._children[outcome]
+        TALLY.inc(count)
+        TALLY.inc(total, seconds)
+        now = int(time.time())
+        if now != self._last_second:
+            self._last_second = now
+            self._last.set(now)
+
+
+_RPC_CHILDREN: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def observe_rpc(method: str, code: str, seconds: float) -> None:
+    """Count one answered gRPC call and its latency (label children cached)."""
+    key = (method, code)
+    children = _RPC_CHILDREN.get(key)
+    if children is None:
+        children = (GRPC_REQUESTS.labels(method, code), GRPC_LATENCY.labels(method))
+        _RPC_CHILDREN[key] = children
+    TALLY.inc(children[0])
+    TALLY.observe(children[1], seconds)
+
+
+def sample_values(*names: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The current value of every sample of the named metrics, summed across workers in
+    multiprocess mode: ``(sample name, sorted labels) -> value`` (this worker's pending counts
+    flushed first)."""
+    TALLY.flush()
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        families = registry.collect()
+    else:
+        families = REGISTRY.collect()
+    wanted = set(names)
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in families:
+        # a counter's family is named without its _total suffix
+        if family.name not in wanted and f"{family.name}_total" not in wanted:
+            continue
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            values[key] = values.get(key, 0.0) + sample.value
+    return values
 
 
 class ProcessMemoryCollector:

@@ -50,6 +50,8 @@ INFER = operation(
 )
 MODEL_METADATA = operation(ref("ModelMetadata"), (404, 503))
 MODEL_READY = operation(ref("ModelReady"), (404, 503))
+MODEL_CONFIG = operation(ref("ModelConfig"), (404, 503))
+MODEL_STATS = operation(ref("ModelStats"), (404, 503))
 WEB = "web pages"
 NOT_MODIFIED = {"description": "not modified: the ETag sent in If-None-Match is current"}
 PAGE = operation({"text/html": STRING})
@@ -234,6 +236,47 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         V2,
         direct=True,
         doc=INFER,
+    ),
+    # Triton's model-configuration and statistics extensions (serving/protocol/v2/triton.py)
+    Endpoint(
+        "GET",
+        "/v2/models/<name>/config",
+        v2.config,
+        "model configuration (Triton's extension)",
+        V2,
+        doc=MODEL_CONFIG,
+    ),
+    Endpoint(
+        "GET",
+        "/v2/models/<name>/versions/<version>/config",
+        v2.config,
+        "model configuration (Triton's extension)",
+        V2,
+        doc=MODEL_CONFIG,
+    ),
+    Endpoint(
+        "GET",
+        "/v2/models/stats",
+        v2.stats,
+        "statistics of every served version (Triton's extension)",
+        V2,
+        doc=MODEL_STATS,
+    ),
+    Endpoint(
+        "GET",
+        "/v2/models/<name>/stats",
+        v2.stats,
+        "statistics of a model's versions (Triton's extension)",
+        V2,
+        doc=MODEL_STATS,
+    ),
+    Endpoint(
+        "GET",
+        "/v2/models/<name>/versions/<version>/stats",
+        v2.stats,
+        "statistics of one version (Triton's extension)",
+        V2,
+        doc=MODEL_STATS,
     ),
     Endpoint(
         "GET",

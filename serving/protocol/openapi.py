@@ -249,6 +249,69 @@ SCHEMAS: dict[str, Schema] = {
             state={"type": "string", "enum": ["READY", "LOADING", "UNAVAILABLE"]},
         )
     ),
+    "ModelConfig": obj(
+        ["name", "max_batch_size", "input", "output"],
+        name=STRING,
+        platform=STRING,
+        backend=STRING,
+        version_policy=obj([], specific=obj(["versions"], versions=array(INTEGER))),
+        max_batch_size={"type": "integer", "description": "SERVING_MAX_BATCH"},
+        input=array(
+            obj(
+                ["name", "data_type", "dims"],
+                name=STRING,
+                data_type=STRING,
+                format=STRING,
+                dims=array(INTEGER, description="one sample, without the batch dimension"),
+            )
+        ),
+        output=array(
+            obj(
+                ["name", "data_type", "dims"],
+                name=STRING,
+                data_type=STRING,
+                dims=array(INTEGER),
+                reshape=obj([], shape=array(INTEGER)),
+            )
+        ),
+        dynamic_batching=obj(
+            [],
+            preferred_batch_size=array(INTEGER),
+            max_queue_delay_microseconds=INTEGER,
+        ),
+        parameters={"type": "object"},
+    ),
+    "Duration": obj(["count", "ns"], count=INTEGER, ns=INTEGER),
+    "ModelStats": obj(
+        ["model_stats"],
+        model_stats=array(
+            obj(
+                ["name", "version", "inference_count", "execution_count", "inference_stats"],
+                name=STRING,
+                version=STRING,
+                last_inference={"type": "integer", "description": "ms since the epoch"},
+                inference_count={"type": "integer", "description": "samples answered"},
+                execution_count={"type": "integer", "description": "model calls"},
+                inference_stats=obj(
+                    ["success", "fail", "queue", "compute_infer"],
+                    **{
+                        part: ref("Duration")
+                        for part in (
+                            "success",
+                            "fail",
+                            "queue",
+                            "compute_input",
+                            "compute_infer",
+                            "compute_output",
+                            "cache_hit",
+                            "cache_miss",
+                        )
+                    },
+                ),
+                batch_stats=array({"type": "object"}),
+            )
+        ),
+    ),
     "ServedModel": obj(
         [
             "name",

@@ -85,6 +85,8 @@ class BatchStats:
     requests: int
     samples: int
     seconds: float
+    #: Seconds the batch's requests waited in the queue, summed over them.
+    queued: float = 0.0
 
 
 class MicroBatcher:
@@ -248,13 +250,13 @@ class MicroBatcher:
 
     def _execute(self, items: list[Pending]) -> None:
         started = time.perf_counter()
-        self._busy_since = time.monotonic()
+        self._busy_since = now = time.monotonic()
         try:
-            self._call(items, started)
+            self._call(items, started, sum(now - item.enqueued for item in items))
         finally:
             self._busy_since = None
 
-    def _call(self, items: list[Pending], started: float) -> None:
+    def _call(self, items: list[Pending], started: float, queued: float = 0.0) -> None:
         try:
             joined = (
                 np.concatenate([item.batch for item in items]) if len(items) > 1 else items[0].batch
@@ -283,7 +285,9 @@ class MicroBatcher:
             item.finish(result=output[offset : offset + size])
             offset += size
         if self._on_batch:
-            self._on_batch(BatchStats(len(items), len(joined), time.perf_counter() - started))
+            self._on_batch(
+                BatchStats(len(items), len(joined), time.perf_counter() - started, queued)
+            )
 
 
 def _late(timeout_s: float) -> DeadlineExceeded:

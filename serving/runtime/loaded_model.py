@@ -55,10 +55,8 @@ class LoadedModel:
         self._latency = metrics.INFERENCE_LATENCY.labels(self.label)
         self._batch_sizes = metrics.BATCH_SIZE.labels(self.label)
         self._depth = metrics.QUEUE_DEPTH.labels(self.label)
-        self._answered, self._failed, self._refused = (
-            metrics.MODEL_REQUESTS.labels(self.label, outcome)
-            for outcome in ("ok", "error", "refused")
-        )
+        self._queued = metrics.QUEUE_SECONDS.labels(self.label)
+        self._requests = metrics.ModelRequests(self.label)
         self.batcher: MicroBatcher | None = None
         # requests inside ``infer`` now: a retired version waits for them (model control only)
         self._users = 0
@@ -108,7 +106,9 @@ class LoadedModel:
 
     def infer(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
         """Probabilities for ``batch``: through the batcher in batched mode, else a direct call,
-        as the caller's ``Waiter`` waits; counted while model control may retire this version."""
+        as the caller's ``Waiter`` waits; counted while model control may retire this version, and
+        in the version's request counts (its outcome and time, queue included)."""
+        started = time.perf_counter()
         try:
             if not self._count_users:
                 output = self._call(batch, timeout_s)
@@ -121,9 +121,13 @@ class LoadedModel:
                     with self._users_lock:
                         self._users -= 1
         except ServingError as error:
-            metrics.TALLY.inc(self._refused if error.status_code == 503 else self._failed)
+            outcome = "refused" if error.status_code == 503 else "error"
+            self._requests.observe(outcome, time.perf_counter() - started)
             raise
-        metrics.TALLY.inc(self._answered)
+        except BaseException:
+            self._requests.observe("error", time.perf_counter() - started)
+            raise
+        self._requests.observe("ok", time.perf_counter() - started)
         return output
 
     def answer(self, batch: np.ndarray, timeout_s: float) -> tuple[np.ndarray, LoadedModel]:
@@ -155,6 +159,7 @@ class LoadedModel:
     def _observe_batch(self, stats: BatchStats) -> None:
         metrics.TALLY.observe(self._latency, stats.seconds)
         metrics.TALLY.observe(self._batch_sizes, stats.samples)
+        metrics.TALLY.inc(self._queued, stats.queued)
 
     def retire(self, limit_s: float) -> None:
         """Unload after a version switch: wait (up to ``limit_s``) until no request holds this

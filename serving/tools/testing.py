@@ -70,12 +70,16 @@ class GunicornServer:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        #: The gRPC port: a free one of its own (the default, the HTTP port + 1, may be taken).
+        self.grpc_port = free_port()
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_file or log_dir / f"gunicorn-{self.port}.log"
         variables = {"SERVING_WORKERS": "2", **(env or {})}
         variables.update({f"SERVING_{k.upper()}": str(v) for k, v in settings.items()})
         if repo is not None:
             variables.setdefault("SERVING_MODEL_REPOSITORY", str(repo))
         variables["SERVING_BIND"] = f"127.0.0.1:{self.port}"
+        variables.setdefault("SERVING_GRPC_BIND", self.grpc_target)
         self.env = clean_env(**variables)
         self.cwd = cwd or Path.cwd()
         self.command = [

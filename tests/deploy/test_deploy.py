@@ -27,11 +27,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 import jsonschema
 import kubernetes_validate
 import pytest
 import requests
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.config import PREFIX, Settings
 from serving.errors import ConfigError
@@ -148,7 +150,8 @@ def test_the_committed_kustomize_output_is_what_the_overlay_renders(overlay: Pat
 
 
 @pytest.mark.parametrize(("path", "kind", "version"), [("servingruntime.yaml", "ServingRuntime", "v1alpha1"),
-                                                         ("inferenceservice.yaml", "InferenceService", "v1beta1")])
+                                                         ("inferenceservice.yaml", "InferenceService", "v1beta1"),
+                                                         ("inferenceservice-grpc.yaml", "InferenceService", "v1beta1")])
 def test_kserve_manifests_validate_against_kserve_crd_schemas(path: str, kind: str, version: str) -> None:
     saved = kserve_schema(kind, version)
     assert saved["source"].startswith("kserve/kserve v0.20.0")
@@ -166,11 +169,13 @@ def test_kserve_manifests_validate_against_kserve_crd_schemas(path: str, kind: s
 
 def test_the_kserve_pair_fits_together() -> None:
     (runtime,) = documents(DEPLOY / "kserve" / "servingruntime.yaml")
-    (service,) = documents(DEPLOY / "kserve" / "inferenceservice.yaml")
-    model = service["spec"]["predictor"]["model"]
-    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] in runtime["spec"][
-        "protocolVersions"] == ["v2"]
-    assert model["modelFormat"]["name"] in {fmt["name"] for fmt in runtime["spec"]["supportedModelFormats"]}
+    assert runtime["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
+    for name in ("inferenceservice.yaml", "inferenceservice-grpc.yaml"):
+        (service,) = documents(DEPLOY / "kserve" / name)
+        model = service["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"]
+        assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+        assert model["modelFormat"]["name"] in {fmt["name"] for fmt in runtime["spec"]["supportedModelFormats"]}
     container = runtime_container()
     assert container["name"] == "kserve-container"  # the name KServe merges the predictor into
     env = {item["name"]: item.get("value") for item in container["env"]}
@@ -183,6 +188,13 @@ def test_the_kserve_pair_fits_together() -> None:
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(port)
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == port
+    # gRPC: KServe routes the h2c port the gRPC InferenceService names, which is the runtime's SERVING_GRPC_BIND
+    (grpc_service,) = documents(DEPLOY / "kserve" / "inferenceservice-grpc.yaml")
+    grpc_model = grpc_service["spec"]["predictor"]["model"]
+    assert grpc_model["protocolVersion"] == "grpc-v2"
+    h2c = [(p["name"], p["containerPort"]) for p in grpc_model["ports"]]
+    assert h2c == [("h2c", bind_port(env["SERVING_GRPC_BIND"]))]
+    assert {item["name"]: item["value"] for item in grpc_model["env"]}["SERVING_MODEL"] == "digits-torch"
 
 
 # --- manifests against the code -----------------------------------------------------------------------
@@ -234,16 +246,19 @@ def test_ports_probes_and_security_context_agree_with_the_image() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     uid = int(re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE).group(1))  # type: ignore[union-attr]
     image_port = bind_port(re.search(r"SERVING_BIND=(\S+)", dockerfile).group(1))  # type: ignore[union-attr]
-    assert f"EXPOSE {image_port}" in dockerfile
+    image_grpc_port = bind_port(re.search(r"SERVING_GRPC_BIND=(\S+)", dockerfile).group(1))  # type: ignore[union-attr]
+    assert f"EXPOSE {image_port} {image_grpc_port}" in dockerfile
     for name, deployment, config in all_deployments():
         pod = deployment["spec"]["template"]["spec"]
         container = pod_container(deployment)
         port = bind_port(config["SERVING_BIND"])
-        assert port == image_port
-        assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [("http", port)], name
+        grpc_port = bind_port(config["SERVING_GRPC_BIND"])
+        assert (port, grpc_port) == (image_port, image_grpc_port)
+        ports = [(p["name"], p["containerPort"]) for p in container["ports"]]
+        assert ports == [("http", port), ("grpc", grpc_port)], name
         assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
-        assert container["startupProbe"]["httpGet"]["path"] == container["readinessProbe"]["httpGet"]["path"] == \
-            "/health/ready"
+        assert container["startupProbe"]["httpGet"]["path"] == "/health/ready"
+        assert container["readinessProbe"]["grpc"] == {"port": grpc_port}  # grpc.health.v1 on the gRPC port
         assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == uid
         context = container["securityContext"]
@@ -258,7 +273,8 @@ def test_ports_probes_and_security_context_agree_with_the_image() -> None:
         if "/models" in mounts:
             assert mounts["/models"]["readOnly"]
     (service,) = documents(K8S / "base" / "service.yaml")
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [("http", "http"), ("grpc", "grpc")]
+    assert service["spec"]["ports"][1]["appProtocol"] == "kubernetes.io/h2c"
 
 
 def test_grace_periods_exceed_the_graceful_timeout() -> None:
@@ -333,14 +349,18 @@ def test_manifest_probe_paths_answer_200_without_a_key_on_a_real_server(server_f
     (tmp_path / "api-keys").write_text(API_KEY + "\n")
     (tmp_path / "admin-keys").write_text(ADMIN_KEY + "\n")
     settings = {key[len(PREFIX):].lower(): value for key, value in config["data"].items()
-                if key not in ("SERVING_BIND", "SERVING_MODEL_REPOSITORY")}
+                if key not in ("SERVING_BIND", "SERVING_GRPC_BIND", "SERVING_MODEL_REPOSITORY")}
     settings.update(api_keys_file=tmp_path / "api-keys", admin_keys_file=tmp_path / "admin-keys", backend="onnx")
     server = server_factory(**settings).start()
     deployment = documents(K8S / "base" / "deployment.yaml")[0]
     container = pod_container(deployment)
-    paths = {container[probe]["httpGet"]["path"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+    paths = {container[probe]["httpGet"]["path"] for probe in ("startupProbe", "livenessProbe")}
     paths |= {runtime_container()[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe")}
     assert len(paths) == 4
+    # the readiness probe: grpc.health.v1's Check for the whole server (service ""), as the kubelet sends it
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
     pod_host = {"Host": f"10.1.2.3:{container['ports'][0]['containerPort']}"}
     for path in sorted(paths):
         assert requests.get(server.url + path, headers=pod_host, timeout=5).status_code == 200, path

@@ -66,10 +66,14 @@ def nginx_binary() -> str:
 
 
 def render_nginx(folder: Path, upstream_port: int, port: int, tls: dict[str, Path] | None = None,
-                 tls_port: int = 0, edit: Callable[[str], str] = lambda conf: conf) -> Path:
+                 tls_port: int = 0, edit: Callable[[str], str] = lambda conf: conf, grpc_upstream_port: int = 0,
+                 grpc_port: int = 0, grpc_tls_port: int = 0) -> Path:
     """deploy/nginx.conf with the test's ports (and, with ``tls``, its #tls lines enabled) in ``folder``."""
     conf = NGINX_CONF.read_text().replace("127.0.0.1:8000", f"127.0.0.1:{upstream_port}")
     conf = conf.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    conf = conf.replace("127.0.0.1:8001", f"127.0.0.1:{grpc_upstream_port or free_port()}")
+    conf = conf.replace("127.0.0.1:8081", f"127.0.0.1:{grpc_port or free_port()}")
+    conf = conf.replace("127.0.0.1:8444", f"127.0.0.1:{grpc_tls_port or free_port()}")
     conf = conf.replace("worker_processes auto;", "worker_processes 1;\ndaemon off;")
     if tls is not None:
         conf = re.sub(r"^#tls ", "", conf, flags=re.MULTILINE).replace("127.0.0.1:8443", f"127.0.0.1:{tls_port}")
@@ -100,13 +104,16 @@ class Nginx:
     ``nobody`` and must reach client_body_temp_path (pytest's own tmp folders are private to root).
     """
 
-    def __init__(self, upstream_port: int, **render: Any) -> None:
+    def __init__(self, upstream_port: int, grpc_upstream_port: int = 0, **render: Any) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="serving-nginx-"))
         self.folder.chmod(0o755)
         self.port = free_port()
         self.tls_port = free_port() if render.get("tls") else 0
+        self.grpc_port, self.grpc_tls_port = free_port(), free_port()
         try:
-            self.conf = render_nginx(self.folder, upstream_port, self.port, tls_port=self.tls_port, **render)
+            self.conf = render_nginx(self.folder, upstream_port, self.port, tls_port=self.tls_port,
+                                     grpc_upstream_port=grpc_upstream_port, grpc_port=self.grpc_port,
+                                     grpc_tls_port=self.grpc_tls_port, **render)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise

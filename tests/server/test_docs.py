@@ -7,9 +7,9 @@ The convention (docs/contributing.md#documentation):
   pipefail``), from the repository root, with the venv's ``bin`` first on PATH and
   ``SERVING_MODEL_REPOSITORY`` pointing at the session's trained repository. It must exit 0, so a
   curl that expects success uses ``-f``.
-- An ``sh`` block that talks to ``localhost:8000`` or ``127.0.0.1:8000`` runs against one real
-  gunicorn started here (``SERVING_MODELS=*``, so v2 serves both default models) on a free port; the
-  port is rewritten in the command.
+- An ``sh`` block that talks to ``localhost:8000`` or ``127.0.0.1:8000`` (or to its gRPC port,
+  ``8001``) runs against one real gunicorn started here (``SERVING_MODELS=*``, so v2 serves both
+  default models) on free ports; the ports are rewritten in the command.
 - A block that cannot run here (a server in the foreground, docker, wrk, a full training run) uses
   ``text`` or ``console``. Every fence says what it is: ``bash``, ``shell`` and bare fences are refused.
 - No command may leave files in the repository.
@@ -36,7 +36,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 VENV_BIN = Path(sys.executable).parent
 README_MAX_LINES = 200
 COMMAND_TIMEOUT = 120.0
-SERVER = re.compile(r"\b(localhost|127\.0\.0\.1):8000\b")
+SERVER = re.compile(r"\b(localhost|127\.0\.0\.1):800([01])\b")  # 8000 HTTP, 8001 gRPC
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 RUN = "sh"  # run by this test; `text` and `console` blocks are shown, not run
 REFUSED_INFO = {"", "bash", "shell", "zsh", "shell-session"}
@@ -141,9 +141,10 @@ def command_env(model_repo: Path) -> dict[str, str]:
     return env
 
 
-def run_block(block: Block, env: dict[str, str], port: int | None = None) -> str | None:
+def run_block(block: Block, env: dict[str, str], port: int | None = None, grpc_port: int | None = None) -> str | None:
     """Run one ``sh`` block; None when it exits 0, else what went wrong."""
-    code = block.code if port is None else SERVER.sub(rf"\1:{port}", block.code)
+    ports = {"0": port, "1": grpc_port}
+    code = block.code if port is None else SERVER.sub(lambda m: f"{m[1]}:{ports[m[2]]}", block.code)
     proc = subprocess.Popen(
         ["bash", "-e", "-o", "pipefail", "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -199,11 +200,13 @@ def test_shell_block_runs(block: Block, model_repo: Path, leaves_no_files: None)
 def test_shell_blocks_against_a_server_run(
     server_factory: Callable[..., Any], model_repo: Path, leaves_no_files: None
 ) -> None:
-    """Every block that talks to localhost:8000, against one real gunicorn; all failures reported at once."""
+    """Every block that talks to localhost:8000 (or its gRPC port, 8001), against one real gunicorn; all failures
+    reported at once."""
     assert SERVER_BLOCKS, "no sh block talks to a server: the first request in the README should"
     env = command_env(model_repo)
     with server_factory(models="*", workers=1) as server:
-        failures = [failure for block in SERVER_BLOCKS if (failure := run_block(block, env, server.port))]
+        failures = [failure for block in SERVER_BLOCKS
+                    if (failure := run_block(block, env, server.port, server.grpc_port))]
     assert not failures, "\n\n".join(failures)
 
 

@@ -270,7 +270,7 @@ def input_array(tensor: InputTensor) -> np.ndarray:
             )
         return np.frombuffer(tensor.raw, dtype=dtype).reshape(tensor.shape)
     data = tensor.data
-    if not isinstance(data, list):
+    if not isinstance(data, list | np.ndarray):  # JSON lists; gRPC's typed contents as arrays
         raise InvalidRequest(
             f"input {tensor.name!r}: 'data' must be a list of values (flat or nested, row-major)"
         )
@@ -309,7 +309,7 @@ def encode_response(
             "shape": tensor.shape,
         }
         if binary:
-            raw = _bytes_of(tensor)
+            raw = tensor_bytes(tensor)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -322,7 +322,9 @@ def encode_response(
     return b"".join([header, *chunks]), len(header)
 
 
-def _bytes_of(tensor: OutputTensor) -> bytes:
+def tensor_bytes(tensor: OutputTensor) -> bytes:
+    """An output's values in binary form: row-major little-endian, or BYTES elements one after
+    another."""
     if isinstance(tensor.values, np.ndarray):
         dtype = NUMPY_DTYPES[tensor.datatype]
         return np.ascontiguousarray(tensor.values, dtype=dtype).tobytes()

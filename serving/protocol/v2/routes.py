@@ -1,11 +1,13 @@
 """Open Inference Protocol (KServe v2) handlers: decode, call the service, encode.
 
-    GET  /v2                                            server metadata and extensions
-    GET /v2/health/live, /v2/health/ready 200 when live / every served model is loaded, else 503 GET
-    /v2/models/{name}[/versions/{version}] model metadata (inputs/outputs, -1 = batch dimension) GET
-    /v2/models/{name}[/versions/{version}]/ready 200 when that model is loaded in this worker, else
-    503 POST /v2/models/{name}[/versions/{version}]/infer inference, JSON or binary tensors GET|POST
-    /v2/repository/index every model version on disk with its state
+    GET  /v2                                          server metadata and extensions
+    GET  /v2/health/live, /v2/health/ready            200 when live / every served model is loaded
+    GET  /v2/models/{name}[/versions/{version}]       model metadata (inputs/outputs, -1 = batch)
+    GET  /v2/models/{name}[/versions/{version}]/ready 200 when that model is loaded in this worker
+    POST /v2/models/{name}[/versions/{version}]/infer inference, JSON or binary tensors
+    GET  /v2/models/{name}[/versions/{version}]/config Triton's model configuration
+    GET  /v2/models[/{name}[/versions/{version}]]/stats Triton's statistics
+    GET|POST /v2/repository/index                     every model version on disk with its state
 
 The routes are declared in ``serving.protocol.endpoints``. Inference goes through the same service
 as the native API: the same batcher, limits, deadlines and metrics. Unknown models and versions are
@@ -31,15 +33,17 @@ from serving.protocol.v2.tensors import (
     model_metadata,
     output_tensors,
 )
+from serving.protocol.v2.triton import model_config, statistics
 from serving.runtime.model_control import ModelControl
 from serving.runtime.service import InferenceService
 
-EXTENSIONS = ["binary_tensor_data"]
+#: Triton's names for the extensions served (the REST API; gRPC has all but binary_tensor_data).
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 VERSION_PATTERN = re.compile(r"^[0-9]{1,9}$")
 BODY_TYPES = ("", "application/json", "application/octet-stream")
 
 
-def _version(name: str, version: str | None) -> int | None:
+def version_of(name: str, version: str | None) -> int | None:
     """The version a path names (None: the latest served); 404 for anything but a number."""
     if version is None:
         return None
@@ -69,7 +73,7 @@ def ready(request: RequestState, service: InferenceService) -> Answer:
 def metadata(
     request: RequestState, service: InferenceService, name: str, version: str | None = None
 ) -> Answer:
-    model = service.model(name, _version(name, version))
+    model = service.model(name, version_of(name, version))
     request.model = model.label
     return json_answer(model_metadata(model, service.versions(name)))
 
@@ -77,7 +81,7 @@ def metadata(
 def model_ready(
     request: RequestState, service: InferenceService, name: str, version: str | None = None
 ) -> Answer:
-    key = service.key(name, _version(name, version))
+    key = service.key(name, version_of(name, version))
     request.model = f"{key[0]}:{key[1]}"
     body: dict[str, Any] = {
         "name": name,
@@ -94,7 +98,7 @@ def infer(
 ) -> Answer:
     """``POST /v2/models/{name}[/versions/{version}]/infer``: an unversioned request goes where
     the model's traffic rule sends it (``model_version`` says which version answered)."""
-    route = service.route(name, _version(name, version), request.header)
+    route = service.route(name, version_of(name, version), request.header)
     request.model = route.label
     decoded = decode_request(_infer_body(request, service), request.header(HEADER_LENGTH))
     check_outputs(decoded, route.meta)
@@ -114,6 +118,32 @@ def infer(
     if header_length is None:
         return Answer(200, body)
     return Answer(200, body, "application/octet-stream", {HEADER_LENGTH: str(header_length)})
+
+
+def config(
+    request: RequestState, service: InferenceService, name: str, version: str | None = None
+) -> Answer:
+    """``GET /v2/models/{name}[/versions/{version}]/config``: Triton's model configuration."""
+    model = service.model(name, version_of(name, version))
+    request.model = model.label
+    return json_answer(model_config(model, service.versions(name), service.settings))
+
+
+def stats(
+    request: RequestState,
+    service: InferenceService,
+    name: str | None = None,
+    version: str | None = None,
+) -> Answer:
+    """``GET /v2/models[/{name}[/versions/{version}]]/stats``: Triton's statistics, summed over
+    every worker."""
+    return json_answer(
+        {
+            "model_stats": statistics(
+                service, name, None if name is None else version_of(name, version)
+            )
+        }
+    )
 
 
 def repository_index(request: RequestState, service: InferenceService) -> Answer:
