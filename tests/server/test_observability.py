@@ -58,6 +58,39 @@ def test_a_clients_trace_reaches_a_real_otlp_receiver(server_factory: Any, model
     assert spans["queue"].links == ((CLIENT_TRACE, spans["batch"].span_id),)
 
 
+def test_a_grpc_clients_trace_reaches_the_receiver_through_the_model_call(server_factory: Any,
+                                                                          model_repo: Path) -> None:
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    sample = np.asarray(json.loads((model_repo / "digits-torch" / "1" / "sample.json").read_text())["data"],
+                        dtype=np.float32).reshape(1, 64)
+    with Receiver() as receiver:
+        server = server_factory(model="digits-torch", backend="onnx", mode="batched", tracing="true",
+                                env={**OTEL, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+        server.start()
+        client = triton.InferenceServerClient(server.grpc_target)
+        try:
+            tensor = triton.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(sample)
+            answer = client.infer("digits-torch", [tensor],
+                                  headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+            assert answer.as_numpy("probabilities").shape == (1, 10)
+        finally:
+            client.close()
+        rpc = "inference.GRPCInferenceService/ModelInfer"
+
+        def trace(r: Receiver) -> dict[str, Any] | None:
+            spans = {span.name: span for span in r.spans() if span.trace_id == CLIENT_TRACE}
+            return spans if {rpc, "queue", "batch", "model"} <= set(spans) else None
+
+        spans = receiver.wait_for(trace, 30)
+        server.stop()
+    assert spans[rpc].parent_span_id == CLIENT_SPAN and spans[rpc].attributes["rpc.system"] == "grpc"
+    assert spans["model"].parent_span_id == spans["batch"].span_id
+    assert (CLIENT_TRACE, spans[rpc].span_id) in spans["batch"].links
+
+
 def test_payload_records_reach_a_cloudevents_sink_and_a_dead_sink_fails_no_request(
         server_factory: Any, model_repo: Path) -> None:
     sample = json.loads((model_repo / "digits-torch" / "1" / "sample.json").read_text())["data"]

@@ -13,7 +13,10 @@
 # with RetryInfo (gRPC's rich error model) in ``grpc-status-details-bin``. Every call ends in
 # ``finish``: ``serving_grpc_requests_total{method, code}``, its latency, and the access line (its
 # status is the HTTP one the same outcome has on REST, so the log reads the same for both). The
-# ``x-request-id`` trailer names the request, as the header does on HTTP.
+# ``x-request-id`` trailer names the request, as the header does on HTTP. With SERVING_TRACING the
+# call continues the client's ``traceparent`` metadata as the HTTP fronts continue the header (the
+# same ``Observer``: a SERVER span named after the RPC, the model's spans its children) and answers
+# the server span's own ``traceparent`` in a trailer; with tracing off nothing of it runs.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from serving.errors import BadRequest, DeadlineExceeded, ServingError
+from serving.fronts.observed import Observer, tracing_activate
 from serving.http.answers import answer_for_exception
 from serving.http.request import RequestState
 from serving.http.security import Gate
 from serving.observability import metrics
 from serving.observability.context import CURRENT_REQUEST
 from serving.observability.logging import AccessLog
+from serving.observability.observed import OBSERVATION
 from serving.protocol.v2.proto.rpc_status_pb2 import RetryInfo, Status
-from serving.protocol.v2.rpcs import Rpc
+from serving.protocol.v2.rpcs import SERVICE, Rpc
 from serving.runtime.service import InferenceService
 
 #: The gRPC code of each HTTP status a ``ServingError`` carries (Google's HTTP mapping).
@@ -123,11 +128,18 @@ class GrpcRequest(RequestState):
 class GrpcCalls:
     """Runs the calls of every ``Rpc`` with the app's service, gate and access log."""
 
-    def __init__(self, service: InferenceService, gate: Gate, access_log: AccessLog) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        gate: Gate,
+        access_log: AccessLog,
+        observer: Observer | None = None,
+    ) -> None:
         self.service = service
         self.gate = gate
         self.access_log = access_log
         self.count_in_flight = service.settings.mode == "batched"
+        self.observer = observer  # tracing on: every call's span
 
     def method_handler(self, rpc: Rpc) -> grpc.RpcMethodHandler:
         """The unary handler gRPC calls for ``rpc``; it gets the message's bytes, parsed here."""
@@ -139,6 +151,35 @@ class GrpcCalls:
 
     def call(self, rpc: Rpc, data: bytes, context: Any) -> bytes:
         """Serve one call: its answer's bytes, or its status through ``context.abort``."""
+        if self.observer is not None:
+            return self._traced(rpc, data, context, self.observer)
+        return self._call(rpc, data, context)
+
+    def _traced(self, rpc: Rpc, data: bytes, context: Any, observer: Observer) -> bytes:
+        """``_call`` inside the call's SERVER span, the client's ``traceparent`` continued."""
+        metadata = {
+            key: value for key, value in context.invocation_metadata() if isinstance(value, str)
+        }
+        traced = observer.begin("POST", rpc.path, metadata, False)
+        if traced.traced:  # named as OpenTelemetry's RPC conventions name a call
+            traced.span.update_name(f"{SERVICE}/{rpc.name}")
+            traced.span.set_attributes(
+                {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": rpc.name}
+            )
+        observation = OBSERVATION.set(traced.observation) if traced.observation.timed else None
+        span = tracing_activate(observer, traced)
+        try:
+            return self._call(rpc, data, context, (observer, traced))
+        finally:
+            if span is not None:
+                observer.tracing.deactivate(span)
+            if observation is not None:
+                OBSERVATION.reset(observation)
+            observer.end(traced)
+
+    def _call(
+        self, rpc: Rpc, data: bytes, context: Any, traced: tuple[Observer, Any] | None = None
+    ) -> bytes:
         request = GrpcRequest(context, rpc.path)
         token = CURRENT_REQUEST.set(request)
         in_flight = self.service.in_flight if self.count_in_flight else None
@@ -161,6 +202,8 @@ class GrpcCalls:
                 status = answer_for_exception(exc, request).status  # counted and logged there
             code = grpc.StatusCode.OK if error is None else status_code(status)
             trailers: tuple[tuple[str, str | bytes], ...] = (("x-request-id", request.request_id),)
+            if traced is not None:
+                trailers += tuple(traced[0].answered(traced[1], status, "application/grpc"))
             retry_after = isinstance(error, ServingError) and error.headers.get("Retry-After")
             if code is grpc.StatusCode.UNAVAILABLE and retry_after and error is not None:
                 trailers += retry_trailers(code, _details(error), int(retry_after))

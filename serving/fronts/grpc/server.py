@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.fronts.grpc.calls import GrpcCalls
+from serving.fronts.observed import Observer
 from serving.fronts.parts import ServingParts
 from serving.protocol.v2.proto import POOL
 from serving.protocol.v2.rpcs import RPCS, SERVICE
@@ -93,7 +94,13 @@ class GrpcFront:
             options=self.options(),
             maximum_concurrent_rpcs=self.threads + settings.max_queue,
         )
-        calls = GrpcCalls(self.parts.service, self.parts.gate, self.parts.access_log)
+        observer = Observer(self.parts)
+        calls = GrpcCalls(
+            self.parts.service,
+            self.parts.gate,
+            self.parts.access_log,
+            observer if observer.tracing is not None else None,
+        )
         handlers = {rpc.name: calls.method_handler(rpc) for rpc in RPCS}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         server.add_registered_method_handlers(SERVICE, handlers)
