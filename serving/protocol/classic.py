@@ -49,7 +49,14 @@ def _predict(request: RequestState, service: InferenceService) -> tuple[list[int
             'the JSON object needs an "images" field: {"images": <H x W pixels, 0-255>}'
         )
     images: Any = payload["images"]
-    meta = service.model().meta
+    model = service.model()
+    request.model = model.label
+    meta = model.meta
+    if not meta.is_image:
+        raise InvalidInput(
+            f"/inference takes images; model {meta.name} takes {meta.describe_input()}: send them"
+            ' to POST /predict as {"data": [[...], ...]}'
+        )
     batch = batch_from_data(images, meta, service.settings.max_batch, pixel_range=PIXELS_8BIT)
     request.batch_size = len(batch)
     probabilities = service.predict(batch, request.timeout())

@@ -307,7 +307,7 @@ def test_uploaded_t10k_pngs_get_their_labels(tab_factory: Callable[..., Tab], se
                                headers={"Content-Type": "image/png", **auth()}, timeout=10).json()["prediction"][0]
         assert shown == direct, (i, shown, direct)  # the page shows exactly what the API answers
         right += shown == str(label)
-    assert right >= 7, f"{right} of 8 t10k digits right"  # mnist-torch here: 6,000 images, 2 epochs, ~0.97
+    assert right >= 7, f"{right} of 8 t10k digits right"  # mnist-torch here: the default model, >= 0.99
 
 
 def test_a_non_image_and_a_too_large_picture_get_readable_errors(tab_factory: Callable[..., Tab]) -> None:
