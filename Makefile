@@ -14,6 +14,8 @@
 # make serve-mnist trains mnist-tf / mnist-torch if missing (MNIST from $MNIST_DIR, the cache, or one download),
 #                  then serves mnist-tf
 # make serve-iris  trains iris-svc if missing (scikit-learn's SVM through skl2onnx, seconds) and serves it
+# make bench-first-serve  the first make serve on a fresh clone, install included, until the default model answers
+#                  (reports/first-serve-<date>.md; target: within 3 minutes on 2 cores)
 # make bench-uploads  upload accuracy of the MNIST and 8x8 models (reports/upload-accuracy-<date>.md)
 # make fuzz        the image decoder, JSON parser and v2 codec fuzzed for longer (FUZZ_EXAMPLES=20000)
 # make test-image  build both container images and check them for real (.ci/run runs it after make test)
@@ -30,7 +32,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: fuzz lock venv train serve serve-mnist serve-iris train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-batching bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: fuzz lock venv train serve serve-mnist serve-iris bench-first-serve train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-batching bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt requirements-runtime.txt requirements-frameworks.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +64,9 @@ serve-iris: venv
 
 train-mnist: venv
 	$(PY) -m bench.train_mnist
+
+bench-first-serve: venv
+	$(PY) -m bench.first_serve
 
 bench-uploads: venv
 	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py --dataset digits; fi
