@@ -636,3 +636,37 @@ def test_the_operators_panel_shows_live_traffic_behind_the_admin_key(tab_factory
     assert tab.console == []
     page.click("#pause")
     assert page.locator("#status").text_content() == "Paused."
+
+
+def test_a_feature_model_gets_a_form_of_its_features(browser: Any, iris_repo: Path, tmp_path: Path) -> None:
+    """iris-svc takes four measurements, not a picture: the page shows a form of them, filled with the stored
+    sample, and each change shows what the model answers for the row (the same as the API)."""
+    with GunicornServer(iris_repo, tmp_path, workers=1, args=("--no-control-socket",)) as iris:
+        tab = Tab(browser, iris.url, None)
+        try:
+            page = tab.open("/")
+            expect(page.locator("#features")).to_be_visible()
+            expect(page.locator("#image-input")).to_be_hidden()
+            expect(page.locator("#input-title")).to_have_text("Your input")
+            names = page.locator("#feature-fields label").all_text_contents()
+            assert names == ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+            expect(page.locator("#feature-0-range")).to_have_text("4.3 to 7.9 in training")
+            sample = [float(v) for v in page.locator("#feature-fields input").evaluate_all(
+                "inputs => inputs.map(i => i.value)")]
+            label, _ = tab.answer()
+            expected = requests.get(iris.url + "/predict/test/label", timeout=10).json()["expected"]
+            assert label == expected and len(sample) == 4
+            for field, value in (("#feature-2", "6.1"), ("#feature-3", "2.4"), ("#feature-0", "7.2")):
+                page.fill(field, value)
+            shown, probabilities = tab.answer()
+            row = [7.2, sample[1], 6.1, 2.4]
+            direct = requests.post(iris.url + "/predict", json={"data": [row]}, timeout=10).json()["prediction"][0]
+            assert np.allclose(probabilities, direct, atol=1e-6)
+            assert shown == "virginica" == ["setosa", "versicolor", "virginica"][int(np.argmax(direct))]
+            page.fill("#feature-1", "not a number")
+            expect(page.locator("#feature-1")).to_have_attribute("aria-invalid", "true")
+            page.click("#reset-features")
+            expect(page.locator("#top-label")).to_have_text(expected)
+            assert not tab.console, tab.console
+        finally:
+            tab.close()
