@@ -97,7 +97,7 @@ def batch_from_data(
     if not isinstance(data, list):
         what = "pixel values" if meta.is_image else "feature values"
         raise InvalidInput(f'"data" must be an array of {what} (one sample) or an array of samples')
-    if not meta.is_image:
+    if meta.input_kind != "image":
         if pixel_range is not None:
             raise InvalidInput(
                 f'"pixel_range" is for image models; model {meta.name} takes'
@@ -229,7 +229,7 @@ def check_batch(batch: np.ndarray, meta: ModelMetadata, max_batch: int) -> np.nd
         what = "pixel values" if meta.is_image else "input values"
         raise InvalidInput(f"{what} must lie in [{low:g}, {high:g}]")
     # unbounded (features): the range let infinities through, and float32 would overflow to them
-    if not meta.bounded and not np.abs(batch).max() <= FLOAT32_MAX:
+    if (low == -np.inf or high == np.inf) and not np.abs(batch).max() <= FLOAT32_MAX:
         raise InvalidInput("the input contains NaN or infinite values, or values beyond float32")
     return np.ascontiguousarray(batch, dtype=np.float32)
 
