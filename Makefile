@@ -1,5 +1,6 @@
-# make serve       fresh machine: venv + requirements + the package, trains the default models if models/ is
-#                  empty, starts gunicorn with gunicorn.conf.py on 127.0.0.1:8000
+# make serve       fresh machine: venv + requirements + the package, trains the default model if models/ is
+#                  empty (mnist-torch on real MNIST, >= 0.99 on t10k, about a minute; the 8x8 digits when MNIST
+#                  cannot be had), starts gunicorn with gunicorn.conf.py on 127.0.0.1:8000
 #                  (SERVING_FRONT=asgi make serve: asgi_server:app under an ASGI worker, docs/modes.md)
 # make test        the whole suite, real servers included (what .ci/run runs); installs the system packages
 # make test-fast   the in-process layer only (Flask test client, unit tests): under a minute
@@ -16,6 +17,9 @@
 #                  then serves mnist-tf
 # make bench-tracing  tracing (off, 1%, 100%), payload logs and drift on the request path (reports/tracing-<date>.md)
 # make bench-grpc  gRPC against HTTP v2 binary (h2load, wrk, perf_analyzer) and the gRPC server's placement
+# make serve-iris  trains iris-svc if missing (scikit-learn's SVM through skl2onnx, seconds) and serves it
+# make bench-first-serve  the first make serve on a fresh clone, install included, until the default model answers
+#                  (reports/first-serve-<date>.md; target: within 3 minutes on 2 cores)
 # make bench-uploads  upload accuracy of the MNIST and 8x8 models (reports/upload-accuracy-<date>.md)
 # make fuzz        the image decoder, JSON parser and v2 codec fuzzed for longer (FUZZ_EXAMPLES=20000)
 # make test-image  build both container images and check them for real (.ci/run runs it after make test)
@@ -33,7 +37,7 @@ LOADTEST_ARGS ?=
 TEST_PACKAGES := nginx chromium prometheus systemd:systemd-analyze iproute2:ip
 BENCH_PACKAGES := wrk
 
-.PHONY: bench-grpc fuzz lock protos venv train serve serve-mnist train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-traffic bench-batching bench-tracing bench-uploads bench-replicas loadtest docs lint clean
+.PHONY: bench-grpc fuzz lock protos venv train serve serve-mnist serve-iris bench-first-serve train-mnist test test-fast test-image bench bench-memory bench-pool bench-fork bench-traffic bench-batching bench-tracing bench-uploads bench-replicas loadtest docs lint clean
 
 $(VENV)/.installed: requirements.txt requirements-runtime.txt requirements-frameworks.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,19 +56,26 @@ train: venv
 SERVE_APP = $(if $(filter asgi,$(SERVING_FRONT)),asgi_server:app,flask_server:app)
 
 serve: venv
-	@if [ -z "$$(ls -A models 2>/dev/null)" ]; then echo "models/ is empty: training the default models"; $(PY) train.py; fi
+	@if [ -z "$$(ls -A models 2>/dev/null)" ]; then echo "models/ is empty: training the default model"; $(PY) train.py; fi
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py $(SERVE_APP)
 
 serve-mnist: venv
-	@if [ -z "$$(ls -A models/mnist-tf 2>/dev/null)" ]; then echo "no mnist-tf: training the MNIST models (about 5 minutes)"; $(PY) train.py --dataset mnist; fi
+	@if [ -z "$$(ls -A models/mnist-tf 2>/dev/null)" ]; then echo "no mnist-tf: training the MNIST models (about 2 minutes)"; $(PY) train.py --dataset mnist --framework all; fi
 	SERVING_MODEL=mnist-tf $(VENV)/bin/gunicorn -c gunicorn.conf.py flask_server:app
+
+serve-iris: venv
+	@if [ -z "$$(ls -A models/iris-svc 2>/dev/null)" ]; then $(PY) train.py --dataset iris; fi
+	SERVING_MODEL=iris-svc $(VENV)/bin/gunicorn -c gunicorn.conf.py flask_server:app
 
 train-mnist: venv
 	$(PY) -m bench.train_mnist
 
+bench-first-serve: venv
+	$(PY) -m bench.first_serve
+
 bench-uploads: venv
-	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
-	@if [ -z "$$(ls -A models/mnist-tf 2>/dev/null)" ]; then $(PY) train.py --dataset mnist; fi
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py --dataset digits; fi
+	@if [ -z "$$(ls -A models/mnist-tf 2>/dev/null)" ]; then $(PY) train.py --dataset mnist --framework all; fi
 	$(PY) -m bench.upload_accuracy
 
 test: venv
@@ -86,21 +97,21 @@ bench: venv
 
 bench-memory: venv
 	scripts/system-packages.sh $(BENCH_PACKAGES)
-	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py --dataset digits; fi
 	$(PY) -m bench.memory
 
 bench-pool: venv
 	scripts/system-packages.sh $(BENCH_PACKAGES)
-	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py --dataset digits; fi
 	$(PY) -m bench.pool
 
 bench-tracing: venv
 	scripts/system-packages.sh $(BENCH_PACKAGES)
-	@if [ -z "$$(ls -A models/digits-torch 2>/dev/null)" ]; then $(PY) train.py; fi
+	@if [ -z "$$(ls -A models/digits-torch 2>/dev/null)" ]; then $(PY) train.py --dataset digits; fi
 	$(PY) -m bench.tracing
 
 bench-fork: venv
-	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py; fi
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py --dataset digits; fi
 	$(PY) -m bench.fork_soak
 
 # gRPC against HTTP v2 binary, perf_analyzer over both, the gRPC server's placement (reports/grpc-<date>.md)
@@ -114,7 +125,7 @@ bench-batching: venv
 	$(PY) -m bench.batching
 
 loadtest: venv
-	@if [ -z "$$(ls -A models 2>/dev/null)" ]; then $(PY) train.py; fi
+	@if [ -z "$$(ls -A models/digits-tf 2>/dev/null)" ]; then $(PY) train.py --dataset digits; fi
 	$(PY) -m bench.loadtest --step-ramp onnx-batched --update-docs $(LOADTEST_ARGS)
 
 test-image: venv
@@ -125,7 +136,7 @@ lock: venv
 	$(PY) scripts/lock_requirements.py
 
 bench-traffic: venv
-	@if [ -z "$$(ls -A models/digits-torch 2>/dev/null)" ]; then $(PY) train.py; fi
+	@if [ -z "$$(ls -A models/digits-torch 2>/dev/null)" ]; then $(PY) train.py --dataset digits; fi
 	$(PY) -m bench.traffic
 
 protos: venv

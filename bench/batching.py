@@ -36,8 +36,8 @@ def ensure_large_models(repo: Path, backends: list[str]) -> None:
         needed = any(MODELS[b] == name for b in backends)
         if needed and not (repo / name).is_dir():
             print(f"training {name} (train.py --arch large --framework {framework}) ...", flush=True)
-            subprocess.run([sys.executable, "train.py", "--arch", "large", "--framework", framework, "--out",
-                            str(repo)], cwd=ROOT, check=True)
+            subprocess.run([sys.executable, "train.py", "--dataset", "digits", "--arch", "large", "--framework",
+                            framework, "--out", str(repo)], cwd=ROOT, check=True)
 
 
 def main() -> None:

@@ -102,8 +102,8 @@ def main() -> None:
             deadline = time.monotonic() + args.minutes * 60
             while time.monotonic() < deadline - 20:
                 started = time.monotonic()
-                subprocess.run([sys.executable, "train.py", "--framework", "pytorch", "--out", str(repo),
-                                "--name", "digits-torch", "--epochs", "5"], cwd=ROOT, env=clean_env(),
+                subprocess.run([sys.executable, "train.py", "--dataset", "digits", "--framework", "pytorch", "--out",
+                                str(repo), "--name", "digits-torch", "--epochs", "5"], cwd=ROOT, env=clean_env(),
                                capture_output=True, check=True, timeout=300)
                 version = max(int(p.name) for p in (repo / "digits-torch").iterdir() if p.name.isdigit())
                 time.sleep(0.1)

@@ -95,7 +95,7 @@ def main() -> None:
         missing = [m for m in ("mnist-tf", "mnist-torch") if not (args.repo / m).is_dir()]
         if missing:
             raise SystemExit(f"{', '.join(missing)} not in {args.repo}: run python train.py --dataset mnist"
-                             " (or pass --no-mnist)")
+                             " --framework all (or pass --no-mnist)")
         digit = np.rint(load_mnist(Path(os.environ.get("MNIST_DIR") or DEFAULT_MNIST_DIR)).x_test[0] * 255)
         scripts["mnist"] = wrk_script(out_dir / "mnist.lua", orjson.dumps(
             {"data": digit.astype(int).reshape(-1).tolist(), "pixel_range": [0, 255]}), headers=auth)

@@ -64,7 +64,7 @@ def config(argv: list[str]) -> int:
 
 
 def import_(argv: list[str]) -> int:
-    from serving.toolchain.importer import main
+    from serving.toolchain.import_cli import main
 
     return main(argv)
 

@@ -165,7 +165,11 @@ class Settings:
         accepts="cpu",
     )
     model_repository: Path = setting(Path("models"), "model repository root directory")
-    model: str = setting("", "model to serve; empty = digits-tf, else the only model present")
+    model: str = setting(
+        "",
+        "model the native API serves; empty = the first of mnist-torch, mnist-tf, digits-tf"
+        " present (what train.py trains), else the only model present",
+    )
     model_version: int = setting(0, "version to serve; 0 = the latest", minimum=0)
     models: str = setting(
         "",

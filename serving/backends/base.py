@@ -1,6 +1,7 @@
 """The small interface every backend implements, and what each backend says about itself.
 
-A backend turns a float32 batch shaped ``(N, H, W)`` into float32 probabilities ``(N, classes)``.
+A backend turns a float32 batch shaped ``(N, H, W)`` (images) or ``(N, F)`` (feature rows) into
+float32 probabilities ``(N, classes)``.
 Each backend module imports its framework inside ``load``, so importing ``serving`` (in the
 gunicorn master, say) never imports TensorFlow, PyTorch or onnxruntime. Everything else that
 depends on the backend (its name, the file it loads, whether threads may share it, its v2 platform
@@ -18,7 +19,7 @@ import numpy as np
 from serving.store.repository import ModelMetadata
 
 #: How a model wants its input, from ``metadata.json`` (``input.layout``); the server's batch is (N,
-#: H, W).
+#: H, W) for images, (N, F) for feature rows (always "flat").
 LAYOUTS = ("NHWC", "NCHW", "NHW", "flat")
 
 
@@ -56,6 +57,8 @@ class Backend(ABC):
         # Read once: ``_layout`` and ``_probabilities`` run on every model call.
         self._layout_kind: str = spec.get("layout", "NHWC")
         self._uint8 = spec.get("dtype") == "uint8"
+        # skl2onnx models exported with DoubleTensorType take float64 rows
+        self._float64 = spec.get("dtype") == "float64"
         self._activation: str | None = metadata.raw.get("output", {}).get("activation")
 
     @abstractmethod
@@ -64,7 +67,7 @@ class Backend(ABC):
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``(N, classes)`` float32 for a float32 batch ``(N, H, W)``."""
+        """Probabilities ``(N, classes)`` float32 for a float32 batch ``(N, H, W)`` / ``(N, F)``."""
 
     def framework_version(self) -> str:
         """Version string of the framework, for logs (after ``load``)."""
@@ -72,7 +75,7 @@ class Backend(ABC):
 
     def _layout(self, batch: np.ndarray) -> np.ndarray:
         """The batch as the model takes it: channel axis (NHWC, NCHW), as is (NHW) or flat; uint8
-        if asked."""
+        or float64 if asked."""
         layout = self._layout_kind
         if layout == "NHWC":
             shaped = batch[..., np.newaxis]
@@ -82,7 +85,9 @@ class Backend(ABC):
             shaped = batch
         else:
             shaped = batch.reshape(len(batch), -1)
-        return np.rint(shaped).astype(np.uint8) if self._uint8 else shaped
+        if self._uint8:
+            return np.rint(shaped).astype(np.uint8)
+        return shaped.astype(np.float64) if self._float64 else shaped
 
     def _probabilities(self, output: np.ndarray) -> np.ndarray:
         """The model's output as float32 probabilities: a softmax when ``output.activation`` says

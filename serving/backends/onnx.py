@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: the fastest per call, thread-safe, serves exports of either framework."""
+"""ONNX Runtime backend: the fastest per call, thread-safe, serves exports of either framework and
+scikit-learn models converted with skl2onnx.
+
+A model may have several outputs (skl2onnx writes the label first, then the probabilities): the one
+served is the output named in ``metadata.json``, else the first. skl2onnx's default probability
+output is a ZipMap, a sequence of ``{class: probability}`` maps; ``output.keys`` (written by
+``serving import``) gives the class of each column, in the order of the labels.
+"""
 
 from __future__ import annotations
 
@@ -49,12 +56,26 @@ class OnnxRuntimeBackend(Backend):
                 f"cannot load {self.metadata.path / self.artifact}: {exc}"
             ) from exc
         self._input = self._session.get_inputs()[0].name
-        self._outputs: list[Any] = [self._session.get_outputs()[0].name]
+        outputs = {output.name: output for output in self._session.get_outputs()}
+        chosen = outputs.get(self.metadata.output_name) or self._session.get_outputs()[0]
+        self._outputs: list[Any] = [chosen.name]
+        #: a ZipMap output: the class key of each probability column, in the labels' order
+        self._keys: list[Any] | None = None
+        if str(chosen.type).startswith("seq(map("):
+            keys = self.metadata.raw.get("output", {}).get("keys")
+            if not isinstance(keys, list) or len(keys) != len(self.metadata.labels):
+                raise ModelLoadError(
+                    f"{self.metadata.name}:{self.metadata.version}: output {chosen.name!r} is a"
+                    " ZipMap and metadata.json gives no output.keys (its classes): import the"
+                    " model with serving import"
+                )
+            self._keys = keys
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self._probabilities(
-            self._session.run(self._outputs, {self._input: self._layout(batch)})[0]
-        )
+        output = self._session.run(self._outputs, {self._input: self._layout(batch)})[0]
+        if self._keys is not None:
+            output = np.array([[row[key] for key in self._keys] for row in output], np.float32)
+        return self._probabilities(output)
 
     def framework_version(self) -> str:
         return f"onnxruntime {self._ort_version}"

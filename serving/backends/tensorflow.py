@@ -51,16 +51,19 @@ class KerasBackend(Backend):
             raise ModelLoadError(
                 f"cannot load {self.metadata.path / self.artifact}: {exc}"
             ) from exc
-        height, width = self.metadata.input_shape
-        shapes = {
-            "NHWC": (None, height, width, 1),
-            "NCHW": (None, 1, height, width),
-            "NHW": (None, height, width),
-            "flat": (None, height * width),
-        }
         spec = self.metadata.raw.get("input", {})
+        layout = spec.get("layout", "NHWC")
+        if layout == "flat":  # a feature row, or an image taken as H*W values
+            shape: tuple[int | None, ...] = (None, self.metadata.sample_size)
+        else:
+            height, width = self.metadata.input_shape
+            shape = {
+                "NHWC": (None, height, width, 1),
+                "NCHW": (None, 1, height, width),
+                "NHW": (None, height, width),
+            }[layout]
         dtype = tf.uint8 if spec.get("dtype") == "uint8" else tf.float32
-        signature = tf.TensorSpec(shape=shapes[spec.get("layout", "NHWC")], dtype=dtype)
+        signature = tf.TensorSpec(shape=shape, dtype=dtype)
         self._model = model
         function = tf.function(lambda x: model(x, training=False), input_signature=[signature])
         # Calling the traced concrete function skips tf.function's per-call signature binding (~150

@@ -119,7 +119,7 @@ class AsgiApp:
         try:
             error = BadRequest("WebSocket connections are not served here: use HTTP")
             status, body, content_type, extra = answer_for_exception(error, request)
-            finish(request, "unmatched", status, self.service.default_label, self.access_log)
+            finish(request, "unmatched", status, self.access_log)
             headers = headers_for(request, content_type, len(body), extra)
             await send(
                 {"type": "websocket.http.response.start", "status": status, "headers": headers}
@@ -201,7 +201,7 @@ class AsgiApp:
 
     async def _answer(self, request: RequestState, label: str, answer: Answer, send: Send) -> None:
         status, body, content_type, extra = answer
-        finish(request, label, status, self.service.default_label, self.access_log)
+        finish(request, label, status, self.access_log)
         await send(
             {
                 "type": "http.response.start",
@@ -245,7 +245,7 @@ class AsgiApp:
     ) -> None:
         """Send each line as the pool computes it; a failure after the first line becomes the
         last line."""
-        finish(request, label, 200, self.service.default_label, self.access_log)
+        finish(request, label, 200, self.access_log)
         await send(
             {
                 "type": "http.response.start",

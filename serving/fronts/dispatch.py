@@ -153,7 +153,7 @@ class Dispatcher:
         if extra:
             headers.extend(extra.items())
         start_response(STATUS_LINES.get(status) or f"{status} UNKNOWN", headers)
-        finish(request, endpoint.metric_label, status, self.service.default_label, self.access_log)
+        finish(request, endpoint.metric_label, status, self.access_log)
         return [body]
 
 

@@ -95,7 +95,6 @@ def _finish_request(response: Response) -> Response:
         state,
         endpoint.metric_label if endpoint is not None else "unmatched",
         response.status_code,
-        parts.service.default_label,
         parts.access_log,
     )
     return response

@@ -27,7 +27,7 @@ try:
 except ConfigError as exc:
     sys.exit(f"error: {exc}")
 
-from serving.host import hooks, sharing  # noqa: E402
+from serving.host import daemon_report, hooks, sharing  # noqa: E402
 from serving.host import pool_dir as pool  # noqa: E402
 from serving.host import workers as worker_classes  # noqa: E402
 from serving.observability.logging import gunicorn_logger_class  # noqa: E402
@@ -128,12 +128,22 @@ if json_logger is not None:
 # Servers started side by side (tests, benchmarks) must not share gunicorn's control socket.
 control_socket_disable = True
 
+# --daemon: the command waits until a worker has loaded its models and says so, or prints why the
+# server stopped and exits 1, instead of exiting 0 before anything is known
+# (serving/host/daemon_report.py).
+daemon_report.install(limit_s=max(120.0, 4.0 * settings.timeout), log_file=settings.log_file)
+
 
 def on_starting(server):
     """Master, before forking: route daemon logs, wipe old metrics, fail fast on a bad model."""
     hooks.route_daemon_logs(server)
+    daemon_report.master_started(server)
     multiprocess.wipe_metrics_dir(server)
-    hooks.check_before_fork(server, settings)
+    try:
+        hooks.check_before_fork(server, settings)
+    except RuntimeError as exc:
+        daemon_report.master_failed(str(exc))
+        raise
     sharing.share_before_fork(server, settings)
 
 
@@ -159,6 +169,7 @@ def post_worker_init(worker):
     if not hasattr(worker, "wsgi"):
         worker.wsgi = worker.asgi
     hooks.load_in_worker(worker)
+    daemon_report.worker_ready()
 
 
 def worker_exit(server, worker):

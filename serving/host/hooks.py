@@ -175,9 +175,22 @@ def warn_if_exposed(server: Any, settings: Settings, grpc_address: str | None = 
         server.log.warning(
             "listening on %s with no API key: anyone who reaches the port can run inference, read "
             "/metrics and"
-            " the model index; set SERVING_API_KEYS and SERVING_ADMIN_KEYS, and put nginx in front"
-            " (deploy/nginx.conf; docs/security.md)",
+            " the model index; set SERVING_API_KEYS and SERVING_ADMIN_KEYS, SERVING_ALLOWED_HOSTS"
+            " to the names clients use, and put nginx in front (deploy/nginx.conf;"
+            " docs/security.md)",
             ", ".join(exposed),
+        )
+    if exposed:
+        gate.allow_binds(list(server.cfg.bind))
+        server.log.info(
+            "requests to %s must name this server in their Host header: %s%s",
+            ", ".join(exposed),
+            "any name (SERVING_ALLOWED_HOSTS=*)"
+            if gate.hosts is None
+            else ", ".join(sorted(gate.hosts)),
+            ""
+            if settings.allowed_hosts.strip()
+            else "; SERVING_ALLOWED_HOSTS sets the list (a DNS name clients use, a proxy's)",
         )
 
 
@@ -329,6 +342,8 @@ def load_in_worker(worker: Any) -> None:
     if parts is None:
         return  # not our app (a custom WSGI wrapper): it loads lazily on the first request
     service = parts.service
+    # the Host names of what gunicorn really binds (its -b flag may differ from SERVING_BIND)
+    parts.gate.allow_binds(list(worker.cfg.bind))
     set_server_root(worker.ppid)  # /metrics reports the memory of the master and every process
     # it serves requests on this thread: bound direct calls by SIGALRM
     return_large_blocks()

@@ -13,10 +13,11 @@ from serving.observability.logging import AccessLog
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 
 
-def finish(
-    request: RequestState, endpoint: str, status: int, default_model: str, access_log: AccessLog
-) -> None:
-    """Count the answered request in the metrics and write its access line (every dispatch path)."""
+def finish(request: RequestState, endpoint: str, status: int, access_log: AccessLog) -> None:
+    """Count the answered request in the metrics and write its access line (every dispatch path).
+
+    The line names the model version the request used (``request.model``, set by the handler that
+    looked it up), else ``-``: /metrics or a request for an unknown model used none."""
     method = request.method
     elapsed = time.perf_counter() - request.started
     metrics.observe_request(endpoint, method if method in METHODS else "other", status, elapsed)
@@ -26,6 +27,6 @@ def finish(
         request.path,
         status,
         elapsed * 1000.0,
-        request.model or default_model,
+        request.model or "-",
         request.batch_size,
     )

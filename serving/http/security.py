@@ -18,6 +18,7 @@ from typing import Protocol
 
 from serving.config import Settings
 from serving.errors import ConfigError, Forbidden, MisdirectedHost, Unauthorized
+from serving.http.local_names import is_wildcard, machine_names
 from serving.http.request import RequestState
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -56,17 +57,32 @@ def read_keys(inline: str, path: str, variable: str) -> tuple[bytes, ...]:
 
 
 def allowed_hosts(settings: Settings) -> frozenset[str] | None:
-    """The Host names accepted (lower case, without port); None accepts any."""
+    """The Host names accepted (lower case, without port); None accepts any.
+
+    Unset, they are loopback's names and what the server is bound to: the bind address, or for a
+    wildcard bind (0.0.0.0, ::) this machine's names and addresses (``local_names``).
+    """
     if settings.allowed_hosts.strip() == "*":
         return None
     hosts = {host.strip().lower() for host in settings.allowed_hosts.split(",") if host.strip()}
     if not hosts:
-        hosts = set(LOOPBACK_HOSTS)
-        if not settings.bind.startswith("unix:"):
-            host = settings.bind.rpartition(":")[0].strip("[]").lower()
-            if host and host not in ("0.0.0.0", "::"):
-                hosts.add(host)
+        hosts = set(LOOPBACK_HOSTS) | bound_hosts([settings.bind])
     return frozenset(hosts)
+
+
+def bound_hosts(binds: list[str]) -> set[str]:
+    """The Host names that name these bind addresses: each one's host, or for a wildcard this
+    machine's names and addresses (unix sockets name none)."""
+    hosts: set[str] = set()
+    for address in binds:
+        if address.startswith("unix:"):
+            continue
+        host = address.rpartition(":")[0] if ":" in address else address
+        if is_wildcard(host):
+            hosts |= machine_names()
+        else:
+            hosts.add(host.strip("[]").lower())
+    return hosts
 
 
 def host_name(header: str) -> str:
@@ -90,6 +106,7 @@ class Gate:
             settings.admin_keys, settings.admin_keys_file, "SERVING_ADMIN_KEYS"
         )
         self.hosts = allowed_hosts(settings)
+        self._from_bind = not settings.allowed_hosts.strip()
         self._hosts_seen: dict[str, bool] = {}
         # Inference takes an inference or an admin key once inference keys exist; admin endpoints
         # take an admin key when admin keys exist, else an inference key when those exist (never
@@ -99,6 +116,14 @@ class Gate:
             "inference": self.inference_keys + self.admin_keys if self.inference_keys else (),
             "admin": self.admin_keys or self.inference_keys,
         }
+
+    def allow_binds(self, binds: list[str]) -> None:
+        """Also accept the Host names of the addresses gunicorn really listens on (its ``-b``),
+        unless SERVING_ALLOWED_HOSTS lists the hosts itself (called in each worker, before it
+        serves)."""
+        if self.hosts is not None and self._from_bind:
+            self.hosts = self.hosts | bound_hosts(binds)
+            self._hosts_seen.clear()
 
     @property
     def keys_on(self) -> bool:
@@ -115,7 +140,8 @@ class Gate:
             if header is not None and not self._host_allowed(header):
                 raise MisdirectedHost(
                     f"this server does not answer for Host {header[:64]!r}: set"
-                    " SERVING_ALLOWED_HOSTS to the names clients use"
+                    " SERVING_ALLOWED_HOSTS to the names clients use (e.g."
+                    f" SERVING_ALLOWED_HOSTS={host_name(header)[:64]})"
                 )
         keys = self.required[scope]
         if not keys:

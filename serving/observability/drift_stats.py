@@ -45,11 +45,13 @@ def input_names(shape: Sequence[int], names: Sequence[str] | None = None) -> lis
 
 
 def reduce(batch: np.ndarray) -> np.ndarray:
-    """A batch (N, H, W) as its inputs (N, k), in ``input_names`` order."""
+    """A batch (N, H, W) of images or (N, F) of feature rows as its inputs (N, k), in
+    ``input_names`` order."""
     batch = np.asarray(batch, dtype=np.float32)
-    count, height, width = batch.shape
-    if not is_image((height, width)):
+    count = batch.shape[0]
+    if not is_image(batch.shape[1:]):
         return batch.reshape(count, -1)[:, :MAX_FEATURES]
+    height, width = batch.shape[1:]
     rows = np.linspace(0, height, GRID + 1).astype(int)
     cols = np.linspace(0, width, GRID + 1).astype(int)
     sums = np.add.reduceat(np.add.reduceat(batch, rows[:-1], axis=1), cols[:-1], axis=2)

@@ -50,7 +50,13 @@ def _predict(request: RequestState, service: InferenceService) -> tuple[list[int
         )
     images: Any = payload["images"]
     route = service.route(header=request.header)
+    request.model = route.label
     meta = route.meta
+    if not meta.is_image:
+        raise InvalidInput(
+            f"/inference takes images; model {meta.name} takes {meta.describe_input()}: send them"
+            ' to POST /predict as {"data": [[...], ...]}'
+        )
     batch = batch_from_data(images, meta, service.settings.max_batch, pixel_range=PIXELS_8BIT)
     request.batch_size = len(batch)
     probabilities, model = service.answer(route, batch, request.timeout())

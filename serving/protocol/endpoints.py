@@ -150,9 +150,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "GET",
         "/predict/test/label",
         native.test_label,
-        "run the model's stored sample (smoke test)",
+        "run the model's stored sample (smoke test): its label and whether it is the sample's",
         NATIVE,
         doc=operation(ref("TestLabel"), (500, 503, 504)),
+    ),
+    Endpoint(
+        "GET",
+        "/predict/test",
+        native.test_probabilities,
+        "the model's probabilities for its stored sample",
+        NATIVE,
+        doc=operation(ref("TestProbabilities"), (500, 503, 504)),
     ),
     # the classic Flask MNIST client contract (unchanged clients)
     Endpoint(

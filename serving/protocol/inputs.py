@@ -1,11 +1,15 @@
-"""Turning request payloads into validated float32 batches ``(N, H, W)``.
+"""Turning request payloads into validated float32 batches: ``(N, H, W)`` images or ``(N, F)``
+feature rows.
 
-The input contract (also served in ``/metadata``): ``data`` is one sample or a list of samples;
-a sample is H*W pixel intensities, flat or nested H x W, as numbers in the model's input range
-([0, 1] for the bundled models). Images (PNG, JPEG, ...) of one digit are made into the model's
-input the way its training data were made (``serving.protocol.preprocess``: MNIST's 20x20 box
-centred by mass in 28x28, or optdigits' 4x4 block counts for other sizes) and scaled to the input
-range. Every violation raises a 4xx ``ServingError``; nothing here can 500.
+The input contract (also served in ``/metadata``) is the tensor the model declares. ``data`` is
+one sample or a list of samples. For an image model a sample is H*W pixel intensities, flat or
+nested H x W, as numbers in the model's input range ([0, 1] for the bundled models); images (PNG,
+JPEG, ...) of one digit are made into the model's input the way its training data were made
+(``serving.protocol.preprocess``: MNIST's 20x20 box centred by mass in 28x28, or optdigits' 4x4
+block counts for other sizes) and scaled to the input range. For a feature model a sample is a row
+of its N feature values, in the order its metadata names them; they must be finite, and lie in the
+input range only when the model declares one (the range each feature had in training is described,
+not enforced). Every violation raises a 4xx ``ServingError``; nothing here can 500.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import BadRequest, DeadlineExceeded, InvalidInput, PayloadTooLarge, QueueFull
+from serving.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    InvalidInput,
+    PayloadTooLarge,
+    QueueFull,
+    UnsupportedMediaType,
+)
 from serving.protocol.preprocess import model_input
 from serving.store.repository import ModelMetadata
 
@@ -27,6 +38,10 @@ CONTRACT = (
     ' or nested H x W (or in "pixel_range": [0, 255] for 8-bit pixels); or an image body'
     " (image/png, image/jpeg) or multipart field 'file', converted to grayscale and framed like the"
     " training data"
+)
+FEATURES_CONTRACT = (
+    'JSON {"data": row | [row, ...]} where a row is the model\'s N feature values, in the order'
+    " input.features names them, as finite numbers"
 )
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff")
 #: The decoders an upload may reach: the advertised formats only (Pillow knows ~40, some of them
@@ -64,6 +79,7 @@ MAX_JPEG_SCANS = 64
 DECODE_SLOTS = threading.BoundedSemaphore(2)
 #: Pictures are reduced (before conversion) to about this many times the model's input size.
 REDUCE_TO = 8
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: 8-bit pixel intensities: the ``pixel_range`` of /inference, of v2 UINT8 tensors, and of ``[0,
 #: 255]``.
 PIXELS_8BIT = (0.0, 255.0)
@@ -79,9 +95,15 @@ def batch_from_data(
     million empty lists costs a few microseconds, not a second and 70 MB.
     """
     if not isinstance(data, list):
-        raise InvalidInput(
-            '"data" must be an array of pixel values (one sample) or an array of samples'
-        )
+        what = "pixel values" if meta.is_image else "feature values"
+        raise InvalidInput(f'"data" must be an array of {what} (one sample) or an array of samples')
+    if meta.input_kind != "image":
+        if pixel_range is not None:
+            raise InvalidInput(
+                f'"pixel_range" is for image models; model {meta.name} takes'
+                f" {meta.describe_input()}: send their values as they are"
+            )
+        return _feature_rows(data, meta, max_batch)
     height, width = meta.input_shape
     size = height * width
     if len(data) > max(size, max_batch) or (
@@ -91,18 +113,7 @@ def batch_from_data(
             f'"data" is longer than {max(size, max_batch)} values or samples: send at most'
             f" {max_batch} samples of {size} values"
         )
-    try:
-        array = np.asarray(data)
-    except (ValueError, TypeError):
-        raise InvalidInput(
-            '"data" must be a rectangular array: every sample needs the same shape'
-        ) from None
-    if array.size == 0:
-        raise InvalidInput("the batch is empty: send at least one sample")
-    if array.dtype.kind not in "fiu":
-        raise InvalidInput(
-            '"data" must hold only numbers (no strings, booleans, nulls or ragged rows)'
-        )
+    array = _numbers(data)
     shape = array.shape
     if shape == (size,) or shape == (height, width):
         batch = array.reshape(1, height, width)
@@ -117,6 +128,50 @@ def batch_from_data(
     if pixel_range is not None:
         batch = rescale(batch, pixel_range, meta.input_range)
     return check_batch(batch, meta, max_batch)
+
+
+def _feature_rows(data: list[Any], meta: ModelMetadata, max_batch: int) -> np.ndarray:
+    """A ``(N, F)`` batch from one row of F values or a list of rows (lengths checked first)."""
+    size = meta.sample_size
+    if not data:
+        raise InvalidInput("the batch is empty: send at least one sample")
+    rows = isinstance(data[0], list)
+    if rows and len(data) > max_batch:
+        raise InvalidInput(f"the batch has {len(data)} rows; the limit is {max_batch} per request")
+    if len(data[0] if rows else data) != size:
+        shape = [len(data), len(data[0])] if rows else [len(data)]
+        raise InvalidInput(
+            f'"data" has shape {shape}; model {meta.name} takes rows of'
+            f" {meta.describe_input()}: one row [{size} values] or a list of rows"
+        )
+    array = _numbers(data)
+    if array.shape == (size,):
+        batch = array.reshape(1, size)
+    elif array.ndim == 2 and array.shape[1] == size:
+        batch = array
+    else:
+        raise InvalidInput(
+            f'"data" has shape {list(array.shape)}; model {meta.name} takes rows of'
+            f" {meta.describe_input()}: one row [{size} values] or a list of rows"
+        )
+    return check_batch(batch, meta, max_batch)
+
+
+def _numbers(data: list[Any]) -> np.ndarray:
+    """``data`` as a numeric array: 422 when ragged, empty, or holding anything but numbers."""
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError):
+        raise InvalidInput(
+            '"data" must be a rectangular array: every sample needs the same shape'
+        ) from None
+    if array.size == 0:
+        raise InvalidInput("the batch is empty: send at least one sample")
+    if array.dtype.kind not in "fiu":
+        raise InvalidInput(
+            '"data" must hold only numbers (no strings, booleans, nulls or ragged rows)'
+        )
+    return array
 
 
 def rescale(
@@ -171,7 +226,11 @@ def check_batch(batch: np.ndarray, meta: ModelMetadata, max_batch: int) -> np.nd
     if not (batch.min() >= low and batch.max() <= high):
         if not np.isfinite(batch).all():
             raise InvalidInput("the input contains NaN or infinite values")
-        raise InvalidInput(f"pixel values must lie in [{low:g}, {high:g}]")
+        what = "pixel values" if meta.is_image else "input values"
+        raise InvalidInput(f"{what} must lie in [{low:g}, {high:g}]")
+    # unbounded (features): the range let infinities through, and float32 would overflow to them
+    if (low == -np.inf or high == np.inf) and not np.abs(batch).max() <= FLOAT32_MAX:
+        raise InvalidInput("the input contains NaN or infinite values, or values beyond float32")
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
@@ -190,6 +249,11 @@ def batch_from_image(
     """
     from PIL import Image, PngImagePlugin
 
+    if not meta.is_image:
+        raise UnsupportedMediaType(
+            f"model {meta.name} takes {meta.describe_input()}, not pictures: send JSON"
+            ' {"data": [[...], ...]}'
+        )
     if not body:
         raise BadRequest("the image body is empty")
     PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_CHUNK, MAX_TEXT_MEMORY

@@ -21,6 +21,7 @@ from serving.http.encoding import parse_json_object
 from serving.http.request import RequestState
 from serving.protocol.inputs import (
     CONTRACT,
+    FEATURES_CONTRACT,
     IMAGE_TYPES,
     batch_from_data,
     batch_from_image,
@@ -35,12 +36,16 @@ MAX_FORM_PARTS = 1000
 
 def metadata(request: RequestState, service: InferenceService) -> Answer:
     """``GET /metadata``: the default model and its input contract."""
-    return json_answer(metadata_document(service))
+    return json_answer(metadata_document(service, request))
 
 
-def metadata_document(service: InferenceService) -> dict[str, Any]:
+def metadata_document(
+    service: InferenceService, request: RequestState | None = None
+) -> dict[str, Any]:
     """The default model's metadata and its input contract, as ``GET /metadata`` serves them."""
     model = service.model()
+    if request is not None:
+        request.model = model.label
     meta, raw = model.meta, model.meta.raw
     document: dict[str, Any] = {
         "name": meta.name,
@@ -52,15 +57,7 @@ def metadata_document(service: InferenceService) -> dict[str, Any]:
         "dataset": raw.get("dataset"),
         "accuracy": raw.get("test_accuracy"),
         "created": raw.get("created"),
-        "input": {
-            "name": meta.input_name,
-            "shape": list(meta.input_shape),
-            "dtype": meta.input_dtype,
-            "range": list(meta.input_range),
-            "max_batch": service.settings.max_batch,
-            "contract": CONTRACT,
-            "content_types": ["application/json", "multipart/form-data", *IMAGE_TYPES],
-        },
+        "input": input_document(meta, service.settings.max_batch),
         "output": {"name": meta.output_name, "shape": [len(meta.labels)], "dtype": "float32"},
         "labels": meta.labels,
     }
@@ -75,15 +72,42 @@ def metadata_document(service: InferenceService) -> dict[str, Any]:
     return document
 
 
+def input_document(meta: ModelMetadata, max_batch: int) -> dict[str, Any]:
+    """A model's input contract: its kind, tensor, range (null: none enforced), for a feature model
+    each feature's name and training range, and what may be sent."""
+    document: dict[str, Any] = {
+        "kind": meta.input_kind,
+        "name": meta.input_name,
+        "shape": list(meta.input_shape),
+        "dtype": meta.input_dtype,
+        "range": list(meta.input_range) if meta.bounded else None,
+        "max_batch": max_batch,
+    }
+    if meta.is_image:
+        document["contract"] = CONTRACT
+        document["content_types"] = ["application/json", "multipart/form-data", *IMAGE_TYPES]
+    else:
+        document["features"] = [
+            {"name": feature.name, "range": None if feature.range is None else list(feature.range)}
+            for feature in meta.features
+        ]
+        document["contract"] = FEATURES_CONTRACT
+        document["content_types"] = ["application/json"]
+    return document
+
+
 def labels(request: RequestState, service: InferenceService) -> Answer:
     """``GET /label``: the default model's labels."""
-    return json_answer({"labels": service.model().meta.labels})
+    model = service.model()
+    request.model = model.label
+    return json_answer({"labels": model.meta.labels})
 
 
 def predict(request: RequestState, service: InferenceService, labels: bool = False) -> Answer:
     """``POST /predict`` (probabilities) or ``/predict/label`` (labels), from the default model
     (the version its traffic rule draws, when it has one)."""
     route = service.route(header=request.header)
+    request.model = route.label
     batch, request_id = decode(request, service, route.meta)
     probabilities, model = service.answer(route, batch, request.timeout())
     request.model = model.label
@@ -98,16 +122,48 @@ def predict_label(request: RequestState, service: InferenceService) -> Answer:
 
 def test_label(request: RequestState, service: InferenceService) -> Answer:
     """``GET /predict/test/label``: run the sample stored with the model (a smoke test after
-    deploy)."""
-    meta = service.model().meta
+    deploy). ``correct`` says whether the answer is the sample's label; it is null, and
+    ``expected`` too, when the sample has no known label (a synthetic sample, a TF Serving
+    folder), and ``note`` then says how to record one."""
+    meta, probabilities, expected = _run_sample(request, service)
+    label = service.labels_for(probabilities)[0]
+    return json_answer(_sample_answer(meta, label, expected))
+
+
+def test_probabilities(request: RequestState, service: InferenceService) -> Answer:
+    """``GET /predict/test``: the probabilities the model gives the sample stored with it."""
+    meta, probabilities, expected = _run_sample(request, service)
+    label = service.labels_for(probabilities)[0]
+    return json_answer({**_sample_answer(meta, label, expected), "prediction": probabilities[0]})
+
+
+def _run_sample(
+    request: RequestState, service: InferenceService
+) -> tuple[ModelMetadata, np.ndarray, str | None]:
+    model = service.model()
+    request.model = model.label
+    meta = model.meta
     data, expected = meta.sample()
-    height, width = meta.input_shape
-    batch = np.asarray(data, dtype=np.float32).reshape(1, height, width)
+    batch = np.asarray(data, dtype=np.float32).reshape(1, *meta.input_shape)
     request.batch_size = 1
-    label = service.labels_for(service.predict(batch))[0]
-    # a TF Serving folder has no labelled sample
-    correct = None if expected is None else label == expected
-    return json_answer({"prediction": label, "expected": expected, "correct": correct})
+    return meta, service.predict(batch, request.timeout()), expected
+
+
+def _sample_answer(meta: ModelMetadata, label: str, expected: str | None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "prediction": label,
+        "expected": expected,
+        "correct": None if expected is None else label == expected,
+    }
+    if expected is None:
+        answer["note"] = (
+            "the stored sample has no known label, so this only shows the model answers;"
+            " record a labelled one with serving import --sample FILE --sample-label LABEL"
+            if meta.verified
+            else "a TF Serving folder has no labelled sample: this ran a blank input; import it"
+            " with serving import --sample FILE --sample-label LABEL to record one"
+        )
+    return answer
 
 
 def decode(
@@ -115,7 +171,10 @@ def decode(
 ) -> tuple[np.ndarray, Any]:
     """The validated batch for ``meta`` (default: the default model's) and the id to answer with
     (the body's ``id`` when it has a plain one)."""
-    meta = meta or service.model().meta
+    if meta is None:
+        model = service.model()
+        request.model = model.label
+        meta = model.meta
     settings = service.settings
     mimetype = request.mimetype
     request_id: Any = request.request_id
@@ -137,6 +196,11 @@ def decode(
         )
         batch = batch_from_image(body, meta, settings.max_image_pixels, deadline)
     # no Content-Type is refused too: a web page cannot send JSON cross-origin without a preflight
+    elif not meta.is_image:
+        raise UnsupportedMediaType(
+            f"Content-Type {mimetype!r} is not accepted: model {meta.name} takes"
+            f' {meta.describe_input()}, sent as application/json {{"data": [[...], ...]}}'
+        )
     else:
         raise UnsupportedMediaType(
             f"Content-Type {mimetype!r} is not accepted: send application/json, an image"

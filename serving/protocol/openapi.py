@@ -68,7 +68,10 @@ SCHEMAS: dict[str, Schema] = {
     "PredictRequest": obj(
         ["data"],
         data=array(
-            SAMPLES, description="one sample (H*W values, flat or H x W) or a list of samples"
+            SAMPLES,
+            description="one sample or a list of samples: for an image model H*W pixel values"
+            " (flat or H x W), for a feature model a row of its N feature values (GET /metadata"
+            " says which, and names the features)",
         ),
         id=ID,
         pixel_range=array(
@@ -92,8 +95,20 @@ SCHEMAS: dict[str, Schema] = {
     "TestLabel": obj(
         ["prediction", "expected", "correct"],
         prediction=STRING,
+        expected={
+            "type": "string",
+            "nullable": True,
+            "description": "the stored sample's label; null when nobody knows it",
+        },
+        correct={"type": "boolean", "nullable": True},
+        note={"type": "string", "description": "present when the label is unknown: how to record"},
+    ),
+    "TestProbabilities": obj(
+        ["prediction", "expected", "correct"],
+        prediction=array(NUMBER, description="one probability per label"),
         expected={"type": "string", "nullable": True},
         correct={"type": "boolean", "nullable": True},
+        note=STRING,
     ),
     "LabelList": obj(["labels"], labels=array(STRING)),
     "Metadata": obj(
@@ -103,7 +118,31 @@ SCHEMAS: dict[str, Schema] = {
         framework=STRING,
         backend=STRING,
         mode=STRING,
-        input={"type": "object"},
+        input=obj(
+            ["kind", "name", "shape", "dtype", "range", "max_batch", "contract", "content_types"],
+            kind={"type": "string", "enum": ["image", "features"]},
+            name=STRING,
+            shape=array(INTEGER, description="one sample: [H, W] of an image, [N] of features"),
+            dtype=STRING,
+            range=array(
+                NUMBER,
+                nullable=True,
+                description="values outside are refused (422); null: no range is enforced",
+            ),
+            max_batch=INTEGER,
+            contract=STRING,
+            content_types=array(STRING),
+            features=array(
+                obj(
+                    ["name", "range"],
+                    name=STRING,
+                    range=array(
+                        NUMBER, nullable=True, description="seen in training (not enforced)"
+                    ),
+                ),
+                description="a feature model's inputs, in order",
+            ),
+        ),
         output={"type": "object"},
         labels=array(STRING),
     ),
@@ -341,7 +380,12 @@ SCHEMAS: dict[str, Schema] = {
         },
         test_samples={"type": "integer", "nullable": True, "description": "size of that test set"},
         input=obj(
-            ["name", "shape"], name=STRING, shape=array(INTEGER, description="one sample, H x W")
+            ["name", "shape", "kind"],
+            name=STRING,
+            shape=array(INTEGER, description="one sample: H x W, or N features"),
+            kind={"type": "string", "enum": ["image", "features"]},
+            features={"type": "array", "items": {"type": "object"}},
+            example=array(NUMBER, description="a feature model's stored sample"),
         ),
         output=STRING,
         labels=array(STRING),

@@ -1,5 +1,5 @@
-"""The web pages: the front page (draw or drop a digit), the operators' panel, and the two JSON
-calls they need.
+"""The web pages: the front page (draw or drop a digit, or fill in a feature model's form), the
+operators' panel, and the two JSON calls they need.
 
     GET  /                                              the front page (serving/web/index.html)
     GET  /ops                                           the operators' panel (serving/web/ops.html)
@@ -40,6 +40,7 @@ from serving.http.request import RequestState
 from serving.protocol.inputs import IMAGE_TYPES, PIXELS_8BIT, batch_from_image
 from serving.protocol.v2.routes import VERSION_PATTERN
 from serving.runtime.service import InferenceService
+from serving.store.repository import ModelMetadata
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self';"
@@ -143,12 +144,29 @@ def models(request: RequestState, service: InferenceService) -> Answer:
                 "dataset": raw.get("dataset"),
                 "accuracy": raw.get("test_accuracy"),
                 "test_samples": raw.get("test_samples"),
-                "input": {"name": meta.input_name, "shape": list(meta.input_shape)},
+                "input": _input(meta),
                 "output": meta.output_name,
                 "labels": meta.labels,
             }
         )
     return json_answer({"models": entries})
+
+
+def _input(meta: ModelMetadata) -> dict[str, Any]:
+    """What the front page needs of a model's input: an image's shape, or the feature form (each
+    feature's name and training range, and the stored sample's values to start from)."""
+    document: dict[str, Any] = {
+        "name": meta.input_name,
+        "shape": list(meta.input_shape),
+        "kind": meta.input_kind,
+    }
+    if not meta.is_image:
+        document["features"] = [
+            {"name": feature.name, "range": None if feature.range is None else list(feature.range)}
+            for feature in meta.features
+        ] or [{"name": f"feature {i + 1}", "range": None} for i in range(meta.sample_size)]
+        document["example"] = meta.sample()[0]
+    return document
 
 
 def model_input(

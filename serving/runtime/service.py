@@ -185,8 +185,7 @@ class InferenceService:
                 return backend
         if self._pool is None:
             widest = max(
-                max(m.input_shape[0] * m.input_shape[1], len(m.labels))
-                for m, _ in self._planned().served.values()
+                max(m.sample_size, len(m.labels)) for m, _ in self._planned().served.values()
             )
             self._pool = PoolClient(
                 Path(self.settings.pool_dir),
@@ -201,8 +200,7 @@ class InferenceService:
     def _check_sample(backend: Backend, meta: ModelMetadata) -> None:
         """Run the built-in sample once: warms the model and catches a broken artifact at start."""
         data, _ = meta.sample()
-        height, width = meta.input_shape
-        output = backend.predict(np.asarray(data, dtype=np.float32).reshape(1, height, width))
+        output = backend.predict(np.asarray(data, dtype=np.float32).reshape(1, *meta.input_shape))
         if output.shape != (1, len(meta.labels)):
             raise ModelLoadError(
                 f"{meta.name}:{meta.version}: the model returned shape {output.shape} for one"
@@ -239,7 +237,7 @@ class InferenceService:
             return self.settings.max_body_bytes
         served = self._planned().served
         if self._body_limit[0] is not served:  # computed once per model table, not per request
-            pixels = max(meta.input_shape[0] * meta.input_shape[1] for meta, _ in served.values())
+            pixels = max(meta.sample_size for meta, _ in served.values())
             self._body_limit = (
                 served,
                 max(

@@ -25,8 +25,11 @@ from serving.runtime.admission import admit
 from serving.store.repository import ModelMetadata, ModelRepository, list_versions
 
 log = logging.getLogger("serving")
-#: The native API's model when SERVING_MODEL is empty and several models are on disk.
-DEFAULT_MODEL = "digits-tf"
+#: The native API's model when SERVING_MODEL is empty and several models are on disk: the first of
+#: these that is there. ``python train.py`` trains mnist-torch (or, without MNIST, digits-tf and
+#: digits-torch); ``--dataset mnist --framework all`` adds mnist-tf.
+DEFAULT_MODELS = ("mnist-torch", "mnist-tf", "digits-tf")
+DEFAULT_MODEL = DEFAULT_MODELS[0]
 Key = tuple[str, int]
 #: A version to serve and the backend that serves it.
 Served = tuple[ModelMetadata, str]
@@ -91,28 +94,31 @@ class Planner:
         self._checked: dict[tuple[Key, int], Served | str] = {}
 
     def default_name(self) -> str:
-        """The native API's model: SERVING_MODEL; else digits-tf if selected, else the first
-        selected model; else digits-tf when on disk, else the only model on disk."""
+        """The native API's model: SERVING_MODEL; else the first of ``DEFAULT_MODELS`` selected,
+        else the first selected model; else the first of ``DEFAULT_MODELS`` on disk, else the only
+        model on disk."""
         if self.settings.model:
             return self.settings.model
         listed = list(self.selection.order)
         if self.selection.every:
             listed += [name for name in self.repository.models() if name not in listed]
         if listed:
-            return DEFAULT_MODEL if DEFAULT_MODEL in listed else listed[0]
+            return next((name for name in DEFAULT_MODELS if name in listed), listed[0])
         models = self.repository.models()
         if not models:
             raise ModelLoadError(
                 f"no model in {self.repository.root}/: train one (`python train.py`), import one"
                 " (`serving import`), or mount a model repository there"
             )
-        if DEFAULT_MODEL in models:
-            return DEFAULT_MODEL
+        preferred = next((name for name in DEFAULT_MODELS if name in models), None)
+        if preferred is not None:
+            return preferred
         if len(models) == 1:
             return models[0]
         raise ModelLoadError(
-            f"{self.repository.root}/ holds several models ({', '.join(models)}): choose one with "
-            "SERVING_MODEL"
+            f"{self.repository.root}/ holds several models ({', '.join(models)}) and none of"
+            f" {', '.join(DEFAULT_MODELS)}: say which to serve, e.g."
+            f" SERVING_MODEL={models[0]} gunicorn flask_server:app"
         )
 
     def check(self, name: str, version: int) -> Served | str:

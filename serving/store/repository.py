@@ -6,7 +6,8 @@ Layout of one version directory (written by ``train.py``)::
         model.keras | model.pt     native artifact (Keras v3 archive / TorchScript)
         model.onnx                 ONNX export of the same network
         labels.json                ["0", "1", ...]
-        sample.json                {"data": [[...]], "label": "3"}: a built-in smoke-test sample
+        sample.json                {"data": [[...]], "label": "3"}: a labelled smoke-test sample
+                                   (label null when unknown: a synthetic sample of an import)
         metadata.json              see ``ModelMetadata``
 
 Names and versions are validated against a strict pattern before any path is built, so a model
@@ -16,6 +17,7 @@ name such as ``../../etc`` can never escape the repository root.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,21 @@ def next_version(root: Path, name: str) -> int:
     return versions[-1] + 1 if versions else 1
 
 
+#: What a model's one input tensor holds: an image (H x W pixels: uploads, the drawing pad and
+#: 8-bit pixel scales apply) or a feature vector (a row of N values, each with a name).
+INPUT_KINDS = ("image", "features")
+UNBOUNDED = (-math.inf, math.inf)
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One value of a feature vector: its name and, when known, the range seen in training (a
+    description, not a limit: ``input.range`` is the limit, when the model has one)."""
+
+    name: str
+    range: tuple[float, float] | None = None
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """What ``metadata.json`` says about one model version."""
@@ -72,12 +89,33 @@ class ModelMetadata:
     framework: str
     path: Path
     input_name: str
-    input_shape: tuple[int, ...]  # one sample, without the batch dimension, e.g. (8, 8)
+    input_shape: tuple[int, ...]  # one sample, without the batch dimension: (8, 8), or (4,)
     input_dtype: str
-    input_range: tuple[float, float]
+    input_range: tuple[float, float]  # values outside are refused; UNBOUNDED for most features
     output_name: str
     labels: list[str]
     raw: dict[str, Any]
+    input_kind: str = "image"
+    features: tuple[Feature, ...] = ()
+
+    @property
+    def is_image(self) -> bool:
+        """True for an image model (H x W pixels), False for a feature-vector model."""
+        return self.input_kind == "image"
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the input has a range values must lie in (images always; features when the
+        model's metadata sets one)."""
+        return self.input_range != UNBOUNDED
+
+    def describe_input(self) -> str:
+        """The input in words, for messages: ``28x28 pixels`` or ``4 features (a, b, ...)``."""
+        if self.is_image:
+            return "x".join(str(d) for d in self.input_shape) + " pixels"
+        names = ", ".join(feature.name for feature in self.features[:8])
+        more = ", ..." if len(self.features) > 8 else ""
+        return f"{self.sample_size} features" + (f" ({names}{more})" if names else "")
 
     @property
     def sample_size(self) -> int:
@@ -129,12 +167,16 @@ class ModelMetadata:
         return not self.raw.get("unverified")
 
     def sample(self) -> tuple[list[Any], str | None]:
-        """The built-in smoke-test sample and its expected label (a TF Serving folder: a blank
-        one, no label)."""
-        if not self.verified and not (self.path / "sample.json").is_file():
+        """The stored smoke-test sample and its label: a real labelled sample (from training, or
+        ``serving import --sample``), or ``None`` for the label when nobody knows it (a synthetic
+        sample; a TF Serving folder: a blank one)."""
+        if not (self.path / "sample.json").is_file():
+            if self.verified:
+                raise ModelLoadError(f"{where(self.path, 'sample.json')} is missing")
             return [0.0] * self.sample_size, None
         raw = orjson.loads((self.path / "sample.json").read_bytes())
-        return raw["data"], str(raw["label"])
+        label = raw.get("label")
+        return raw["data"], None if label is None else str(label)
 
 
 class ModelRepository:
@@ -229,18 +271,42 @@ def parse_metadata(raw: Any, path: Path) -> ModelMetadata:
     """A ``ModelMetadata`` from the parsed ``metadata.json`` of the version directory ``path``."""
     try:
         spec = raw["input"]
+        kind = str(spec.get("kind", "image"))
+        if kind not in INPUT_KINDS:
+            raise ValueError(f"input.kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
+        shape = tuple(int(d) for d in spec["shape"])
+        if kind == "image" and (len(shape) != 2 or min(shape) < 1):
+            raise ValueError(f"an image input has a shape [H, W], not {list(shape)}")
+        if kind == "features" and (len(shape) != 1 or shape[0] < 1):
+            raise ValueError(f"a feature input has a shape [N], not {list(shape)}")
+        bounds = spec.get("range")
+        if bounds is None and kind == "image":
+            raise ValueError("an image input needs its range")
+        features = tuple(_feature(entry) for entry in spec.get("features") or ())
+        if features and len(features) != shape[0]:
+            raise ValueError(f"{len(features)} features are named for an input of {shape[0]}")
         return ModelMetadata(
             name=str(raw["name"]),
             version=int(raw["version"]),
             framework=str(raw["framework"]),
             path=path,
             input_name=str(spec["name"]),
-            input_shape=tuple(int(d) for d in spec["shape"]),
+            input_shape=shape,
             input_dtype=str(spec["dtype"]),
-            input_range=(float(spec["range"][0]), float(spec["range"][1])),
+            input_range=UNBOUNDED if bounds is None else (float(bounds[0]), float(bounds[1])),
             output_name=str(raw["output"]["name"]),
             labels=[str(label) for label in raw["labels"]],
             raw=raw,
+            input_kind=kind,
+            features=features,
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelLoadError(f"{where(path)} is corrupt ({exc.__class__.__name__}: {exc})") from exc
+
+
+def _feature(entry: Any) -> Feature:
+    """One entry of ``input.features``: ``{"name": ..., "range": [low, high] | null}``."""
+    bounds = entry.get("range")
+    return Feature(
+        str(entry["name"]), None if bounds is None else (float(bounds[0]), float(bounds[1]))
+    )

@@ -7,8 +7,8 @@ SavedModel's ``serving_default`` signature (input and output names, dtypes, shap
 TensorInfo: name 1, dtype 2, tensor_shape 3 -> dim 2 -> size 1). ``metadata_for`` turns that into
 the
 ``metadata.json`` a folder without one would have: labels ``"0".."N-1"``, the input range [0, 1] for
-float inputs ([0, 255] for uint8), and no digests (the start-up log says so; ``serving import``
-records them).
+float image inputs ([0, 255] for uint8; none for a feature vector), and no digests (the start-up log
+says so; ``serving import`` records them).
 """
 
 from __future__ import annotations
@@ -127,22 +127,40 @@ def read_signature(folder: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{pb} is not a readable SavedModel ({exc})") from None
 
 
-def input_layout(shape: list[int]) -> tuple[str, tuple[int, int]]:
-    """The layout and (H, W) of an input shape with its batch dimension: [-1,H,W], [-1,H,W,1],
-    [-1,1,H,W], [-1,H*W]."""
+#: A flat input of N values is a feature vector unless N is the square of a side this long or
+#: longer: then it is a flattened image (64 = 8x8 digits, 784 = 28x28 MNIST). ``serving import
+#: --input`` says which when the guess is wrong.
+MIN_FLAT_IMAGE_SIDE = 8
+
+
+def input_layout(shape: list[int], kind: str = "auto") -> tuple[str, tuple[int, ...]]:
+    """The layout and one sample's shape of an input shape with its batch dimension: an image
+    [-1,H,W], [-1,H,W,1], [-1,1,H,W] or flat [-1,H*W] gives (H, W); a feature vector [-1,N] gives
+    (N,). ``kind`` (image, features or auto) says what a flat input is; auto decides by
+    ``MIN_FLAT_IMAGE_SIDE``."""
     dims = shape[1:]
+    if len(dims) == 1 and dims[0] > 0:
+        side = math.isqrt(dims[0])
+        square = side * side == dims[0]
+        if kind == "image" or (kind == "auto" and square and side >= MIN_FLAT_IMAGE_SIDE):
+            if not square:
+                raise ValueError(
+                    f"input shape {shape} is not a flat square image: {dims[0]} values; say"
+                    " --input features, or give --input-shape H,W of a model that takes images"
+                )
+            return "flat", (side, side)
+        return "flat", (dims[0],)
+    if kind == "features":
+        raise ValueError(f"input shape {shape} is not a feature vector [-1, N]")
     if len(dims) == 2 and min(dims) > 0:
         return "NHW", (dims[0], dims[1])
     if len(dims) == 3 and dims[2] == 1 and min(dims) > 0:
         return "NHWC", (dims[0], dims[1])
     if len(dims) == 3 and dims[0] == 1 and min(dims) > 0:
         return "NCHW", (dims[1], dims[2])
-    if len(dims) == 1 and dims[0] > 0 and math.isqrt(dims[0]) ** 2 == dims[0]:
-        side = math.isqrt(dims[0])
-        return "flat", (side, side)
     raise ValueError(
-        f"input shape {shape} is not one image: expected [-1, H, W], [-1, H, W, 1], [-1, 1, H, W]"
-        " or [-1, H*W] with a square H*W"
+        f"input shape {shape} is neither one image ([-1, H, W], [-1, H, W, 1], [-1, 1, H, W],"
+        " [-1, H*W]) nor a feature vector ([-1, N]) of known sizes"
     )
 
 
@@ -153,16 +171,16 @@ def metadata_for(folder: Path, name: str, version: int) -> dict[str, Any]:
     if len(inputs) != 1 or len(outputs) != 1:
         raise ModelLoadError(
             f"{folder}: the {SIGNATURE} signature has {len(inputs)} inputs and {len(outputs)}"
-            " outputs; a classifier here takes one image and returns one score per class"
+            " outputs; a classifier here takes one input and returns one score per class"
         )
     ((input_name, (dtype, shape)),) = inputs.items()
     ((output_name, (_, out_shape)),) = outputs.items()
     if dtype not in DTYPES.values():
         raise ModelLoadError(
-            f"{folder}: input {input_name!r} is {dtype}; float32 or uint8 images are served"
+            f"{folder}: input {input_name!r} is {dtype}; float32 or uint8 inputs are served"
         )
     try:
-        layout, (height, width) = input_layout(shape)
+        layout, sample = input_layout(shape)
     except ValueError as exc:
         raise ModelLoadError(f"{folder}: {exc}") from None
     if len(out_shape) != 2 or out_shape[1] < 2:
@@ -177,11 +195,14 @@ def metadata_for(folder: Path, name: str, version: int) -> dict[str, Any]:
         "source": "tf-serving folder (no metadata.json: no digests are checked)",
         "unverified": True,
         "input": {
+            "kind": "image" if len(sample) == 2 else "features",
             "name": input_name,
-            "shape": [height, width],
+            "shape": list(sample),
             "dtype": dtype,
             "layout": layout,
-            "range": [0.0, 255.0] if dtype == "uint8" else [0.0, 1.0],
+            "range": (
+                None if len(sample) == 1 else ([0.0, 255.0] if dtype == "uint8" else [0.0, 1.0])
+            ),
         },
         "output": {
             "name": output_name,

@@ -1,6 +1,9 @@
-"""Datasets for training and tests: bundled scikit-learn digits (8x8) and MNIST (28x28).
+"""Datasets for training and tests: MNIST (28x28), scikit-learn's bundled digits (8x8) and iris.
 
-Both loaders return a ``Dataset`` of float32 images in [0, 1] shaped (N, H, W) and int64 labels.
+The image loaders return a ``Dataset`` of float32 images in [0, 1] shaped (N, H, W) and int64
+labels; iris is a feature dataset: rows of 4 float32 measurements, with the feature names and
+label names scikit-learn gives them.
+
 MNIST is read from the four standard IDX files (plain or gzipped) or a Keras-style ``mnist.npz``;
 ``locate_mnist`` finds them the way torchvision and Keras users expect (given directories, then a
 per-user cache) and only then downloads them from the public mirrors, verifying each decompressed
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATASETS = ("digits", "mnist")
+DATASETS = ("mnist", "digits", "iris")
 MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -62,7 +65,8 @@ class DatasetError(ValueError):
 
 @dataclass
 class Dataset:
-    """Images (N, H, W) float32 in [0, 1], int64 labels, and the label names."""
+    """Samples with int64 labels and the label names: images (N, H, W) float32 in [0, 1], or
+    feature rows (N, F) float32 with their ``feature_names`` (``kind`` says which)."""
 
     name: str
     x_train: np.ndarray
@@ -70,11 +74,21 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     labels: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])
+    kind: str = "image"
+    feature_names: list[str] = field(default_factory=list)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """(H, W) of one sample."""
-        return int(self.x_train.shape[1]), int(self.x_train.shape[2])
+    def shape(self) -> tuple[int, ...]:
+        """One sample's shape: (H, W) of an image, (F,) of a feature row."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+    def feature_ranges(self) -> list[tuple[float, float]]:
+        """The smallest and largest value of each feature in the training split."""
+        # float32 values written with the digits they have: 4.3, not 4.300000190734863
+        return [
+            (float(f"{low:.7g}"), float(f"{high:.7g}"))
+            for low, high in zip(self.x_train.min(axis=0), self.x_train.max(axis=0), strict=True)
+        ]
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +119,30 @@ def load_digits_dataset(seed: int = 0, test_size: float = 0.2) -> Dataset:
         images, labels, test_size=test_size, random_state=seed, stratify=labels
     )
     return Dataset("digits", x_train, y_train, x_test, y_test)
+
+
+def load_iris_dataset(seed: int = 0, test_size: float = 0.2) -> Dataset:
+    """scikit-learn's bundled iris (150 flowers, 4 measurements in cm, 3 species) with a stratified,
+    seeded held-out test split."""
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_iris()
+    features = bunch.data.astype(np.float32)
+    labels = bunch.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        features, labels, test_size=test_size, random_state=seed, stratify=labels
+    )
+    return Dataset(
+        "iris",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        labels=[str(name) for name in bunch.target_names],
+        kind="features",
+        feature_names=[str(name) for name in bunch.feature_names],
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -362,9 +400,12 @@ def _write_atomically(path: Path, content: bytes) -> Path:
 
 
 def load_dataset(name: str, data_dir: Path | str | None = None, seed: int = 0) -> Dataset:
-    """Dispatch on the dataset name: ``digits`` (bundled) or ``mnist`` (needs ``data_dir``)."""
+    """Dispatch on the dataset name: ``digits`` and ``iris`` (bundled) or ``mnist`` (needs
+    ``data_dir``)."""
     if name == "digits":
         return load_digits_dataset(seed)
+    if name == "iris":
+        return load_iris_dataset(seed)
     if name == "mnist":
         if data_dir is None:
             raise DatasetError(

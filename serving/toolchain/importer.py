@@ -1,41 +1,40 @@
 """``serving import PATH --name NAME``: a Keras, SavedModel, TorchScript or ONNX classifier into the
-repository.
+repository, whose input is an image or a feature vector (a scikit-learn model through skl2onnx).
 
-Reads the model's own signature (ONNX graph inputs, the SavedModel's ``serving_default`` signature,
-Keras ``model.inputs``; TorchScript records none, so it needs ``--input-shape``), stages a version
-folder with the artifact, ``labels.json`` and a ``sample.json``, runs the model through the very
-backend the server will use on a synthetic batch (one score per label, probabilities or logits),
-optionally exports and checks an ONNX copy, writes ``metadata.json`` with the sha256 of every file,
-and renames the folder into place: a server never sees half of a version. Every refusal is one line
-(exit 2); a model that needs code to load (Keras ``safe_mode=False``, a pickled PyTorch module) is
-refused, because models are code and the server loads none it cannot load safely.
+Reads the model's own signature (ONNX graph inputs and outputs, skl2onnx's probabilities and class
+list included; the SavedModel's ``serving_default`` signature; Keras ``model.inputs``; TorchScript
+records none, so it needs ``--input-shape``), stages a version folder with the artifact,
+``labels.json`` and a ``sample.json`` (a labelled ``--sample``, else a synthetic input with no
+label), runs the model through the very backend the server will use on a synthetic batch (one score
+per label, probabilities or logits), optionally exports and checks an ONNX copy, and publishes it
+(``serving.toolchain.publish``: ``metadata.json`` with the sha256 of every file, then a rename):
+a server never sees half of a version. Every refusal is one line (exit 2); a model that needs code
+to load (Keras ``safe_mode=False``, a pickled PyTorch module) is refused, because models are code
+and the server loads none it cannot load safely. The command line: ``serving.toolchain.import_cli``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from serving.store.repository import (
     ONNX_ARTIFACT,
     next_version,
     parse_metadata,
-    sha256_file,
     valid_name,
 )
 from serving.toolchain.export import INPUT_NAME, ONNX_TOLERANCE, export_tf_function, export_torch
+from serving.toolchain.import_options import feature_names_from, labels_from, read_sample
+from serving.toolchain.onnx_signature import onnx_signature
+from serving.toolchain.publish import publish, stage, write_json
 from serving.toolchain.reference import from_file
 from serving.toolchain.signatures import ImportRefused, Signature, detect, signature
-from serving.toolchain.training import write_json
 
 BACKENDS = {
     "keras": "tensorflow",
@@ -44,32 +43,6 @@ BACKENDS = {
     "onnx": "onnx",
 }
 ARTIFACTS = {"keras": "model.keras", "torchscript": "model.pt", "onnx": ONNX_ARTIFACT}
-
-
-def _labels(args: argparse.Namespace, classes: int) -> list[str]:
-    if args.labels and args.labels_file:
-        raise ImportRefused("give --labels or --labels-file, not both")
-    if args.labels_file:
-        try:
-            labels = [
-                line.strip()
-                for line in Path(args.labels_file).read_text().splitlines()
-                if line.strip()
-            ]
-        except OSError as exc:
-            raise ImportRefused(
-                f"cannot read --labels-file {args.labels_file}: {exc.strerror}"
-            ) from None
-    elif args.labels:
-        labels = [label.strip() for label in args.labels.split(",")]
-    else:
-        labels = [str(i) for i in range(classes)]
-    if classes < 2 or len(labels) != classes:
-        raise ImportRefused(
-            f"the model returns {classes} scores per sample but there are {len(labels)} labels:"
-            " give one label per class"
-        )
-    return labels
 
 
 def _pair(text: str | None, kind: type, what: str) -> tuple[Any, Any] | None:
@@ -83,6 +56,21 @@ def _pair(text: str | None, kind: type, what: str) -> tuple[Any, Any] | None:
             f"{what} takes two numbers separated by a comma, e.g. {example}"
         ) from None
     return first, second
+
+
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    """``--input-shape H,W`` (an image) or ``N`` (a feature vector)."""
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) not in (1, 2) or min(dims) < 1:
+        raise ImportRefused(
+            "--input-shape takes H,W (an image) or N (a feature vector), e.g. 28,28"
+        )
+    return dims
 
 
 def _stage(fmt: str, source: Path, staging: Path) -> str:
@@ -114,13 +102,15 @@ def _run(backend: str, raw: dict[str, Any], staging: Path, batch: np.ndarray) ->
 
 def _export_onnx(fmt: str, staging: Path, raw: dict[str, Any], sig: Signature) -> None:
     """Write model.onnx next to the native artifact (tf2onnx or torch.onnx)."""
-    height, width = sig.shape
-    dims = {
-        "NHWC": (None, height, width, 1),
-        "NCHW": (None, 1, height, width),
-        "NHW": (None, height, width),
-        "flat": (None, height * width),
-    }[sig.layout]
+    if sig.layout == "flat":
+        dims: tuple[int | None, ...] = (None, int(np.prod(sig.shape)))
+    else:
+        height, width = sig.shape
+        dims = {
+            "NHWC": (None, height, width, 1),
+            "NCHW": (None, 1, height, width),
+            "NHW": (None, height, width),
+        }[sig.layout]
     if fmt == "onnx":
         raise ImportRefused("--export-onnx: the model is ONNX already")
     if fmt == "torchscript":
@@ -156,7 +146,7 @@ def _export_onnx(fmt: str, staging: Path, raw: dict[str, Any], sig: Signature) -
 
 def _reference(
     path: str,
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     backend: str,
     raw: dict[str, Any],
     staging: Path,
@@ -178,18 +168,28 @@ def import_model(args: argparse.Namespace) -> Path:
             f"invalid model name {args.name!r}: letters, digits, '.', '_' and '-' (at most 64)"
         )
     fmt = detect(source)
-    input_shape = _pair(args.input_shape, int, "--input-shape")
-    sig = signature(fmt, source, input_shape)
+    input_shape = _input_shape(args.input_shape)
+    kind = args.input
+    if kind == "auto" and (args.feature_names or (input_shape and len(input_shape) == 1)):
+        kind = "features"
+    if fmt == "onnx":
+        sig = onnx_signature(source, kind)
+    else:
+        sig = signature(fmt, source, input_shape, kind)
     if input_shape is not None and tuple(input_shape) != sig.shape:
         raise ImportRefused(
-            f"--input-shape {input_shape[0]},{input_shape[1]} disagrees with the model's own"
-            f" {sig.shape[0]}x{sig.shape[1]}"
+            f"--input-shape {','.join(map(str, input_shape))} disagrees with the model's own"
+            f" {'x'.join(map(str, sig.shape))}"
         )
-    labels = _labels(args, sig.classes)
-    default_range = (0.0, 255.0) if sig.dtype == "uint8" else (0.0, 1.0)
-    low, high = _pair(args.input_range, float, "--input-range") or default_range
-    if not low < high:
+    labels = labels_from(args.labels, args.labels_file, sig)
+    names = feature_names_from(args.feature_names, sig)
+    bounds = _pair(args.input_range, float, "--input-range")
+    if bounds is None and sig.kind == "image":
+        bounds = (0.0, 255.0) if sig.dtype == "uint8" else (0.0, 1.0)
+    if bounds is not None and not bounds[0] < bounds[1]:
         raise ImportRefused("--input-range needs LOW < HIGH")
+    if args.sample_label is not None and args.sample is None:
+        raise ImportRefused("--sample-label labels a --sample FILE: give the file too")
     root = Path(args.repository)
     version = args.version or next_version(root, args.name)
     target = root / args.name / str(version)
@@ -197,38 +197,16 @@ def import_model(args: argparse.Namespace) -> Path:
         raise ImportRefused(
             f"{target} exists: versions are never overwritten; import as --version {version + 1}"
         )
-    (root / args.name).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".import-{version}-", dir=root / args.name))
+    staging = stage(root, args.name, prefix=f".import-{version}-")
     try:
         backend = _stage(fmt, source, staging)
-        raw: dict[str, Any] = {
-            "name": args.name,
-            "version": version,
-            "framework": "pytorch"
-            if fmt == "torchscript"
-            else ("onnx" if fmt == "onnx" else "tensorflow"),
-            "backend": backend,
-            "source": f"imported {fmt}",
-            "imported_from": str(source.resolve()),
-            "input": {
-                "name": sig.input_name,
-                "shape": list(sig.shape),
-                "dtype": sig.dtype,
-                "layout": sig.layout,
-                "range": [low, high],
-            },
-            "output": {
-                "name": sig.output_name,
-                "shape": [sig.classes],
-                "dtype": "float32",
-                "activation": "softmax",
-            },
-            "labels": labels,
-        }
-        rng = np.random.default_rng(0)
-        batch = rng.uniform(low, high, (8, *sig.shape)).astype(np.float32)
-        if sig.dtype == "uint8":
-            batch = np.rint(batch)
+        raw = _metadata(args, fmt, backend, source, sig, labels, names, bounds)
+        raw["version"] = version
+        sample, sample_label = (None, None)
+        if args.sample is not None:
+            sample, sample_label = read_sample(Path(args.sample), sig, raw)
+            sample_label = _sample_label(args.sample_label, sample_label, labels)
+        batch = _synthetic_batch(sig, bounds, sample)
         output = _run(backend, raw, staging, batch)
         if output.shape != (len(batch), sig.classes):
             raise ImportRefused(
@@ -249,86 +227,97 @@ def import_model(args: argparse.Namespace) -> Path:
                 )
             raw["onnx_max_abs_diff"] = diff
         final = _run(backend, raw, staging, batch[:1])
+        answered = labels[int(final.argmax(axis=1)[0])]
+        raw["sample"] = {"source": "given" if sample is not None else "synthetic"}
+        if sample_label is not None:
+            raw["sample"]["answer"] = answered
         if getattr(args, "reference", None):  # drift: statistics of representative inputs
             raw["reference"] = _reference(args.reference, sig.shape, backend, raw, staging, labels)
         write_json(staging / "labels.json", labels)
         write_json(
             staging / "sample.json",
-            {"data": batch[0].tolist(), "label": labels[int(final.argmax(axis=1)[0])]},
+            {"data": batch[0].tolist(), "label": sample_label},
             indent=False,
         )
         raw["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        raw["artifacts"] = {
-            path.relative_to(staging).as_posix(): {"sha256": sha256_file(path)}
-            for path in sorted(staging.rglob("*"))
-            if path.is_file() and path.name != "metadata.json"
-        }
-        write_json(staging / "metadata.json", raw)
-        os.rename(staging, target)
-    except BaseException:
+        publish(staging, root, args.name, raw, version)
+    except FileExistsError:
+        raise ImportRefused(
+            f"{target} appeared meanwhile: import as --version {version + 1}"
+        ) from None
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``serving import``: exit 0 when imported, 2 on a usage error or a refusal (one line)."""
-    from serving.config import Settings
+def _metadata(
+    args: argparse.Namespace,
+    fmt: str,
+    backend: str,
+    source: Path,
+    sig: Signature,
+    labels: list[str],
+    names: list[str],
+    bounds: tuple[float, float] | None,
+) -> dict[str, Any]:
+    """``metadata.json`` of the import, before the checks add the output's activation."""
+    spec: dict[str, Any] = {
+        "kind": sig.kind,
+        "name": sig.input_name,
+        "shape": list(sig.shape),
+        "dtype": sig.dtype,
+        "layout": sig.layout,
+        "range": None if bounds is None else [bounds[0], bounds[1]],
+    }
+    if names:
+        spec["features"] = [{"name": name, "range": None} for name in names]
+    output: dict[str, Any] = {
+        "name": sig.output_name,
+        "shape": [sig.classes],
+        "dtype": "float32",
+        "activation": "softmax",
+    }
+    if sig.output_keys is not None:
+        output["keys"] = sig.output_keys
+    return {
+        "name": args.name,
+        "framework": {"torchscript": "pytorch", "onnx": "onnx"}.get(fmt, "tensorflow"),
+        "backend": backend,
+        "source": f"imported {fmt}",
+        "imported_from": str(source.resolve()),
+        "input": spec,
+        "output": output,
+        "labels": labels,
+    }
 
-    parser = argparse.ArgumentParser(
-        prog="serving import", description=__doc__.splitlines()[0] if __doc__ else None
-    )
-    parser.add_argument(
-        "path", help="a .keras file, a SavedModel folder, a TorchScript .pt or an .onnx file"
-    )
-    parser.add_argument("--name", required=True, help="the model's name in the repository")
-    parser.add_argument(
-        "--version", type=int, default=None, help="the version to write (default: the next)"
-    )
-    parser.add_argument(
-        "--repository", default=None, help="repository root (default: SERVING_MODEL_REPOSITORY)"
-    )
-    parser.add_argument(
-        "--labels", default=None, help="comma-separated labels, one per class (default 0..N-1)"
-    )
-    parser.add_argument("--labels-file", default=None, help="a file with one label per line")
-    parser.add_argument(
-        "--input-range",
-        default=None,
-        help="LOW,HIGH of the input values (default 0,1; uint8 0,255)",
-    )
-    parser.add_argument(
-        "--input-shape", default=None, help="H,W of one image (required for TorchScript)"
-    )
-    parser.add_argument(
-        "--export-onnx", action="store_true", help="also write and check an ONNX export"
-    )
-    parser.add_argument(
-        "--reference",
-        default=None,
-        help="a .npy array of representative inputs (N x H x W, in the input range): their"
-        " statistics are recorded for drift scores",
-    )
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        if args.repository is None:
-            args.repository = str(Settings.from_env().model_repository)
-        if args.version is not None and args.version < 1:
-            raise ImportRefused("--version must be >= 1")
-        target = import_model(args)
-    except ImportRefused as exc:
-        # one line, whatever a framework said
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    meta = orjson.loads((target / "metadata.json").read_bytes())
-    spec = meta["input"]
-    print(
-        f"imported {meta['name']} version {meta['version']} into {target}/: {meta['backend']} "
-        "backend,"
-        f" input {spec['shape'][0]}x{spec['shape'][1]} {spec['dtype']} ({spec['layout']}, range"
-        f" {spec['range'][0]:g}-{spec['range'][1]:g}), {len(meta['labels'])} labels, output"
-        f" {meta['output']['activation']}"
-        + (", ONNX export checked" if "onnx_max_abs_diff" in meta else "")
-    )
-    return 0
+
+def _sample_label(flag: str | None, in_file: Any, labels: list[str]) -> str | None:
+    """The given sample's label: ``--sample-label``, else the file's own; one of the labels."""
+    label = flag if flag is not None else (None if in_file is None else str(in_file))
+    if label is None:
+        raise ImportRefused(
+            '--sample needs its label: --sample-label LABEL (or a JSON file with a "label")'
+        )
+    if label not in labels:
+        raise ImportRefused(
+            f"--sample-label {label!r} is not one of the labels ({', '.join(labels)[:120]})"
+        )
+    return label
+
+
+def _synthetic_batch(
+    sig: Signature, bounds: tuple[float, float] | None, sample: np.ndarray | None
+) -> np.ndarray:
+    """Eight inputs to check the model on: the given sample first, then random values in the
+    input range (around the sample, or the standard normal, for an unbounded feature vector)."""
+    rng = np.random.default_rng(0)
+    if bounds is not None:
+        batch = rng.uniform(bounds[0], bounds[1], (8, *sig.shape))
+        if sig.dtype == "uint8":
+            batch = np.rint(batch)
+    else:
+        centre = 0.0 if sample is None else sample.astype(np.float64)
+        batch = centre + rng.standard_normal((8, *sig.shape))
+    if sample is not None:
+        batch[0] = sample
+    return batch.astype(np.float32)

@@ -31,10 +31,16 @@ def spread(inputs: np.ndarray, limit: int = MAX_SAMPLES) -> np.ndarray:
 
 
 def from_training(
-    train_inputs: np.ndarray, test_probabilities: np.ndarray, labels: Sequence[str]
+    train_inputs: np.ndarray,
+    test_probabilities: np.ndarray,
+    labels: Sequence[str],
+    feature_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The reference of a trained model: its training inputs, its predictions on the test set."""
-    return reference_statistics(spread(np.asarray(train_inputs)), test_probabilities, labels)
+    """The reference of a trained model: its training inputs (images, or rows of features named
+    ``feature_names``), its predictions on the test set."""
+    return reference_statistics(
+        spread(np.asarray(train_inputs)), test_probabilities, labels, feature_names
+    )
 
 
 def from_file(
@@ -44,20 +50,23 @@ def from_file(
     labels: Sequence[str],
 ) -> dict[str, Any]:
     """The reference of an imported model: representative inputs from a ``.npy`` file (N samples
-    of H x W values, or N rows of H*W, in the model's input range) and the model's predictions."""
+    of the input's shape, H x W or F values, or N flat rows, in the model's input range) and the
+    model's predictions."""
     try:
         inputs = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--reference {path}: not a numpy .npy array ({exc})") from None
-    height, width = shape
-    if inputs.ndim not in (2, 3) or inputs.shape[1:] not in ((height, width), (height * width,)):
+    shape = tuple(int(d) for d in shape)
+    size = int(np.prod(shape))
+    if inputs.ndim < 2 or inputs.shape[1:] not in (shape, (size,)):
+        wanted = ", ".join(str(d) for d in shape)
+        flat = f" or [N, {size}]" if len(shape) > 1 else ""
         raise ValueError(
-            f"--reference {path}: shape {list(inputs.shape)}; expected [N, {height}, {width}]"
-            f" or [N, {height * width}]"
+            f"--reference {path}: shape {list(inputs.shape)}; expected [N, {wanted}]{flat}"
         )
     if len(inputs) < 100:
         raise ValueError(f"--reference {path}: {len(inputs)} samples; at least 100 are needed")
-    inputs = spread(inputs.reshape(len(inputs), height, width).astype(np.float32))
+    inputs = spread(inputs.reshape(len(inputs), *shape).astype(np.float32))
     outputs = np.concatenate(
         [predict(inputs[start : start + CHUNK]) for start in range(0, len(inputs), CHUNK)]
     )

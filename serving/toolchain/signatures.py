@@ -1,16 +1,20 @@
 """Reading a classifier's own description of its input and output, for ``serving import``.
 
-ONNX graph inputs, the SavedModel ``serving_default`` signature (read from the protobuf, no
-TensorFlow), Keras ``model.inputs``; TorchScript records no shapes, so its layout is found by
-calling it on a blank image of the ``--input-shape`` given, in each layout the server can send.
+ONNX graph inputs and outputs (``serving.toolchain.onnx_signature``: skl2onnx's label, probability
+and ZipMap outputs, its class list), the SavedModel ``serving_default`` signature (read from the
+protobuf, no TensorFlow), Keras ``model.inputs``; TorchScript records no shapes, so its layout is
+found by calling it on a blank input of the ``--input-shape`` given, in each layout the server can
+send. An input is an image or a feature vector (``serving.store.tfserving.input_layout``: a flat
+input is a feature vector unless it is a square of side 8 or more; ``--input`` says which).
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serving.store.tfserving import input_layout, read_signature
 
@@ -21,6 +25,7 @@ FORMATS = {
     ".pth": "torchscript",
     ".ts": "torchscript",
 }
+KINDS = ("auto", "image", "features")
 
 
 class ImportRefused(Exception):
@@ -33,10 +38,20 @@ class Signature:
 
     input_name: str
     layout: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # one sample: (H, W) of an image, (N,) of a feature vector
     dtype: str
     output_name: str
     classes: int
+    #: the class of each score, as the model records it (skl2onnx: its classes_), when it does
+    class_labels: list[Any] | None = None
+    #: a ZipMap output (a sequence of {class: probability} maps): its keys, in column order
+    output_keys: list[Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        """image or features."""
+        return "image" if len(self.shape) == 2 else "features"
 
 
 def detect(path: Path) -> str:
@@ -62,64 +77,28 @@ def detect(path: Path) -> str:
     return fmt
 
 
-def signature(fmt: str, path: Path, input_shape: tuple[int, int] | None) -> Signature:
+def signature(
+    fmt: str, path: Path, input_shape: tuple[int, ...] | None, kind: str = "auto"
+) -> Signature:
     """Read the model's input and output from its own description (and, for TorchScript, by
-    trying)."""
+    trying); an ONNX model's is ``serving.toolchain.onnx_signature``'s."""
     return {
-        "onnx": _onnx_signature,
         "keras": _keras_signature,
         "savedmodel": _savedmodel_signature,
         "torchscript": _torchscript_signature,
-    }[fmt](path, input_shape)
+    }[fmt](path, input_shape, kind)
 
 
-def _layout(shape: list[int], where: str) -> tuple[str, tuple[int, int]]:
+def layout_of(dims: list[int], where: str, kind: str) -> tuple[str, tuple[int, ...]]:
+    """The layout and one sample's shape of an input's dims (batch first), or a one-line
+    refusal."""
     try:
-        return input_layout(shape)
+        return input_layout(dims, kind)
     except ValueError as exc:
         raise ImportRefused(f"{where}: {exc}") from None
 
 
-def _onnx_signature(path: Path, _: tuple[int, int] | None) -> Signature:
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise ImportRefused(
-            f"{path} is not a readable ONNX model ({exc.__class__.__name__})"
-        ) from None
-    if any(uses_external_data(tensor) for tensor in model.graph.initializer):
-        raise ImportRefused(
-            f"{path} keeps its weights in external data files; save it as one file"
-            " (onnx.save(model, path, save_as_external_data=False))"
-        )
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    inputs = [value for value in model.graph.input if value.name not in initializers]
-    if len(inputs) != 1 or len(model.graph.output) < 1:
-        raise ImportRefused(
-            f"{path} has {len(inputs)} inputs ({', '.join(v.name for v in inputs)}); a classifier"
-            " here takes exactly one image"
-        )
-    dims = [
-        d.dim_value if d.HasField("dim_value") else -1 for d in inputs[0].type.tensor_type.shape.dim
-    ]
-    types = {1: "float32", 2: "uint8"}
-    dtype = types.get(inputs[0].type.tensor_type.elem_type)
-    if dtype is None:
-        raise ImportRefused(f"{path}: input {inputs[0].name!r} is not float32 or uint8")
-    out = [
-        d.dim_value if d.HasField("dim_value") else -1
-        for d in model.graph.output[0].type.tensor_type.shape.dim
-    ]
-    layout, shape = _layout(dims, f"{path} input {inputs[0].name!r}")
-    return Signature(
-        inputs[0].name, layout, shape, dtype, model.graph.output[0].name, out[-1] if out else -1
-    )
-
-
-def _keras_signature(path: Path, _: tuple[int, int] | None) -> Signature:
+def _keras_signature(path: Path, _: tuple[int, ...] | None, kind: str) -> Signature:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
@@ -137,17 +116,17 @@ def _keras_signature(path: Path, _: tuple[int, int] | None) -> Signature:
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ImportRefused(
             f"{path} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; a classifier"
-            " here takes one image and returns one score per class"
+            " here takes one input and returns one score per class"
         )
     dims = [-1 if d is None else int(d) for d in model.inputs[0].shape]
-    layout, shape = _layout(dims, f"{path} input")
+    layout, shape = layout_of(dims, f"{path} input", kind)
     dtype = "uint8" if "uint8" in str(model.inputs[0].dtype) else "float32"
     return Signature(
         "input", layout, shape, dtype, "probabilities", int(model.outputs[0].shape[-1] or -1)
     )
 
 
-def _savedmodel_signature(path: Path, _: tuple[int, int] | None) -> Signature:
+def _savedmodel_signature(path: Path, _: tuple[int, ...] | None, kind: str) -> Signature:
     from serving.errors import ModelLoadError
 
     try:
@@ -157,17 +136,17 @@ def _savedmodel_signature(path: Path, _: tuple[int, int] | None) -> Signature:
     if len(found["inputs"]) != 1 or len(found["outputs"]) != 1:
         raise ImportRefused(
             f"{path}: the serving_default signature has {len(found['inputs'])} inputs and"
-            f" {len(found['outputs'])} outputs; a classifier here takes one image"
+            f" {len(found['outputs'])} outputs; a classifier here takes one input"
         )
     ((input_name, (dtype, dims)),) = found["inputs"].items()
     ((output_name, (_, out)),) = found["outputs"].items()
     if dtype not in ("float32", "uint8"):
         raise ImportRefused(f"{path}: input {input_name!r} is {dtype}, not float32 or uint8")
-    layout, shape = _layout(dims, f"{path} input {input_name!r}")
+    layout, shape = layout_of(dims, f"{path} input {input_name!r}", kind)
     return Signature(input_name, layout, shape, dtype, output_name, out[-1] if out else -1)
 
 
-def _torchscript_signature(path: Path, input_shape: tuple[int, int] | None) -> Signature:
+def _torchscript_signature(path: Path, input_shape: tuple[int, ...] | None, kind: str) -> Signature:
     import torch
 
     try:
@@ -182,7 +161,8 @@ def _torchscript_signature(path: Path, input_shape: tuple[int, int] | None) -> S
         )
     if input_shape is None:
         raise ImportRefused(
-            f"{path}: TorchScript does not record its input shape; pass --input-shape H,W"
+            f"{path}: TorchScript does not record its input shape; pass --input-shape H,W (an"
+            " image) or --input-shape N (a feature vector)"
         )
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()
@@ -190,23 +170,27 @@ def _torchscript_signature(path: Path, input_shape: tuple[int, int] | None) -> S
         raise ImportRefused(
             f"{path} is not loadable TorchScript ({exc.__class__.__name__})"
         ) from None
-    height, width = input_shape
-    for layout, dims in (
-        ("NCHW", (1, 1, height, width)),
-        ("NHW", (1, height, width)),
-        ("flat", (1, height * width)),
-        ("NHWC", (1, height, width, 1)),
-    ):
+    if len(input_shape) == 1 or kind == "features":
+        size = input_shape[0] if len(input_shape) == 1 else input_shape[0] * input_shape[1]
+        tries: tuple[tuple[str, tuple[int, ...]], ...] = (("flat", (1, size)),)
+        shape: tuple[int, ...] = (size,)
+    else:
+        height, width = input_shape
+        shape = (height, width)
+        tries = (
+            ("NCHW", (1, 1, height, width)),
+            ("NHW", (1, height, width)),
+            ("flat", (1, height * width)),
+            ("NHWC", (1, height, width, 1)),
+        )
+    for layout, dims in tries:
         try:
             with torch.inference_mode():
                 output = module(torch.zeros(dims))
         except Exception:  # this layout is not the one the module takes; try the next
             continue
         if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[0] == 1:
-            return Signature(
-                "input", layout, (height, width), "float32", "probabilities", int(output.shape[1])
-            )
-    raise ImportRefused(
-        f"{path}: no input of shape [N, 1, {height}, {width}], [N, {height}, {width}],"
-        f" [N, {height * width}] or [N, {height}, {width}, 1] gives one score per class"
-    )
+            classes = int(output.shape[1])
+            return Signature("input", layout, shape, "float32", "probabilities", classes)
+    shapes = " or ".join(f"[N, {', '.join(str(d) for d in dims[1:])}]" for _, dims in tries)
+    raise ImportRefused(f"{path}: no input of shape {shapes} gives one score per class")

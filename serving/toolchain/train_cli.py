@@ -1,15 +1,18 @@
-"""``python train.py`` / ``serving train``: train the digit classifiers and publish them into the
-model repository.
+"""``python train.py`` / ``serving train``: train classifiers and publish them into the model
+repository.
 
-    python train.py                                   # Keras + PyTorch small CNNs on bundled digits
-    python train.py --framework pytorch --arch large  # one heavier model
-    python train.py --dataset mnist # finds or downloads MNIST, trains mnist-tf and mnist-torch
+    python train.py                          # real MNIST: mnist-torch (lenet, 2 epochs), >= 0.99
+    python train.py --dataset mnist --framework all   # mnist-tf and mnist-torch
+    python train.py --dataset digits         # Keras + PyTorch small CNNs on the bundled 8x8 digits
+    python train.py --dataset iris           # the tutorial's scikit-learn SVM, through skl2onnx
     python train.py --dataset mnist --data-dir ~/mnist --no-download
 
 MNIST is looked for in ``--data-dir``, then ``$MNIST_DIR``, then the per-user cache
 (``$XDG_CACHE_HOME/serving/mnist``, default ``~/.cache/serving/mnist``); when none has it, it is
 downloaded into the cache from the mirrors torchvision uses (``$MNIST_MIRRORS`` overrides them:
 base URLs separated by spaces or commas) and every file is checked against its published sha256.
+Without ``--dataset``, a run that cannot have MNIST (offline, ``--no-download``, a bad mirror) says
+why in one line and trains the bundled 8x8 digits instead; ``--dataset mnist`` fails instead.
 
 Each run writes ``<out>/<name>/<N+1>/`` with the native model, its ONNX export (checked against the
 native model on the test split), labels.json, sample.json and metadata.json.
@@ -36,7 +39,9 @@ from serving.toolchain.data import (
 from serving.toolchain.export import ExportError
 from serving.toolchain.nets import ARCHS
 from serving.toolchain.training import (
+    DEFAULT_FRAMEWORKS,
     FRAMEWORKS,
+    SKLEARN,
     TrainConfig,
     TrainingError,
     default_arch,
@@ -57,19 +62,24 @@ def positive_int(text: str) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; see ``python train.py --help``."""
     parser = argparse.ArgumentParser(
-        description="Train TensorFlow/Keras and PyTorch CNNs and publish native + ONNX versions"
-        " into the model repository (<out>/<name>/<version>/).",
+        description="Train TensorFlow/Keras and PyTorch CNNs (or a scikit-learn SVM on iris) and"
+        " publish native + ONNX versions into the model repository (<out>/<name>/<version>/).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--framework", choices=[*FRAMEWORKS, "all"], default="all", help="which framework(s)"
+        "--framework",
+        choices=[*FRAMEWORKS, SKLEARN, "all"],
+        default=None,
+        help="which framework(s); None: the dataset's (mnist: pytorch; digits: all, that is"
+        " tensorflow and pytorch; iris: sklearn)",
     )
     parser.add_argument(
         "--dataset",
         choices=DATASETS,
-        default="digits",
-        help="digits: bundled 8x8 scikit-learn digits; mnist: the 28x28 MNIST (found or"
-        " downloaded)",
+        default=None,
+        help="mnist: the 28x28 MNIST (found or downloaded); digits: bundled 8x8 scikit-learn"
+        " digits; iris: bundled iris measurements (feature rows); None: mnist, or digits with"
+        " one line saying why when MNIST cannot be had",
     )
     parser.add_argument(
         "--data-dir",
@@ -99,17 +109,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--arch",
-        choices=ARCHS,
+        choices=[*ARCHS, "svc"],
         default=None,
         help="small: fast CNN; lenet: LeNet-style CNN with batch norm; large: compute-heavy CNN"
-        " for batching benchmarks; None: small on digits, lenet on mnist",
+        " for batching benchmarks; None: small on digits, lenet on mnist, svc on iris",
     )
     parser.add_argument(
         "--epochs",
         type=positive_int,
         default=None,
         help="training epochs; None: the arch's recipe for the dataset (20 small / 10 large on "
-        "digits, 5 lenet on mnist)",
+        "digits, 2 lenet on mnist)",
     )
     parser.add_argument(
         "--batch-size",
@@ -136,8 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     check."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        dataset = load(args)
+    except DatasetError as exc:
+        return fail(str(exc))
     args.arch = args.arch or default_arch(args.dataset)
-    frameworks = list(FRAMEWORKS) if args.framework == "all" else [args.framework]
+    if args.framework is None:
+        frameworks = list(DEFAULT_FRAMEWORKS[args.dataset])
+    else:
+        frameworks = list(FRAMEWORKS) if args.framework == "all" else [args.framework]
+    tabular = dataset.kind == "features"
+    if tabular != (frameworks == [SKLEARN]) or tabular != (args.arch == "svc"):
+        return fail(
+            f"--dataset {args.dataset} trains "
+            + ("--framework sklearn --arch svc" if tabular else "tensorflow or pytorch CNNs")
+            + f", not --framework {args.framework or frameworks[0]} --arch {args.arch}"
+        )
     names = [
         model_name(args.dataset, fw, args.arch, args.name, several=len(frameworks) > 1)
         for fw in frameworks
@@ -150,31 +175,35 @@ def main(argv: list[str] | None = None) -> int:
     recipe = defaults(args.arch, args.dataset)
     epochs = args.epochs or recipe.epochs
     batch_size = args.batch_size or recipe.batch_size
-    started = time.monotonic()
+    print(
+        f"dataset {dataset.name}: {len(dataset.y_train)} train / {len(dataset.y_test)} test "
+        f"samples, shape {dataset.shape}",
+        flush=True,
+    )
+    results = []
     try:
-        dataset = load(args)
-        print(
-            f"dataset {dataset.name}: {len(dataset.y_train)} train / {len(dataset.y_test)} test "
-            "samples, "
-            f"shape {dataset.shape}",
-            flush=True,
-        )
-        results = []
         for framework, name in zip(frameworks, names, strict=True):
             config = TrainConfig(
-                framework, name, args.arch, epochs, batch_size, args.seed, args.out, recipe.schedule
+                framework,
+                name,
+                args.arch,
+                epochs,
+                batch_size,
+                args.seed,
+                args.out,
+                recipe.schedule,
+                recipe.rate,
             )
-            print(f"training {name} ({framework}, {args.arch}, {epochs} epochs)", flush=True)
+            what = "" if tabular else f", {epochs} epochs"
+            print(f"training {name} ({framework}, {args.arch}{what})", flush=True)
             result = train(config, dataset, log=say)
             print(
                 f"{name}: held-out accuracy {result.accuracy:.4f} on {len(dataset.y_test)} "
-                "samples, "
-                f"ONNX max abs diff {result.onnx_max_abs_diff:.2g} ({result.seconds:.1f}s)",
+                f"samples, ONNX max abs diff {result.onnx_max_abs_diff:.2g} "
+                f"({result.seconds:.1f}s)",
                 flush=True,
             )
             results.append(result)
-    except DatasetError as exc:
-        return fail(str(exc))
     except (TrainingError, ExportError) as exc:
         return fail(str(exc), code=1)
     for result in results:
@@ -185,13 +214,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(args: argparse.Namespace) -> Dataset:
     """The requested dataset, MNIST found (or downloaded) as the module docstring says, cut to
-    the limits."""
+    the limits. Without ``--dataset``, MNIST when it can be had, else the digits (one line says
+    why); ``args.dataset`` is set to the one loaded."""
     data_dir = None
-    if args.dataset == "mnist":
+    if args.dataset in ("mnist", None):
         candidates = [Path(d) for d in (args.data_dir, os.environ.get("MNIST_DIR")) if d]
         mirrors = None if args.no_download else mirrors_from(os.environ.get("MNIST_MIRRORS"))
-        data_dir = locate_mnist(candidates, mnist_cache_dir(os.environ), mirrors, log=say)
-        say(f"MNIST from {data_dir}")
+        try:
+            data_dir = locate_mnist(candidates, mnist_cache_dir(os.environ), mirrors, log=say)
+            args.dataset = "mnist"
+            say(f"MNIST from {data_dir}")
+        except DatasetError as exc:
+            if args.dataset == "mnist":
+                raise
+            args.dataset = "digits"
+            say(
+                f"training the bundled 8x8 digits instead of MNIST ({' '.join(str(exc).split())});"
+                " for MNIST, pass --data-dir DIR or set MNIST_DIR to a folder with its four IDX"
+                " files, or let train.py download them (no --no-download)"
+            )
     return load_dataset(args.dataset, data_dir, args.seed).head(args.limit_train, args.limit_test)
 
 

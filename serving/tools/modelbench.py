@@ -67,15 +67,18 @@ def run(
     """Load the model and measure each batch size; returns the backend's description and the
     stats."""
     meta = ModelRepository(repository).resolve(name, version)
-    backend_name = backend or meta.framework
+    backend_name = backend or str(meta.raw.get("backend") or meta.framework)
     model = backend_class(backend_name)(meta, math_threads)
     model.load()
-    low, high = meta.input_range
+    # unbounded feature inputs: values around the stored sample's
+    low, high = meta.input_range if meta.bounded else (-1.0, 1.0)
+    base = 0.0 if meta.bounded else np.asarray(meta.sample()[0], dtype=np.float32)
     rng = np.random.default_rng(seed)
-    height, width = meta.input_shape
     stats = [
         measure(
-            model.predict, rng.uniform(low, high, (size, height, width)).astype(np.float32), seconds
+            model.predict,
+            (base + rng.uniform(low, high, (size, *meta.input_shape))).astype(np.float32),
+            seconds,
         )
         for size in batch_sizes
     ]

@@ -1,4 +1,6 @@
-// The front page: draw or drop a digit, and see what the chosen model makes of it.
+// The front page: draw or drop a digit, and see what the chosen model makes of it. A model whose input is a
+// feature vector (iris, say) gets a form of its features instead of the pad, filled with its stored sample; each
+// change sends the row to the same v2 infer endpoint as an FP32 tensor.
 //
 // The page sends pictures, never pixels of its own making: a drawing goes as a PNG of the pad, an upload as
 // the file itself, to POST /models/{name}/versions/{v}/input, which frames it exactly as the server frames
@@ -21,6 +23,7 @@
     strokes: [], // each an array of [x, y] in pad pixels
     drawing: null, // the stroke under the pointer or the keyboard pen
     upload: null, // {blob, type} while the pad shows an uploaded picture
+    fields: [], // a feature model's number inputs, in the order of its features
     models: [],
     model: null,
     generation: 0, // bumped whenever the thing to classify changes wholesale: answers of older ones are stale
@@ -61,8 +64,61 @@
   }
 
   function isEmpty() {
+    if (takesFeatures()) return featureValues() === null;
     return !state.upload && state.strokes.length === 0 && !state.drawing;
   }
+
+  function takesFeatures(model = state.model) {
+    return Boolean(model && model.input.kind === "features");
+  }
+
+  // -- a feature model's form --------------------------------------------------------------------------
+  /** The row the form holds, as numbers; null while a field is empty or not a number. */
+  function featureValues() {
+    const values = state.fields.map((field) => (field.value.trim() === "" ? NaN : Number(field.value)));
+    state.fields.forEach((field, i) => field.setAttribute("aria-invalid", String(!Number.isFinite(values[i]))));
+    return values.length && values.every(Number.isFinite) ? values : null;
+  }
+
+  function buildFeatureForm(model) {
+    const example = model.input.example || [];
+    state.fields = [];
+    $("feature-fields").replaceChildren(...model.input.features.map((feature, i) => {
+      const box = document.createElement("div");
+      box.className = "field";
+      const id = `feature-${i}`;
+      const label = document.createElement("label");
+      label.htmlFor = id;
+      label.textContent = feature.name;
+      const input = document.createElement("input");
+      input.id = id;
+      input.type = "text";
+      input.inputMode = "decimal";
+      input.autocomplete = "off";
+      input.spellcheck = false;
+      input.value = example[i] === undefined ? "" : String(Number(example[i].toPrecision(7)));
+      input.addEventListener("input", () => { state.generation++; changed(); });
+      box.append(label, input);
+      if (feature.range) {
+        const hint = document.createElement("p");
+        hint.className = "hint";
+        hint.id = `${id}-range`;
+        hint.textContent = `${feature.range[0]} to ${feature.range[1]} in training`;
+        input.setAttribute("aria-describedby", hint.id);
+        box.append(hint);
+      }
+      state.fields.push(input);
+      return box;
+    }));
+  }
+
+  $("reset-features").addEventListener("click", () => {
+    if (!takesFeatures()) return;
+    buildFeatureForm(state.model);
+    state.generation++;
+    changed(0);
+  });
+  $("features").addEventListener("submit", (event) => event.preventDefault());
 
   function startStroke(point) {
     if (state.upload) { // drawing after an upload starts a new digit
@@ -188,6 +244,11 @@
 
   async function useFile(file) {
     if (!file) return;
+    if (takesFeatures()) {
+      setMessage(`${state.model.name} takes ${state.model.input.shape[0]} numbers, not a picture: fill in the form.`,
+                 "error");
+      return;
+    }
     let bitmap = null;
     try { bitmap = await createImageBitmap(file); } catch { /* not a picture this browser shows: the server says why */ }
     state.strokes = [];
@@ -221,12 +282,13 @@
   function describe(model) {
     const parts = [`${model.framework}`, `version ${model.version}`];
     if (typeof model.accuracy === "number") {
-      const held = model.test_samples ? `${model.test_samples.toLocaleString("en")} held-out digits` : "held-out digits";
+      const what = takesFeatures(model) ? "samples" : "digits";
+      const held = model.test_samples ? `${model.test_samples.toLocaleString("en")} held-out ${what}` : `held-out ${what}`;
       parts.push(`${(model.accuracy * 100).toFixed(1)}% right on ${held}`);
     } else {
       parts.push("accuracy not recorded");
     }
-    parts.push(`input ${model.input.shape.join("×")}`);
+    parts.push(takesFeatures(model) ? `input ${model.input.shape[0]} features` : `input ${model.input.shape.join("×")}`);
     if (model.dataset) parts.push(`trained on ${model.dataset}${model.arch ? ` (${model.arch})` : ""}`);
     parts.push(`served by ${model.backend}`);
     return parts.join(" · ");
@@ -244,8 +306,8 @@
     }
     const previous = state.model && `${state.model.name}/${state.model.version}`;
     select.replaceChildren(...state.models.map((model, i) => {
-      const option = new Option(`${model.name} v${model.version} (${model.framework}, ${model.input.shape.join("×")})`,
-                                String(i));
+      const input = takesFeatures(model) ? `${model.input.shape[0]} features` : model.input.shape.join("×");
+      const option = new Option(`${model.name} v${model.version} (${model.framework}, ${input})`, String(i));
       option.selected = previous ? `${model.name}/${model.version}` === previous : model.default;
       return option;
     }));
@@ -256,10 +318,20 @@
   function chooseModel() {
     state.model = state.models[Number(select.value)] || null;
     $("model-info").textContent = state.model ? describe(state.model) : "No model is served.";
+    const features = takesFeatures();
+    $("features").hidden = !features;
+    $("image-input").hidden = features;
+    $("seen-panel").hidden = features;
+    $("input-title").textContent = features ? "Your input" : "Your digit";
+    if (features) buildFeatureForm(state.model); else state.fields = [];
     buildBars();
     state.generation++;
-    if (isEmpty()) setMessage("Draw a digit to see the answer.");
+    if (isEmpty()) setMessage(idleMessage());
     changed(0);
+  }
+
+  function idleMessage() {
+    return takesFeatures() ? "Fill in every number to see the answer." : "Draw a digit to see the answer.";
   }
   select.addEventListener("change", chooseModel);
 
@@ -282,8 +354,10 @@
     state.inFlight = true;
     const generation = state.generation, sequence = ++state.sequence, model = state.model;
     try {
-      const picture = state.upload || { blob: padPng(), type: "image/png" };
-      const result = await predict(picture, model, () => generation !== state.generation);
+      const stale = () => generation !== state.generation;
+      const result = takesFeatures(model)
+        ? await predictRow(featureValues(), model, stale)
+        : await predict(state.upload || { blob: padPng(), type: "image/png" }, model, stale);
       if (result && generation === state.generation && sequence > state.shown) {
         state.shown = sequence;
         showAnswer(result, model);
@@ -313,6 +387,28 @@
         const done = performance.now();
         return { input: framed.data.input, outputs: answer.data.outputs, requestId: answer.requestId || requestId,
                  framing: framedAt - started, model: done - framedAt, total: done - started };
+      } catch (error) {
+        if (!(error instanceof Serving.HttpError) || error.status !== 503 || attempt >= MAX_RETRIES) throw error;
+        setMessage(Serving.explain(error) + (attempt > 1 ? ` (attempt ${attempt + 1})` : ""), "busy");
+        await Serving.sleep(error.retryAfter * 1000);
+        if (stale()) return null;
+      }
+    }
+  }
+
+  /** Run a feature model on one row (v2 infer, FP32 [1, N]); a 503 is retried. null when it went stale. */
+  async function predictRow(values, model, stale) {
+    const infer = `/v2/models/${encodeURIComponent(model.name)}/versions/${encodeURIComponent(model.version)}/infer`;
+    for (let attempt = 1; ; attempt++) {
+      const requestId = Serving.newRequestId();
+      const started = performance.now();
+      const input = { name: model.input.name, shape: [1, values.length], datatype: "FP32", data: values };
+      try {
+        const body = JSON.stringify({ id: requestId, inputs: [input] });
+        const answer = await Serving.call(infer, { method: "POST", body, type: "application/json", requestId });
+        const done = performance.now();
+        return { input, outputs: answer.data.outputs, requestId: answer.requestId || requestId, framing: 0,
+                 model: done - started, total: done - started };
       } catch (error) {
         if (!(error instanceof Serving.HttpError) || error.status !== 503 || attempt >= MAX_RETRIES) throw error;
         setMessage(Serving.explain(error) + (attempt > 1 ? ` (attempt ${attempt + 1})` : ""), "busy");
@@ -357,7 +453,7 @@
     seen.setAttribute("aria-label", "What the model sees: nothing yet");
     $("latency").textContent = "–";
     $("request-id").textContent = "–";
-    if (isEmpty()) setMessage("Draw a digit to see the answer.");
+    if (isEmpty()) setMessage(idleMessage());
   }
 
   function showAnswer(result, model) {
@@ -372,9 +468,13 @@
       row.querySelector(".track span").style.width = `${(probabilities[i] * 100).toFixed(2)}%`;
       row.querySelector(".value").textContent = percent(probabilities[i]);
     });
-    drawSeen(result.input);
-    $("latency").textContent = `${Math.round(result.total)} ms: framing ${Math.round(result.framing)} ms,`
-      + ` model ${Math.round(result.model)} ms (measured by this page)`;
+    if (takesFeatures(model)) {
+      $("latency").textContent = `${Math.round(result.total)} ms (measured by this page)`;
+    } else {
+      drawSeen(result.input);
+      $("latency").textContent = `${Math.round(result.total)} ms: framing ${Math.round(result.framing)} ms,`
+        + ` model ${Math.round(result.model)} ms (measured by this page)`;
+    }
     $("request-id").textContent = result.requestId;
     setMessage(`${model.name} v${model.version} says ${model.labels[best]}.`);
   }

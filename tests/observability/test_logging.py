@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -34,3 +35,22 @@ def test_json_format_covers_gunicorn_app_and_access_lines(server_factory: Any, t
     assert {(entry["request_id"], entry["status"]) for entry in access} == {("json-ok", 200), ("json-fail", 500)}
     failure = [entry for entry in entries if entry["message"].startswith("inference failed")]
     assert len(failure) == 1 and failure[0]["request_id"] == "json-fail" and "Traceback" in failure[0]["exception"]
+
+
+def test_the_access_line_names_the_model_a_request_used_or_none(model_repo: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """/metrics and a request for an unknown model used no model: their lines say model=-, not the default's."""
+    from serving.config import Settings
+    from serving.fronts.wsgi import create_app, service_of
+
+    app = create_app(Settings.from_env({}, model_repository=model_repo, models="*"))
+    try:
+        client = app.test_client()
+        for path in ("/label", "/metrics", "/v2/models/nope", "/v2/models/digits-torch", "/health"):
+            client.get(path)
+    finally:
+        service_of(app).close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if '" ' in line and " model=" in line]
+    models = {line.split('"')[1]: line.split(" model=")[1].split()[0] for line in lines}
+    assert models == {"GET /label": "digits-tf:1", "GET /metrics": "-", "GET /v2/models/nope": "-",
+                      "GET /v2/models/digits-torch": "digits-torch:1", "GET /health": "-"}, lines

@@ -90,7 +90,8 @@ def test_models_lists_what_is_served_with_accuracy_and_input(client: FlaskClient
     torch = models[1]
     assert torch["framework"] == "pytorch" and torch["backend"] == "onnx" and torch["platform"] == "onnxruntime_onnx"
     assert torch["accuracy"] == recorded["test_accuracy"] and torch["test_samples"] == recorded["test_samples"]
-    assert torch["input"] == {"name": "input", "shape": [8, 8]} and torch["labels"] == [str(i) for i in range(10)]
+    assert torch["input"] == {"name": "input", "shape": [8, 8], "kind": "image"}
+    assert torch["labels"] == [str(i) for i in range(10)]
     assert [m["default"] for m in models] == [True, False]
     client.get("/predict/test/label")  # the first inference loads every served model in this process
     assert all(m["ready"] for m in client.get("/models").json["models"])

@@ -7,9 +7,15 @@ The convention (docs/contributing.md#documentation):
   pipefail``), from the repository root, with the venv's ``bin`` first on PATH and
   ``SERVING_MODEL_REPOSITORY`` pointing at the session's trained repository. It must exit 0, so a
   curl that expects success uses ``-f``.
-- An ``sh`` block that talks to ``localhost:8000`` or ``127.0.0.1:8000`` (or to its gRPC port,
-  ``8001``) runs against one real gunicorn started here (``SERVING_MODELS=*``, so v2 serves both
-  default models) on free ports; the ports are rewritten in the command.
+- An ``sh`` block that talks to ``localhost:8000`` or ``127.0.0.1:8000`` (or to its gRPC port, ``8001``) runs
+  against one real gunicorn started here on free ports (the ports are rewritten in the command), serving what a user
+  has after ``python train.py`` (the default ``mnist-torch``), ``--dataset digits`` (``digits-tf``,
+  ``digits-torch``) and ``--dataset iris`` (``iris-svc``), with ``SERVING_MODELS=*`` so v2 serves
+  them all. A page that needs another default names its settings in a comment,
+  ``<!-- docs-server: model=iris-svc -->``, and its blocks get a server of their own.
+- A ``json`` block right after ``<!-- response: METHOD PATH [JSON body] -->`` is a documented answer:
+  the same request to that server must answer the same shape (the same keys, recursively, and the same
+  kind of value under each), so an example cannot drift from what the server says.
 - A block that cannot run here (a server in the foreground, docker, wrk, a full training run) uses
   ``text`` or ``console``. Every fence says what it is: ``bash``, ``shell`` and bare fences are refused.
 - No command may leave files in the repository.
@@ -49,6 +55,8 @@ TEST_NAME = re.compile(r"^test_\w+$")
 #: Where a command could leave a file behind (a pid, a log, a model, a report), besides the top level;
 #: compared before and after each run.
 WATCHED = ("run", "models", "reports")
+PAGE_SERVER = re.compile(r"<!--\s*docs-server:\s*(.*?)\s*-->")
+RESPONSE = re.compile(r"^\s*<!--\s*response:\s*(GET|POST)\s+(\S+)\s*(.*?)\s*-->\s*$")
 
 
 @dataclass(frozen=True)
@@ -102,7 +110,35 @@ def prose(path: Path) -> str:
     return re.sub(r"`+[^`\n]*`+", "", without_blocks(path))
 
 
+def page_settings(path: Path) -> tuple[tuple[str, str], ...]:
+    """The server settings a page names (``<!-- docs-server: model=iris-svc -->``), sorted."""
+    found = PAGE_SERVER.search(path.read_text())
+    pairs = [item.split("=", 1) for item in found[1].split()] if found else []
+    return tuple(sorted((key, value) for key, value in pairs))
+
+
+@dataclass(frozen=True)
+class Response:
+    """A documented answer: the request, and the JSON block that shows what it answers."""
+
+    block: Block
+    method: str
+    path: str
+    body: str
+
+
+def responses(path: Path) -> list[Response]:
+    lines = path.read_text().splitlines()
+    found = []
+    for block in blocks(path):
+        match = RESPONSE.match(lines[block.line - 2]) if block.line >= 2 else None
+        if match is not None and block.info == "json":
+            found.append(Response(block, match[1], match[2], match[3]))
+    return found
+
+
 ALL_BLOCKS = [block for path in DOCS for block in blocks(path)]
+RESPONSES = [response for path in DOCS for response in responses(path)]
 SH_BLOCKS = [block for block in ALL_BLOCKS if block.info == RUN]
 SERVER_BLOCKS = [block for block in SH_BLOCKS if SERVER.search(block.code)]
 OFFLINE_BLOCKS = [block for block in SH_BLOCKS if not SERVER.search(block.code)]
@@ -129,6 +165,17 @@ def anchors(path: Path) -> list[str]:
         result.append(base if count == 0 else f"{base}-{count}")
     result += re.findall(r"<a\s+(?:name|id)=\"([^\"]+)\"", path.read_text())
     return result
+
+
+@pytest.fixture(scope="module")
+def docs_repo(model_repo: Path, mnist_repo: Path, iris_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What a user has after python train.py, --dataset digits and --dataset iris: one repository."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("docs") / "models"
+    for source in (mnist_repo, model_repo, iris_repo):
+        shutil.copytree(source, root, dirs_exist_ok=True)
+    return root
 
 
 def command_env(model_repo: Path) -> dict[str, str]:
@@ -192,22 +239,54 @@ def test_every_code_block_says_what_it_is() -> None:
 
 
 @pytest.mark.parametrize("block", OFFLINE_BLOCKS, ids=[block.id for block in OFFLINE_BLOCKS])
-def test_shell_block_runs(block: Block, model_repo: Path, leaves_no_files: None) -> None:
-    failure = run_block(block, command_env(model_repo))
+def test_shell_block_runs(block: Block, docs_repo: Path, leaves_no_files: None) -> None:
+    failure = run_block(block, command_env(docs_repo))
     assert failure is None, failure
 
 
 def test_shell_blocks_against_a_server_run(
-    server_factory: Callable[..., Any], model_repo: Path, leaves_no_files: None
+    server_factory: Callable[..., Any], docs_repo: Path, leaves_no_files: None
 ) -> None:
-    """Every block that talks to localhost:8000 (or its gRPC port, 8001), against one real gunicorn; all failures
-    reported at once."""
+    """Every block that talks to localhost:8000 (or its gRPC port, 8001) and every documented answer, against
+    real gunicorn (one per set of page settings); all failures reported at once."""
     assert SERVER_BLOCKS, "no sh block talks to a server: the first request in the README should"
-    env = command_env(model_repo)
-    with server_factory(models="*", workers=1) as server:
-        failures = [failure for block in SERVER_BLOCKS
-                    if (failure := run_block(block, env, server.port, server.grpc_port))]
+    assert RESPONSES, "no documented answer is checked: mark the examples with <!-- response: ... -->"
+    env = command_env(docs_repo)
+    failures: list[str] = []
+    for settings in sorted({page_settings(block.path) for block in SERVER_BLOCKS}):
+        with server_factory(docs_repo, models="*", workers=1, **dict(settings)) as server:
+            failures += [failure for block in SERVER_BLOCKS if page_settings(block.path) == settings
+                         and (failure := run_block(block, env, server.port, server.grpc_port))]
+            failures += [failure for response in RESPONSES if page_settings(response.block.path) == settings
+                         and (failure := check_response(response, server.url))]
     assert not failures, "\n\n".join(failures)
+
+
+def shape(value: Any) -> Any:
+    """The shape of a JSON value: keys (recursively) and the kind of each value; a list's first item."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value else []
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    return "number" if isinstance(value, int | float) else type(value).__name__
+
+
+def check_response(response: Response, url: str) -> str | None:
+    """None when the server's answer has the documented shape, else what differs."""
+    import orjson
+    import requests
+
+    documented = orjson.loads(response.block.code)
+    body = orjson.loads(response.body) if response.body else None
+    answer = requests.request(response.method, url + response.path, json=body, timeout=30)
+    if answer.status_code >= 500 or not answer.headers.get("Content-Type", "").startswith("application/json"):
+        return f"{response.block.id}: {response.method} {response.path} answered {answer.status_code}"
+    if shape(answer.json()) != shape(documented):
+        return (f"{response.block.id}: {response.method} {response.path} answers a different shape than documented:"
+                f"\n  documented {shape(documented)}\n  answered   {shape(answer.json())}")
+    return None
 
 
 def test_readme_is_a_front_door() -> None:

@@ -40,6 +40,7 @@ try:
     x, y, x_test = data.x_train[:6000], data.y_train[:6000], data.x_test[:64]
 except Exception:
     x, y, x_test = rng.uniform(0, 1, (512, 28, 28)).astype("float32"), rng.integers(0, 10, 512), None
+np.save(f"{out}/seven.npy", x_test[0] if x_test is not None else x[0])  # t10k's first digit is a 7
 import keras, tensorflow as tf
 model = keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(), keras.layers.Dense(128, activation="relu"),
                           keras.layers.Dropout(0.2), keras.layers.Dense(10, activation="softmax")])
@@ -100,9 +101,11 @@ def serving_import(*args: str) -> subprocess.CompletedProcess[str]:
 def repo(sources: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("imported")
     for args in ((str(sources / "tfserving" / "mnist" / "1"), "--name", "tutorial-sm", "--export-onnx"),
-                 (str(sources / "tutorial.keras"), "--name", "tutorial-keras"),
+                 (str(sources / "tutorial.keras"), "--name", "tutorial-keras", "--sample",
+                  str(sources / "seven.npy"), "--sample-label", "7"),
                  (str(sources / "net.pt"), "--name", "torch-net", "--input-shape", "28,28", "--export-onnx"),
-                 (str(sources / "logreg.onnx"), "--name", "sklearn-onnx", "--input-range", "0,1")):
+                 (str(sources / "logreg.onnx"), "--name", "sklearn-onnx", "--input-range", "0,1",
+                  "--input", "image")):
         result = serving_import(*args, "--repository", str(root))
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.startswith(f"imported {args[2]} version 1 into ")
@@ -152,7 +155,10 @@ def test_each_imported_format_answers_every_api(repo: Path, tmp_path: Path, mode
                                headers={"Content-Type": "image/png"}, timeout=10)
         assert upload.status_code == 200 and len(upload.json()["prediction"]) == 1
         smoke = requests.get(server.url + "/predict/test/label", timeout=10).json()
-        assert smoke["correct"] is True
+        if model == "tutorial-keras":  # imported with --sample seven.npy --sample-label 7: a real check
+            assert smoke["expected"] == "7" and smoke["correct"] is (smoke["prediction"] == "7"), smoke
+        else:  # no labelled sample: the answer says so instead of claiming it is right
+            assert (smoke["expected"], smoke["correct"]) == (None, None) and "--sample" in smoke["note"], smoke
 
 
 @pytest.mark.parametrize(("source", "extra", "message"), [

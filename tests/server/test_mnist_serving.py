@@ -1,8 +1,9 @@
 """Real MNIST served end to end: the classic ``/inference`` client contract, 8-bit pixels in every
-protocol, and the served model's accuracy on all 10,000 t10k digits equal to what training reported.
+protocol, and the served model's accuracy on all 10,000 t10k digits equal to what training reported and
+at least 0.99, the target of the default model.
 
-Real gunicorn on loopback; the model is trained once per session on a slice of ``MNIST_DIR``
-(``mnist_repo`` in conftest.py), and these tests skip where MNIST is absent.
+Real gunicorn on loopback; the model is the default one, trained once per session by ``python train.py``
+with no option (``mnist_repo`` in conftest.py), and these tests skip where MNIST is absent.
 """
 
 from __future__ import annotations
@@ -103,3 +104,5 @@ def test_all_10000_t10k_digits_at_the_accuracy_training_reported(server: Gunicor
             predicted += answer.json()["prediction"]
     accuracy = float(np.mean(np.asarray(predicted) == labels.astype(str)))
     assert abs(accuracy - meta["test_accuracy"]) <= 2 / 10_000, (accuracy, meta["test_accuracy"])
+    assert accuracy >= 0.99, accuracy  # the default model's target (issue 26)
+    assert (meta["arch"], meta["epochs"], meta["train_samples"]) == ("lenet", 2, 60_000)

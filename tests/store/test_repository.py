@@ -108,3 +108,22 @@ def test_index_states(repo: Path) -> None:
         assert (first == second).all()  # version 2 is a copy of version 1
     finally:
         svc.close()
+
+
+def test_the_default_model_is_the_one_the_docs_name_or_the_error_gives_the_line(tmp_path: Path) -> None:
+    """SERVING_MODEL empty: mnist-torch (what python train.py trains), then mnist-tf, then digits-tf; several
+    other models: the refusal says the exact line to start with."""
+    from serving.runtime.versions import Planner
+
+    root = tmp_path / "models"
+    for name in ("beta", "alpha"):
+        (root / name / "1").mkdir(parents=True)
+    planner = Planner(Settings.from_env({}, model_repository=root), ModelRepository(root))
+    with pytest.raises(ModelLoadError, match=r"several models \(alpha, beta\).*SERVING_MODEL=alpha gunicorn "
+                                             r"flask_server:app"):
+        planner.default_name()
+    for name in ("digits-tf", "mnist-tf", "mnist-torch"):
+        (root / name / "1").mkdir(parents=True)
+        assert planner.default_name() == name
+    assert Planner(Settings.from_env({}, model_repository=root, model="beta"), ModelRepository(root)).default_name() \
+        == "beta"

@@ -123,7 +123,7 @@ def test_sample_is_classified_correctly(model_repo: Path, name: str) -> None:
 def test_second_run_adds_next_version(model_repo: Path, tmp_path: Path) -> None:
     root = tmp_path / "models"
     shutil.copytree(model_repo, root)
-    result = train(root, "--framework", "pytorch", "--epochs", "1")
+    result = train(root, "--dataset", "digits", "--framework", "pytorch", "--epochs", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "epoch   1/1" in result.stdout and "held-out accuracy" in result.stdout
     assert str(root / "digits-torch" / "2") in result.stdout
@@ -145,7 +145,7 @@ def test_missing_mnist_exits_2_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_invalid_name_exits_2(tmp_path: Path) -> None:
-    result = train(tmp_path / "models", "--framework", "pytorch", "--name", "../escape")
+    result = train(tmp_path / "models", "--dataset", "digits", "--framework", "pytorch", "--name", "../escape")
     assert result.returncode == 2 and result.stderr.startswith("error: invalid model name")
 
 
@@ -169,15 +169,16 @@ def test_mnist_idx_run_with_custom_name(tmp_path: Path) -> None:
 
 
 def test_real_mnist_slice_both_frameworks(tmp_path: Path) -> None:
-    """The MNIST default (lenet: batch norm, dropout, cosine schedule) through training, export and the ONNX
+    """The MNIST recipe (lenet: batch norm, dropout, one-cycle schedule) through training, export and the ONNX
     check in both frameworks, on a slice of the real data so it takes seconds, not minutes."""
-    result = run_train(tmp_path, "--dataset", "mnist", "--limit-train", "4000", "--limit-test", "1000",
-                       "--epochs", "2", MNIST_DIR=str(mnist_dir()))
+    result = run_train(tmp_path, "--dataset", "mnist", "--framework", "all", "--limit-train", "4000",
+                       "--limit-test", "1000", "--epochs", "2", MNIST_DIR=str(mnist_dir()))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"MNIST from {mnist_dir()}" in result.stdout and "4000 train / 1000 test samples" in result.stdout
     for name, framework in (("mnist-tf", "tensorflow"), ("mnist-torch", "pytorch")):
         meta = check_version(tmp_path / "models", name, 1, framework, arch="lenet")
-        assert (meta["dataset"], meta["input"]["shape"], meta["schedule"]) == ("mnist", [28, 28], "cosine")
+        assert (meta["dataset"], meta["input"]["shape"], meta["schedule"]) == ("mnist", [28, 28], "onecycle")
+        assert meta["learning_rate"] == 3e-3 and meta["input"]["kind"] == "image"
         assert (meta["train_samples"], meta["test_samples"], meta["epochs"]) == (4000, 1000, 2)
         assert meta["test_accuracy"] >= 0.85, meta["test_accuracy"]  # 0.922 both when written; chance is 0.1
         data, label = ModelRepository(tmp_path / "models").resolve(name).sample()
@@ -191,15 +192,19 @@ def test_default_names_and_schedules() -> None:
     assert model_name("mnist", "tensorflow", "small") == "mnist-small-tf"
     assert model_name("digits", "pytorch", "large") == "digits-large-torch"
     assert model_name("mnist", "pytorch", base="m", several=True) == "m-torch"
+    assert model_name("iris", "sklearn") == "iris-svc"
     assert learning_rate("constant", 900, 1000) == 1e-3
     assert [learning_rate("cosine", step, 100) for step in (0, 50, 100)] == pytest.approx([1e-3, 5e-4, 0.0])
+    # one-cycle: a linear warm-up over the first tenth to the peak, then the cosine to 0 over the rest
+    assert [learning_rate("onecycle", step, 100, 3e-3) for step in (0, 5, 10, 55, 100)] \
+        == pytest.approx([0.0, 1.5e-3, 3e-3, 1.5e-3, 0.0])
     with pytest.raises(ValueError, match="unknown schedule"):
         learning_rate("step", 0, 1)
 
 
 def test_large_arch_one_epoch(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    result = train(root, "--arch", "large", "--epochs", "1", "--name", "big")
+    result = train(root, "--dataset", "digits", "--arch", "large", "--epochs", "1", "--name", "big")
     assert result.returncode == 0, result.stdout + result.stderr
     for name, framework in (("big-tf", "tensorflow"), ("big-torch", "pytorch")):
         meta = check_version(root, name, 1, framework, arch="large")
@@ -235,3 +240,57 @@ def test_help_lists_options() -> None:
     for option in ("--framework", "--dataset", "--data-dir", "--epochs", "--arch", "--name", "--out", "--seed",
                    "--batch-size", "--no-download", "--limit-train", "--limit-test"):
         assert option in result.stdout
+
+
+def test_the_default_run_trains_one_pytorch_net_on_real_mnist(tmp_path: Path) -> None:
+    """``python train.py`` with no dataset: real MNIST (here through MNIST_DIR, on a slice to keep it short), one
+    PyTorch lenet named mnist-torch, the model a first ``make serve`` serves."""
+    result = run_train(tmp_path, "--limit-train", "2000", "--limit-test", "500", "--epochs", "1",
+                       MNIST_DIR=str(mnist_dir()))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"MNIST from {mnist_dir()}" in result.stdout and "instead of MNIST" not in result.stdout
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["mnist-torch"]
+    meta = check_version(tmp_path / "models", "mnist-torch", 1, "pytorch", arch="lenet")
+    assert (meta["dataset"], meta["schedule"], meta["batch_size"]) == ("mnist", "onecycle", 128)
+
+
+def test_without_mnist_the_default_run_says_why_and_trains_the_digits(tmp_path: Path) -> None:
+    """No MNIST anywhere and no mirror that answers: one line says why and how to get MNIST, and the bundled
+    8x8 digits are trained instead (both frameworks by default; one here, for time)."""
+    result = run_train(tmp_path, "--framework", "pytorch", "--epochs", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    fallback = [line for line in result.stdout.splitlines() if "instead of MNIST" in line]
+    assert len(fallback) == 1 and "could not download" in fallback[0], result.stdout
+    assert "--data-dir" in fallback[0] and "MNIST_DIR" in fallback[0]
+    check_version(tmp_path / "models", "digits-torch", 1, "pytorch")
+    # --dataset mnist asked for MNIST: no fallback, one error line
+    strict = run_train(tmp_path, "--dataset", "mnist", "--no-download")
+    assert strict.returncode == 2 and strict.stderr.startswith("error: MNIST not found")
+
+
+def test_iris_trains_the_tutorials_svm_through_skl2onnx(tmp_path: Path) -> None:
+    result = run_train(tmp_path, "--dataset", "iris")
+    assert result.returncode == 0, result.stdout + result.stderr
+    path = tmp_path / "models" / "iris-svc" / "1"
+    assert sorted(p.name for p in path.iterdir()) == ["labels.json", "metadata.json", "model.onnx", "sample.json"]
+    meta = orjson.loads((path / "metadata.json").read_bytes())
+    assert (meta["framework"], meta["backend"], meta["arch"], meta["dataset"]) == ("sklearn", "onnx", "svc", "iris")
+    assert meta["labels"] == ["setosa", "versicolor", "virginica"] and meta["test_samples"] == 30
+    assert meta["input"]["kind"] == "features" and meta["input"]["shape"] == [4] and meta["input"]["range"] is None
+    names = [feature["name"] for feature in meta["input"]["features"]]
+    assert names == ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
+    assert meta["input"]["features"][0]["range"] == [4.3, 7.9]  # the training split's, as float32 prints it
+    assert meta["onnx_max_abs_diff"] < 1e-5 and meta["test_accuracy"] >= 0.9
+    resolved = ModelRepository(tmp_path / "models").resolve("iris-svc")
+    resolved.verify("model.onnx")
+    data, label = resolved.sample()
+    assert len(data) == 4 and label in meta["labels"]
+    assert (resolved.input_kind, resolved.input_shape, resolved.bounded) == ("features", (4,), False)
+
+
+def test_a_dataset_refuses_the_other_kind_of_framework(tmp_path: Path) -> None:
+    for args in (("--dataset", "iris", "--framework", "pytorch"), ("--dataset", "digits", "--framework", "sklearn")):
+        result = run_train(tmp_path, *args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: --dataset ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "models").exists()

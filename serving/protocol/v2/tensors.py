@@ -1,13 +1,15 @@
 """Binding v2 tensors to a served model: its metadata, input tensor -> batch, probabilities ->
 outputs.
 
-A model takes one input ``[-1, H, W]`` (also accepted flat, ``[-1, H*W]``), FP32, with values in its
-input range. FP64 and FP16 are converted to FP32; integer datatypes are converted when every value
-is exactly representable as FP32 (|v| <= 2**24); UINT8 tensors are 8-bit pixels, 0-255, mapped
-exactly onto the model's input range. BOOL, BYTES and BF16 are refused naming the input. After that
-the batch goes through ``serving.protocol.inputs.check_batch``, the same checks (batch size, NaN,
-range) as the native API. Outputs: ``probabilities`` (FP32 ``[-1, classes]``, the model's output
-name) and ``label`` (BYTES ``[-1]``, the most probable class).
+A model takes one input: an image model ``[-1, H, W]`` (also accepted flat, ``[-1, H*W]``), a
+feature model ``[-1, N]``, FP32, with values in its input range (when it has one). FP64 and FP16
+are converted to FP32; integer datatypes are converted when every value is exactly representable as
+FP32 (|v| <= 2**24); for an image model UINT8 tensors are 8-bit pixels, 0-255, mapped exactly onto
+the model's input range (for a feature model they are the values as they are). BOOL, BYTES and
+BF16 are refused naming the input. After that the batch goes through
+``serving.protocol.inputs.check_batch``, the same checks (batch size, NaN, range) as the native API.
+Outputs: ``probabilities`` (FP32 ``[-1, classes]``, the model's output name) and ``label`` (BYTES
+``[-1]``, the most probable class).
 """
 
 from __future__ import annotations
@@ -78,13 +80,14 @@ def batch_from_request(
             "FP16 and"
             " integer types are converted)"
         )
-    height, width = meta.input_shape
     shape = tensor.shape
-    if len(shape) < 2 or shape[1:] not in ((height, width), (height * width,)):
+    size = meta.sample_size
+    if len(shape) < 2 or shape[1:] not in (tuple(meta.input_shape), (size,)):
+        accepted = f"[-1, {size}]"
+        if meta.is_image:
+            accepted = f"[-1, {meta.input_shape[0]}, {meta.input_shape[1]}] (or {accepted})"
         raise InvalidRequest(
-            f"input {tensor.name!r} has shape {list(shape)}; model {meta.name} takes [-1, "
-            f"{height}, {width}]"
-            f" (or [-1, {height * width}])"
+            f"input {tensor.name!r} has shape {list(shape)}; model {meta.name} takes {accepted}"
         )
     array = input_array(tensor)
     if (
@@ -95,8 +98,9 @@ def batch_from_request(
         raise InvalidRequest(
             f"input {tensor.name!r}: integer values beyond 2**24 are not exact in FP32"
         )
-    batch = array.reshape(shape[0], height, width)
-    if tensor.datatype == "UINT8":  # 8-bit pixels: converted exactly to the model's input range
+    batch = array.reshape(shape[0], *meta.input_shape)
+    # 8-bit pixels: converted exactly to the model's input range
+    if tensor.datatype == "UINT8" and meta.is_image:
         batch = rescale(batch, PIXELS_8BIT, meta.input_range)
     batch = check_batch(batch, meta, max_batch)
     # a view of the request body is read-only
