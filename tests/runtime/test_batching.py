@@ -23,8 +23,10 @@ class FakeModel:
         self.batches: list[int] = []
         self.fail = False
         self.gate: threading.Event | None = None
+        self.entered = threading.Event()  # the model thread has taken a batch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         self.batches.append(len(batch))
@@ -235,7 +237,8 @@ def test_async_submit_gets_the_same_503_504_and_500(make, model: FakeModel) -> N
 
     async def scenario() -> None:
         running = asyncio.ensure_future(batcher.submit_async(sample(0.1), 5.0))
-        await asyncio.sleep(0.05)  # the model thread holds it
+        while not model.entered.is_set():  # the model thread holds it (a fixed sleep was flaky under load)
+            await asyncio.sleep(0.005)
         queued = asyncio.ensure_future(batcher.submit_async(sample(0.2), 0.1))
         await asyncio.sleep(0)
         started = time.monotonic()
