@@ -22,11 +22,21 @@ BASE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and the next one free too: a
+    server bound to it without SERVING_GRPC_BIND serves gRPC on the next port."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+            if port >= 65535:
+                continue
+            try:
+                with socket.socket() as following:
+                    following.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free pair of TCP ports on 127.0.0.1")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
