@@ -32,6 +32,8 @@ def free_port() -> int:
                 continue
             try:
                 with socket.socket() as following:
+                    # as a server binds it: a closed connection's TIME_WAIT does not stop a listener
+                    following.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     following.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
