@@ -62,3 +62,19 @@ class FaultyVersion(OnnxRuntimeBackend):
         if self._fault == "wrong":
             return np.roll(output, 1, axis=1)
         return output
+
+
+class SlowLoad(OnnxRuntimeBackend):
+    """ONNX Runtime whose load takes SLOW_LOAD_S: a server stopped while its models load.
+
+    Its load sleeps in the process that loads it: with the model pool, the pool process, while the HTTP workers
+    wait for the pool to serve the model."""
+
+    preloadable = classmethod(lambda cls, math_threads: False)  # type: ignore[assignment]
+
+    def load(self) -> None:
+        time.sleep(SLOW_LOAD_S)
+        super().load()
+
+
+SLOW_LOAD_S = 60.0

@@ -336,6 +336,10 @@ def give_back_free_heap() -> None:
         pass
 
 
+def _stop_while_loading(signum: int, frame: Any) -> None:
+    sys.exit(0)
+
+
 def load_in_worker(worker: Any) -> None:
     """Load this worker's model after fork; exit with the boot-error code if it cannot be loaded."""
     parts = parts_of(worker.wsgi)
@@ -349,11 +353,17 @@ def load_in_worker(worker: Any) -> None:
     return_large_blocks()
     if isinstance(worker, SyncWorker):
         WAITER.set(ALARM)
+    # Nothing is served while the models load, so a stop then ends the worker at once: gunicorn's
+    # own handler only marks it, and a worker waiting for a model pool that stopped with the server
+    # held the stop until the graceful timeout.
+    serving_handler = signal.signal(signal.SIGTERM, _stop_while_loading)
     try:
         service.load(workers=worker.cfg.workers)
     except (ModelLoadError, ConfigError) as exc:
         worker.log.error("worker %d cannot load the model: %s", worker.pid, exc)
         sys.exit(WORKER_BOOT_ERROR)
+    finally:
+        signal.signal(signal.SIGTERM, serving_handler)
     if service.batchers():
         HangWatchdog(service, float(worker.cfg.timeout), worker.log).start()
     # every mode: traffic rules change at run time and failing candidates are rolled back

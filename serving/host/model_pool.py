@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -283,6 +284,10 @@ class PoolServer:
             pass
 
 
+def _exit_while_loading(signum: int, frame: Any) -> None:
+    os._exit(0)
+
+
 def pool_math_threads(settings: Settings) -> int:
     """Intra-op threads per pool process: SERVING_MATH_THREADS, else the cores split evenly."""
     return settings.math_threads or max(1, available_cores() // max(1, settings.pool_processes))
@@ -323,11 +328,18 @@ class ModelPoolApp(DirtyApp):
         if not settings.pool_dir:
             raise ConfigError("the model pool has no SERVING_POOL_DIR (set by gunicorn.conf.py)")
         started = time.monotonic()
+        # Nothing is served while the models load, so a stop ends the process at once (gunicorn's
+        # dirty worker only marks itself, and a long load held a server's stop for the timeout).
+        stops = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+        handlers = {stop: signal.signal(stop, _exit_while_loading) for stop in stops}
         try:
             models = load_pool_models(settings)
         except ModelLoadError as exc:
             log.error("model pool process %d cannot load its models: %s", os.getpid(), exc)
             raise
+        finally:
+            for stop, handler in handlers.items():
+                signal.signal(stop, handler)
         gc.collect()
         gc.freeze()
         if settings.share_memory:

@@ -22,29 +22,21 @@ BASE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, and the next one free too: a
-    server bound to it without SERVING_GRPC_BIND serves gRPC on the next port."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-            if port >= 65535:
-                continue
-            try:
-                with socket.socket() as following:
-                    # as a server binds it: a closed connection's TIME_WAIT does not stop a listener
-                    following.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    following.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free pair of TCP ports on 127.0.0.1")
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The current environment without any SERVING_* variable, plus ``extra``."""
+    """The current environment without any SERVING_* variable but a free gRPC port, plus
+    ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
     env.update(BASE_ENV)
+    # a gRPC port of its own: the default, the HTTP port + 1, may be another test's (or, after a
+    # load generator, in TIME_WAIT for every port near it)
+    env["SERVING_GRPC_BIND"] = f"127.0.0.1:{free_port()}"
     env.update(extra)
     return env
 

@@ -144,6 +144,21 @@ def test_a_second_server_leaves_the_first_ones_pool_alone(server_factory: Any) -
         assert "orphaned dirty arbiter" not in second.log()
 
 
+def test_a_server_stopped_while_its_pool_loads_stops_at_once(server_factory: Any) -> None:
+    # The HTTP workers wait for the pool to serve the model; gunicorn's SIGTERM handler only marks a worker,
+    # so a worker waiting for a pool that stopped with the server held the stop for the graceful timeout.
+    server = server_factory(model="digits-tf", backend="tests.fakes:SlowLoad", workers=2, model_pool=1)
+    server.start(wait=False)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "Booting worker" not in server.log():
+        time.sleep(0.1)
+    time.sleep(1.0)  # the workers are in their load, waiting for the pool
+    started = time.monotonic()
+    os.kill(server.pid, signal.SIGTERM)
+    server.proc.wait(timeout=30)
+    assert time.monotonic() - started < 10, server.log()[-3000:]
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"mode": "batched"}, "SERVING_MODE=threaded"),
     ({"model_control": "explicit"}, "SERVING_MODEL_CONTROL must be none"),
