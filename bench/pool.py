@@ -180,6 +180,8 @@ def main() -> None:
                 print(f"{backend} {label} c={level}: {result.requests_per_s:,.0f} samples/s,"
                       f" p99 {result.p99_ms:.1f} ms, errors {result.errors}, {memory:,.0f} MB", flush=True)
 
+    default_rows = tensorflow_default(args, out_dir, script)
+
     sizes = {}
     for workers in (1, 8):
         with model_server("wsgi", args.repo, out_dir, f"memory-w{workers}", ["--no-control-socket"],
@@ -214,6 +216,7 @@ def main() -> None:
         if label.startswith("pool"):
             base = next(r for b, lab, lev, r, _ in rows if b == backend and lev == level and lab.startswith("batched"))
             lines.append(f"| {backend} | {level} | {result.requests_per_s / base.requests_per_s:.2f} |")
+    lines += render_tensorflow_default(default_rows, args)
     ratio = sizes[8] / sizes[1]
     lines += ["", "## Memory of the pool server against HTTP workers", "",
               "pytorch, `digits-large-torch`, threaded HTTP workers, one pool process, after 2 s of wrk.", "",
@@ -226,6 +229,51 @@ def main() -> None:
     path.write_text(report)
     print(report)
     print(f"report: {path}")
+
+
+TF_DEFAULTS = (("in every worker (SERVING_MODEL_POOL=0)", {"model_pool": 0}),
+               ("the pool (SERVING_MODEL_POOL=auto, the default)", {}))
+
+
+def tensorflow_default(args: argparse.Namespace, out_dir: Path, script: Path) -> list[tuple[Any, ...]]:
+    """TensorFlow's default against its former one, as shipped (process mode, no other setting), alternating:
+    ``digits-tf``, one 8x8 sample per request, wrk at 32 connections and at 1, ``-w 2`` and ``-w 4``."""
+    rows = []
+    for round_number in (1, 2):
+        for workers in (2, 4):
+            for label, settings in TF_DEFAULTS:
+                slug = f"tf-default-{settings.get('model_pool', 'auto')}-w{workers}-r{round_number}"
+                with model_server("wsgi", args.repo, out_dir, slug, ["--no-control-socket"], model="digits-tf",
+                                  backend="tensorflow", workers=workers, **settings) as server:
+                    run_wrk(server.url + "/predict", script, 8, 2)  # every worker and the pool warm
+                    many = run_wrk(server.url + "/predict", script, 32, args.seconds)
+                    one = run_wrk(server.url + "/predict", script, 1, args.seconds, threads=1)
+                    memory = sum(p.pss for p in tree_memory(server.pid)) / 1e6
+                rows.append((round_number, workers, label, many, one, memory))
+                print(f"tensorflow {label} -w {workers}: c32 {many.requests_per_s:,.0f} req/s,"
+                      f" c1 p50 {one.p50_ms:.2f} ms, {memory:,.0f} MB", flush=True)
+    return rows
+
+
+def render_tensorflow_default(rows: list[tuple[Any, ...]], args: argparse.Namespace) -> list[str]:
+    lines = ["", "## TensorFlow's default: the pool against a model in every worker", "",
+             f"`digits-tf`, process mode as shipped (the pool's HTTP workers are threaded), one 8x8 sample per"
+             f" request, wrk -d{args.seconds}s at 32 connections and at 1, two rounds alternating.", "",
+             "| round | -w | TensorFlow runs | c32 req/s | c32 p99 | c1 req/s | c1 p50 | errors | total PSS |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for round_number, workers, label, many, one, memory in rows:
+        lines.append(f"| {round_number} | {workers} | {label} | {many.requests_per_s:,.0f} | {many.p99_ms:.2f} ms |"
+                     f" {one.requests_per_s:,.0f} | {one.p50_ms:.2f} ms | {many.errors + one.errors} |"
+                     f" {memory:,.0f} MB |")
+    lines += ["", "| -w | pool / every worker, c32 req/s | c1 p50 difference | total PSS |",
+              "| ---: | ---: | ---: | ---: |"]
+    for workers in sorted({row[1] for row in rows}):
+        own = [row for row in rows if row[1] == workers and "every worker" in row[2]]
+        pool = [row for row in rows if row[1] == workers and "pool" in row[2]]
+        ratio = sum(r[3].requests_per_s for r in pool) / sum(r[3].requests_per_s for r in own)
+        delay = (sum(r[4].p50_ms for r in pool) - sum(r[4].p50_ms for r in own)) / len(pool)
+        lines.append(f"| {workers} | {ratio:.2f} | {delay:+.2f} ms | {pool[0][5]:,.0f} / {own[0][5]:,.0f} MB |")
+    return lines
 
 
 if __name__ == "__main__":

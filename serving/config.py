@@ -40,7 +40,7 @@ _PIN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}:\d{1,9}=[0-9a-fA-F]{64}"
 PINS_PATTERN = re.compile(rf"^{_PIN}(\s*,\s*{_PIN})*$")
 POOL_PATTERN = re.compile(r"^(auto|[0-9]|[1-5][0-9]|6[0-4])$")
 BIND_PATTERN = re.compile(r"^(unix:.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
-GRPC_BIND_PATTERN = re.compile(r"^(off|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
+GRPC_BIND_PATTERN = re.compile(r"^(off|next|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]*:\d{1,5})$")
 
 
 def available_cores() -> int:
@@ -341,13 +341,13 @@ class Settings:
     certfile: str = setting("", "TLS certificate (PEM); with SERVING_KEYFILE gunicorn serves HTTPS")
     keyfile: str = setting("", "TLS private key (PEM), readable only by the server's user")
     grpc_bind: str = setting(
-        "",
+        "off",
         "gRPC address of the Open Inference Protocol's gRPC API (with grpc.health.v1 and server"
-        " reflection), shared by every worker; off = none; empty = the HTTP bind's host with its"
-        " port + 1 (8001 next to 8000, as Triton), none next to a unix: bind",
+        " reflection), shared by every worker: HOST:PORT, next (the HTTP bind's host with its"
+        " port + 1: 8001 next to 8000, as Triton), or off",
         pattern=GRPC_BIND_PATTERN,
-        hint="is not HOST:PORT or off; e.g. 127.0.0.1:8001 (gRPC workers share a TCP port)",
-        accepts="HOST:PORT | off",
+        hint="is not HOST:PORT, next or off; e.g. 127.0.0.1:8001 (gRPC workers share a TCP port)",
+        accepts="HOST:PORT | next | off",
     )
     grpc_threads: int = setting(
         0,
@@ -459,11 +459,11 @@ class Settings:
             )
 
     def grpc_address(self, http_bind: str | None = None) -> str | None:
-        """Where the gRPC front listens (None: nowhere): ``SERVING_GRPC_BIND``, else next to
-        ``http_bind`` (gunicorn's first bind; default ``SERVING_BIND``), on the next port."""
+        """Where the gRPC front listens (None: nowhere): ``SERVING_GRPC_BIND``, or with ``next``
+        the port after ``http_bind``'s (gunicorn's first bind; default ``SERVING_BIND``)."""
         if self.grpc_bind == "off":
             return None
-        if self.grpc_bind:
+        if self.grpc_bind != "next":
             return self.grpc_bind
         bind = http_bind or self.bind
         host, _, port = bind.rpartition(":")

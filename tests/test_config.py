@@ -73,3 +73,13 @@ def test_direct_construction_is_validated_too() -> None:
         Settings(mode="fast")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="SERVING_MAX_QUEUE=0 must be >= 1"):
         Settings(max_queue=0)
+
+
+def test_grpc_is_off_unless_set_and_next_is_the_port_after_the_http_one() -> None:
+    assert Settings().grpc_address() is None  # a second listening port is something to ask for
+    assert Settings(grpc_bind="next").grpc_address() == "127.0.0.1:8001"
+    assert Settings(grpc_bind="next").grpc_address("0.0.0.0:9000") == "0.0.0.0:9001"
+    assert Settings(grpc_bind="next", bind="unix:/run/serving.sock").grpc_address() is None
+    assert Settings(grpc_bind="10.0.0.5:7001").grpc_address("0.0.0.0:9000") == "10.0.0.5:7001"
+    with pytest.raises(ConfigError, match="SERVING_GRPC_BIND"):
+        Settings.from_env({"SERVING_GRPC_BIND": "everywhere"})

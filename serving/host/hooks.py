@@ -30,7 +30,6 @@ from gunicorn.workers.sync import SyncWorker
 from serving.backends import is_thread_safe
 from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
-from serving.fronts.grpc.server import GrpcFront
 from serving.fronts.parts import ServingParts, parts_of
 from serving.http.security import Gate, host_name
 from serving.observability import drift, observed
@@ -217,7 +216,7 @@ def drain_worker(worker: Any) -> None:
     service = parts.service if parts is not None else None
     front = getattr(worker, "grpc_front", None)
     try:
-        if isinstance(front, GrpcFront):
+        if front is not None:
             front.wait()
         if service is not None:
             service.close()
@@ -232,6 +231,10 @@ def start_grpc(worker: Any, parts: ServingParts) -> None:
     address = parts.settings.grpc_address(worker.cfg.bind[0] if worker.cfg.bind else None)
     if address is None:
         return
+    # grpcio and the protocol's messages are imported by a server that serves gRPC only (5 MB at
+    # -w 4); with SERVING_SHARE_MEMORY the master imported them before fork (host.sharing)
+    from serving.fronts.grpc.server import GrpcFront
+
     front = GrpcFront(parts, address)
     try:
         front.start()

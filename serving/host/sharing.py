@@ -44,6 +44,8 @@ def share_before_fork(server: Any, settings: Settings) -> None:
     service = InferenceService(settings)
     service.resolve()
     modules = ["serving.fronts.asgi" if settings.front == "asgi" else "serving.fronts.wsgi"]
+    if settings.grpc_address(server.cfg.bind[0] if server.cfg.bind else None) is not None:
+        modules.append("serving.fronts.grpc.server")  # every worker serves gRPC
     if not settings.pool_processes:  # with the pool, HTTP workers import no framework at all
         modules += served_frameworks(service)
     import_modules(modules, server.log)

@@ -30,13 +30,9 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The current environment without any SERVING_* variable but a free gRPC port, plus
-    ``extra``."""
+    """The current environment without any SERVING_* variable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVING_")}
     env.update(BASE_ENV)
-    # a gRPC port of its own: the default, the HTTP port + 1, may be another test's (or, after a
-    # load generator, in TIME_WAIT for every port near it)
-    env["SERVING_GRPC_BIND"] = f"127.0.0.1:{free_port()}"
     env.update(extra)
     return env
 
@@ -74,7 +70,8 @@ class GunicornServer:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        #: The gRPC port: a free one of its own (the default, the HTTP port + 1, may be taken).
+        #: The gRPC port: a free one of its own; gRPC is on in every test server unless a test sets
+        #: grpc_bind (the default is off).
         self.grpc_port = free_port()
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_file or log_dir / f"gunicorn-{self.port}.log"
