@@ -41,6 +41,7 @@ def model_server(front: str, repo: Path, log_dir: Path, slug: str, args: Sequenc
     ``settings`` become SERVING_* variables. On ``asgi`` the same settings give the same model, mode and
     workers: gunicorn.conf.py picks the ASGI worker and the mode's request threads become the app's pool.
     """
+    settings.setdefault("grpc_bind", "off")  # as shipped (the test harness turns gRPC on)
     return GunicornServer(repo, log_dir, args, cwd=ROOT, app=FRONT_APPS[front], log_file=log_dir / f"{slug}.log",
                           front=front, **settings)
 
