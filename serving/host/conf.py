@@ -135,7 +135,8 @@ daemon_report.install(limit_s=max(120.0, 4.0 * settings.timeout), log_file=setti
 
 
 def on_starting(server):
-    """Master, before forking: route daemon logs, wipe old metrics, fail fast on a bad model."""
+    """Master, before forking: route daemon logs, wipe old metrics, fail fast on a bad model, and
+    stop the model pool only after the HTTP workers."""
     hooks.route_daemon_logs(server)
     daemon_report.master_started(server)
     multiprocess.wipe_metrics_dir(server)
@@ -145,11 +146,15 @@ def on_starting(server):
         daemon_report.master_failed(str(exc))
         raise
     sharing.share_before_fork(server, settings)
+    if settings.pool_processes:
+        hooks.stop_pool_after_workers(server)
 
 
 def on_dirty_starting(arbiter):
-    """The model pool's arbiter, before forking the pool's processes: their frameworks, once."""
+    """The model pool's arbiter, before forking the pool's processes: their frameworks, once; a
+    reload that replaces its processes."""
     sharing.share_in_pool_arbiter(arbiter, settings)
+    hooks.replace_pool_on_reload(arbiter, settings.pool_dir)
 
 
 def pre_fork(server, worker):

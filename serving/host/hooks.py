@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
 import gc
 import ipaddress
 import logging
@@ -31,6 +29,7 @@ from serving.backends import is_thread_safe
 from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
 from serving.fronts.parts import ServingParts, parts_of
+from serving.host.sharing import c_library
 from serving.http.security import Gate, host_name
 from serving.observability import drift, observed
 from serving.observability.memory import set_server_root
@@ -52,6 +51,65 @@ def route_daemon_logs(server: Any) -> None:
         server.cfg.set("errorlog", str(DAEMON_LOG))
         server.cfg.set("capture_output", True)
         server.log.setup(server.cfg)
+
+
+def stop_pool_after_workers(server: Any) -> None:
+    """The master's graceful stop ends the HTTP workers first and the model pool after them.
+
+    gunicorn's ``Arbiter.stop`` signals the dirty arbiter and the workers at once, so the pool's
+    processes were gone while workers still finished requests that needed them: a request whose
+    body was still arriving at ``docker stop`` got a 503. Here the arbiter's own stop runs twice,
+    first with the pool hidden from it (the listeners close, the workers drain within the graceful
+    timeout), then for the pool alone, which by then serves nobody.
+    """
+    stop = server.stop
+
+    def stop_workers_then_pool(graceful: bool = True) -> None:
+        pool_arbiter, server.dirty_arbiter_pid = server.dirty_arbiter_pid, 0
+        try:
+            stop(graceful)
+        finally:
+            server.dirty_arbiter_pid = pool_arbiter
+        stop(graceful)
+
+    server.stop = stop_workers_then_pool
+
+
+def replace_pool_on_reload(arbiter: Any, pool_dir: str) -> None:
+    """SIGHUP: the model pool's new processes take over before the old ones stop.
+
+    gunicorn's ``DirtyArbiter.reload`` spawns new processes, then stops all but the first N it
+    knows: the new ones, so a reload left the old processes (and the old models) serving. Here the
+    old processes are stopped once every new one listens on its socket in the pool's directory (or
+    has died, or ``dirty_timeout`` has passed); each answers what it has queued, and the HTTP
+    workers' calls move to the new processes.
+    """
+    directory = Path(pool_dir)
+
+    async def reload() -> None:
+        import asyncio  # the dirty arbiter's own loop runs this
+
+        old, target = list(arbiter.workers), arbiter.num_workers
+        arbiter.log.info("Reloading the model pool: %d new processes replace %s", target, old)
+        arbiter.num_workers = target + len(old)  # its upkeep stops neither generation meanwhile
+        try:
+            fresh = [pid for pid in (arbiter.spawn_worker() for _ in range(target)) if pid]
+            deadline = time.monotonic() + arbiter.cfg.dirty_timeout
+
+            def waiting() -> bool:  # a new process neither listening nor dead
+                return any(
+                    pid in arbiter.workers and not (directory / f"{pid}.sock").exists()
+                    for pid in fresh
+                )
+
+            while waiting() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            arbiter.num_workers = target
+        for pid in old:
+            arbiter.kill_worker(pid, signal.SIGTERM)
+
+    arbiter.reload = reload
 
 
 def check_before_fork(server: Any, settings: Settings) -> None:
@@ -320,7 +378,7 @@ def return_large_blocks() -> None:
     and unmaps it when it is freed; the request path's own arrays are far smaller.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = c_library()
         libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
     except (OSError, AttributeError):  # not glibc: its own allocator's policy stands
         pass
@@ -333,7 +391,7 @@ def give_back_free_heap() -> None:
     them copied from the master's on first write, stay in this worker until malloc reuses them.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = c_library()
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass

@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import gc
 import importlib
 import os
@@ -133,6 +133,13 @@ def freeze_before_fork() -> None:
     gc.freeze()
 
 
+@functools.cache
+def c_library() -> ctypes.CDLL:
+    """This process's C library, through the program's own symbols: ``ctypes.util.find_library``
+    runs ``ldconfig -p`` in a child process, a fork of a worker at its start and its exit."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def page_out_libraries(smaps_path: str = "/proc/self/smaps") -> int:
     """Drop this process's resident pages of the file mappings it never wrote to.
 
@@ -144,7 +151,7 @@ def page_out_libraries(smaps_path: str = "/proc/self/smaps") -> int:
     every library here. Returns the bytes of the mappings dropped (0 where madvise is not there).
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = c_library()
         madvise = libc.madvise
     except (OSError, AttributeError):
         return 0

@@ -3,8 +3,10 @@ memory gauge on /metrics, and the model pool on both fronts, killed and refused.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -129,6 +131,30 @@ def test_a_killed_pool_process_gets_503s_not_hangs_and_is_replaced(server_factor
         assert statuses[-1] == 200 and 503 in statuses, statuses
         [replacement] = [p.pid for p in tree_memory(server.pid) if p.role == "pool"]
         assert replacement != pool
+
+
+@pytest.mark.parametrize("front", ["wsgi", "asgi"])
+def test_a_request_in_flight_at_sigterm_is_answered_by_the_pool(server_factory: Any, front: str) -> None:
+    # gunicorn signals its dirty arbiter together with the workers: the pool stopped while a worker still
+    # read a request's body, which then got a 503 (the image's `docker stop` check). The pool stops last.
+    server = server_factory(model="digits-tf", backend="onnx", workers=2, mode="threaded", model_pool=1,
+                            **FRONTS[front]).start()
+    expected = requests.post(server.url + "/predict", json=SAMPLE, timeout=10).json()["prediction"]
+    body = json.dumps(SAMPLE).encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as client:
+        client.sendall(head + body[:10])
+        time.sleep(0.5)  # a worker holds the connection and waits for the rest of the body
+        os.kill(server.pid, signal.SIGTERM)
+        time.sleep(1.5)  # the workers drain; the pool has had time to stop if it were told to
+        client.sendall(body[10:])
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["prediction"] == expected
+    assert server.proc.wait(timeout=30) == 0, server.log()[-3000:]
 
 
 def test_a_second_server_leaves_the_first_ones_pool_alone(server_factory: Any) -> None:

@@ -21,6 +21,7 @@ import psutil
 import pytest
 import requests
 
+from serving.observability.memory import tree_memory
 from tests import fakes
 from tests.asgi_support import FRONTS, RECYCLED
 from tests.conftest import ROOT, GunicornServer, free_port
@@ -73,6 +74,10 @@ def workers_of(server: GunicornServer) -> set[int]:
     return {p.pid for p in psutil.Process(server.pid).children()}
 
 
+def pool_processes(server: GunicornServer) -> set[int]:
+    return {p.pid for p in tree_memory(server.pid) if p.role == "pool"}
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -101,19 +106,23 @@ def test_sigkill_of_a_worker_under_load_fails_only_its_in_flight_request(server_
 
 
 @pytest.mark.parametrize("front", FRONTS)
-@pytest.mark.parametrize("mode", ["process", "batched"])
+@pytest.mark.parametrize("mode", ["process", "batched", "pool"])
 def test_graceful_reload_and_worker_recycling_under_load_fail_nothing(server_factory: Any, mode: str,
                                                                       front: str) -> None:
-    server = server_factory(model="digits-torch", backend="onnx", mode=mode, workers=2, max_requests=40,
-                            max_requests_jitter=10, **FRONTS[front]).start()
-    first = workers_of(server)
+    where = {"mode": "threaded", "model_pool": 1} if mode == "pool" else {"mode": mode}
+    server = server_factory(model="digits-torch", backend="onnx", workers=2, max_requests=40,
+                            max_requests_jitter=10, **where, **FRONTS[front]).start()
+    first = workers_of(server) | pool_processes(server)
     with Load(server.url, clients=4) as load:
         time.sleep(2.0)
         server.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
         time.sleep(3.0)
     outcomes = load.outcomes()
     assert set(outcomes) == {200} and outcomes[200] > 200, outcomes
-    assert not first & workers_of(server), "reload and recycling replaced every worker"
+    # the pool's arbiter stays: SIGHUP makes it replace the pool's processes
+    kept = {p.pid for p in tree_memory(server.pid) if p.role == "pool-arbiter"}
+    assert len(kept) == (mode == "pool")
+    assert first & (workers_of(server) | pool_processes(server)) == kept, "reload replaced every worker"
     assert RECYCLED[front] in server.log(), "max_requests recycled workers during the run"
 
 
