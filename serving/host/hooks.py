@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import gc
 import ipaddress
@@ -86,9 +87,7 @@ def replace_pool_on_reload(arbiter: Any, pool_dir: str) -> None:
     """
     directory = Path(pool_dir)
 
-    async def reload() -> None:
-        import asyncio  # the dirty arbiter's own loop runs this
-
+    async def reload() -> None:  # run on the dirty arbiter's event loop
         old, target = list(arbiter.workers), arbiter.num_workers
         arbiter.log.info("Reloading the model pool: %d new processes replace %s", target, old)
         arbiter.num_workers = target + len(old)  # its upkeep stops neither generation meanwhile
