@@ -244,13 +244,15 @@ def test_async_submit_gets_the_same_503_504_and_500(make, model: FakeModel) -> N
         started = time.monotonic()
         with pytest.raises(QueueFull):
             await batcher.submit_async(sample(0.3), 5.0)
-        assert time.monotonic() - started < 0.01
+        assert time.monotonic() - started < 0.05  # at once, not after its 5 s
         with pytest.raises(DeadlineExceeded):  # the model is still busy: answered at the deadline
             await queued
         assert time.monotonic() - started < 0.1 + 0.15
         model.gate.set()
         assert (await running)[0, 0] == pytest.approx(0.1)
         model.fail = True
+        while batcher.depth():  # the expired request holds its slot until the model thread drops it
+            await asyncio.sleep(0.005)
         with pytest.raises(InferenceError):
             await batcher.submit_async(sample(0.4), 5.0)
 
