@@ -166,6 +166,5 @@ def _contract(meta: ModelMetadata) -> tuple[Any, ...]:
 
 
 def _describe(meta: ModelMetadata) -> str:
-    height, width = meta.input_shape
-    inputs = f"{height}x{width} {meta.input_dtype} in {list(meta.input_range)}"
+    inputs = f"{meta.describe_input()}, {meta.input_dtype} in {list(meta.input_range)}"
     return f"{inputs} with {len(meta.labels)} labels"

@@ -8,6 +8,7 @@ Under load through real gunicorn: tests/server/test_traffic.py.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import threading
 import time
@@ -32,6 +33,7 @@ from serving.runtime.traffic_control import TrafficControl
 from serving.runtime.traffic_rules import TrafficRule, parse_rule, parse_rules, pick, sticky_draw
 from serving.runtime.traffic_window import BOUNDS, Margins, Totals, Window, judge
 from serving.runtime.watcher import ModelWatcher
+from serving.store.repository import ModelRepository
 from serving.toolchain.data import load_digits_dataset
 from tests.runtime.test_model_control import publish
 
@@ -293,7 +295,8 @@ def test_a_rule_must_name_served_versions_with_the_same_input(canary_repo: Path)
     meta = orjson.loads(path.read_bytes())
     meta["input"]["range"] = [0.0, 16.0]
     path.write_bytes(orjson.dumps(meta))
-    with pytest.raises(ConfigError, match=r"version 3 takes 8x8 float32 in \[0.0, 16.0\] with 10 labels but version 1"):
+    expected = r"version 3 takes 8x8 pixels, float32 in \[0.0, 16.0\] with 10 labels but version 1"
+    with pytest.raises(ConfigError, match=expected):
         served(canary_repo, "digits-torch: v1 90%, v3 10%")
     with pytest.raises(ModelLoadError, match="SERVING_TRAFFIC names digits-torch:9, which is not in the repository"):
         served(canary_repo, "digits-torch: v1 90%, v9 10%")
@@ -303,6 +306,15 @@ def test_a_rule_must_name_served_versions_with_the_same_input(canary_repo: Path)
             check_rule(parse_rule("digits-torch", "v3, v2 shadow"), service.served)
     finally:
         service.close()
+
+
+def test_a_rule_between_feature_models_names_their_features(iris_repo: Path) -> None:
+    stable = ModelRepository.load_metadata(iris_repo / "iris-svc" / "1")
+    other = dataclasses.replace(stable, labels=[*stable.labels, "extra"])
+    served = {("iris-svc", 1): (stable,), ("iris-svc", 2): (other,)}
+    with pytest.raises(ConfigError, match=r"version 2 takes 4 features \(.*\), float32 in .* with 4 labels but"
+                                          r" version 1 takes 4 features \(.*\), float32 in .* with 3 labels"):
+        check_rule(parse_rule("iris-svc", "v1 90%, v2 10%"), served)
 
 
 # -- the shared state, acknowledged by a real watcher ---------------------------------------------------------

@@ -27,12 +27,7 @@ from serving.errors import InvalidRequest, ModelNotFound, UnsupportedMediaType
 from serving.http.answers import Answer, json_answer
 from serving.http.request import RequestState
 from serving.protocol.v2.codec import HEADER_LENGTH, decode_request, encode_response
-from serving.protocol.v2.tensors import (
-    batch_from_request,
-    check_outputs,
-    model_metadata,
-    output_tensors,
-)
+from serving.protocol.v2.tensors import answer_decoded, model_metadata, output_tensors
 from serving.protocol.v2.triton import model_config, statistics
 from serving.runtime.model_control import ModelControl
 from serving.runtime.service import InferenceService
@@ -101,14 +96,7 @@ def infer(
     route = service.route(name, version_of(name, version), request.header)
     request.model = route.label
     decoded = decode_request(_infer_body(request, service), request.header(HEADER_LENGTH))
-    check_outputs(decoded, route.meta)
-    batch = batch_from_request(decoded, route.meta, service.settings.max_batch)
-    request.batch_size = len(batch)
-    timeout = request.timeout()
-    if timeout is None and decoded.timeout_s:
-        timeout, request.client_deadline = decoded.timeout_s, True
-    probabilities, model = service.answer(route, batch, timeout)
-    request.model = model.label
+    probabilities, model = answer_decoded(request, service, route, decoded)
     document = {
         "model_name": name,
         "model_version": str(model.meta.version),

@@ -27,12 +27,7 @@ from serving.protocol.v2 import grpc_codec
 from serving.protocol.v2.proto import grpc_service_pb2 as pb
 from serving.protocol.v2.proto import model_config_pb2
 from serving.protocol.v2.routes import EXTENSIONS, version_of
-from serving.protocol.v2.tensors import (
-    batch_from_request,
-    check_outputs,
-    model_metadata,
-    output_tensors,
-)
+from serving.protocol.v2.tensors import answer_decoded, model_metadata, output_tensors
 from serving.protocol.v2.triton import model_config, statistics
 from serving.runtime.model_control import ModelControl
 from serving.runtime.service import InferenceService
@@ -103,14 +98,7 @@ def infer(request: RequestState, service: InferenceService, message: Any) -> Mes
     route = service.route(name, _version(name, message.model_version), request.header)
     request.model = route.label
     decoded = grpc_codec.decode_infer(message)
-    check_outputs(decoded, route.meta)
-    batch = batch_from_request(decoded, route.meta, service.settings.max_batch)
-    request.batch_size = len(batch)
-    timeout = request.timeout()
-    if timeout is None and decoded.timeout_s:
-        timeout, request.client_deadline = decoded.timeout_s, True
-    probabilities, model = service.answer(route, batch, timeout)
-    request.model = model.label
+    probabilities, model = answer_decoded(request, service, route, decoded)
     outputs = [tensor for tensor, _ in output_tensors(decoded, model, probabilities)]
     return grpc_codec.encode_infer(
         name,

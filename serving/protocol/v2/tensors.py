@@ -20,9 +20,11 @@ import numpy as np
 
 from serving.backends import backend_class
 from serving.errors import InvalidRequest
+from serving.http.request import RequestState
 from serving.protocol.inputs import PIXELS_8BIT, check_batch, rescale
 from serving.protocol.v2.codec import InferenceRequest, OutputTensor, RequestedOutput, input_array
-from serving.runtime.loaded_model import LoadedModel
+from serving.runtime.loaded_model import LoadedModel, Route
+from serving.runtime.service import InferenceService
 from serving.store.repository import ModelMetadata
 
 LABEL_OUTPUT = "label"
@@ -128,6 +130,23 @@ def output_tensors(
             (tensor, request.binary_output if requested.binary is None else requested.binary)
         )
     return outputs
+
+
+def answer_decoded(
+    request: RequestState, service: InferenceService, route: Route, decoded: InferenceRequest
+) -> tuple[np.ndarray, LoadedModel]:
+    """Run a decoded v2 request (REST or gRPC) on the version ``route`` names: its requested outputs
+    checked, its batch built, the call's own deadline or else the one in its parameters; the
+    probabilities and the version that answered."""
+    check_outputs(decoded, route.meta)
+    batch = batch_from_request(decoded, route.meta, service.settings.max_batch)
+    request.batch_size = len(batch)
+    timeout = request.timeout()
+    if timeout is None and decoded.timeout_s:
+        timeout, request.client_deadline = decoded.timeout_s, True
+    probabilities, model = service.answer(route, batch, timeout)
+    request.model = model.label
+    return probabilities, model
 
 
 def check_outputs(request: InferenceRequest, meta: ModelMetadata) -> None:
