@@ -21,9 +21,14 @@ def finish(request: RequestState, endpoint: str, status: int, access_log: Access
     method = request.method
     elapsed = time.perf_counter() - request.started
     metrics.observe_request(endpoint, method if method in METHODS else "other", status, elapsed)
+    write_access(request, status, elapsed, access_log)
+
+
+def write_access(request: RequestState, status: int, elapsed: float, access_log: AccessLog) -> None:
+    """The request's access line (HTTP and gRPC alike): the model version it used, else ``-``."""
     access_log.write(
         request.request_id,
-        method,
+        request.method,
         request.path,
         status,
         elapsed * 1000.0,

@@ -88,6 +88,15 @@ def test_every_worker_serves_grpc_on_one_port(server: GunicornServer, x: np.ndar
     lines = [line for line in grpc_lines(server)[len(before):] if line[1] == "ModelInfer"]
     assert len(lines) == 24 and {status for _, _, status in lines} == {200}
     assert len({pid for pid, _, _ in lines}) == 2, "both workers answered"
+    # the access line names the version a call used, and - for one that used none, as over HTTP
+    with own_channel(server.grpc_target) as channel:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(service_pb2.ServerLiveRequest())
+    call = r'"GRPC /inference\.GRPCInferenceService/{}" 200 [\d.]+ms model={} '
+    deadline = time.monotonic() + 5
+    while not re.search(call.format("ServerLive", "-"), server.log()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert re.search(call.format("ServerLive", "-"), server.log()), server.log()[-2000:]
+    assert re.search(call.format("ModelInfer", r"digits-tf:\d+"), server.log())
     text = server.metrics(until=lambda text: 'code="OK"' in text and sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
         if line.startswith('serving_grpc_requests_total{code="OK",method="/inference.GRPCInferenceService/ModelInfer"')

@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError
 from serving.errors import BadRequest, DeadlineExceeded, ServingError
 from serving.fronts.observed import Observer, tracing_activate
 from serving.http.answers import answer_for_exception
+from serving.http.completion import write_access
 from serving.http.request import RequestState
 from serving.http.security import Gate
 from serving.observability import metrics
@@ -221,15 +222,7 @@ class GrpcCalls:
         """Count the answered call and write its access line."""
         elapsed = time.perf_counter() - request.started
         metrics.observe_rpc(request.rpc_path, code.name, elapsed)
-        self.access_log.write(
-            request.request_id,
-            METHOD,
-            request.rpc_path,
-            status,
-            elapsed * 1000.0,
-            request.model or self.service.default_label,
-            request.batch_size,
-        )
+        write_access(request, status, elapsed, self.access_log)
 
 
 def retry_trailers(
