@@ -41,6 +41,8 @@ class _Request:
         "state",
         "sent",
         "read",
+        "sent_bytes",
+        "read_bytes",
         "answer_type",
         "headers",
         "method",
@@ -58,9 +60,23 @@ class _Request:
         self.state: Any = None
         self.sent: list[bytes] = []
         self.read: list[bytes] = []
+        self.sent_bytes = self.read_bytes = 0
         self.answer_type = ""
         self.headers: list[tuple[str, str]] = []
         self.length = 0
+
+    def keep_read(self, data: bytes) -> None:
+        """Keep a piece of the request's body while under the cap (one piece past it marks the
+        record as cut)."""
+        if data and self.read_bytes <= self.cap:
+            self.read.append(data)
+            self.read_bytes += len(data)
+
+    def keep_sent(self, data: bytes) -> None:
+        """Keep a piece of the answer's body, the same way."""
+        if data and self.sent_bytes <= self.cap:
+            self.sent.append(data)
+            self.sent_bytes += len(data)
 
 
 class Observer:
@@ -197,9 +213,7 @@ class _TeeInput:
         return data
 
     def _keep(self, data: bytes) -> None:
-        request = self._request
-        if data and sum(map(len, request.read)) <= request.cap:
-            request.read.append(data)
+        self._request.keep_read(data)
 
     def __iter__(self) -> Iterator[bytes]:
         for line in self._stream:
@@ -280,7 +294,7 @@ class _Closing:
     def __iter__(self) -> Iterator[bytes]:
         for chunk in self._body:
             if self._request.record:
-                self._request.sent.append(chunk)
+                self._request.keep_sent(chunk)
             yield chunk
 
     def close(self) -> None:
@@ -318,9 +332,7 @@ def observe_asgi(http: HTTPApp, parts: ServingParts) -> HTTPApp:
 
         async def tee() -> Message:
             message: Message = await receive()
-            body = message.get("body")
-            if body and sum(map(len, request.read)) <= request.cap:
-                request.read.append(body)
+            request.keep_read(message.get("body") or b"")
             return message
 
         async def sending(message: Message) -> None:
@@ -336,9 +348,8 @@ def observe_asgi(http: HTTPApp, parts: ServingParts) -> HTTPApp:
                         *message["headers"],
                         *((k.encode("latin-1"), v.encode("latin-1")) for k, v in extra),
                     ]
-            elif kind == "http.response.body" and request.record and message.get("body"):
-                if sum(map(len, request.sent)) <= request.cap:
-                    request.sent.append(message["body"])
+            elif kind == "http.response.body" and request.record:
+                request.keep_sent(message.get("body") or b"")
             await send(message)
 
         timed = request.observation.timed

@@ -52,3 +52,22 @@ def test_the_asgi_front_traces_and_records_a_request(model_repo: Path, tmp_path:
     assert record["request"]["inputs"][0]["shape"] == [1, 8, 8]
     assert record["response"]["outputs"][0]["classes"] == [sample["label"]]
     assert record["response"]["body"]["id"] == "asgi-1"
+
+
+def test_a_streamed_answer_is_kept_only_up_to_the_record_cap() -> None:
+    """A WSGI answer streamed in pieces is captured up to SERVING_PAYLOAD_LOG_MAX_BYTES and one piece beyond (which
+    marks it as cut), not in full: a long stream held every piece in memory until the request ended."""
+    from serving.fronts.observed import _Closing, _Request
+
+    class Ended:
+        requests: list[_Request] = []
+
+        def end(self, request: _Request) -> None:
+            self.requests.append(request)
+
+    request, observer = _Request("GET", "/stream", "/stream", True, 4096), Ended()
+    answer = _Closing((b"x" * 1000 for _ in range(1000)), request, observer)  # type: ignore[arg-type]
+    assert sum(len(piece) for piece in answer) == 1_000_000
+    answer.close()
+    assert observer.requests == [request]
+    assert request.sent_bytes == sum(map(len, request.sent)) == 5000
