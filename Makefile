@@ -1,5 +1,5 @@
 # make serve       fresh machine: venv + requirements + the package, trains the default model if models/ is
-#                  empty (mnist-torch on real MNIST, >= 0.99 on t10k, about a minute; the 8x8 digits when MNIST
+#                  empty (mnist-torch on real MNIST, >= 0.99 on t10k, about 30 s; the 8x8 digits when MNIST
 #                  cannot be had), starts gunicorn with gunicorn.conf.py on 127.0.0.1:8000
 #                  (SERVING_FRONT=asgi make serve: asgi_server:app under an ASGI worker, docs/modes.md)
 # make test        the whole suite, real servers included (what .ci/run runs); installs the system packages
