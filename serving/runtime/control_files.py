@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from serving.observability.metrics import multiprocess_directory
+
 State = dict[str, Any]
 
 
@@ -114,5 +116,5 @@ class ControlFiles:
 def control_directory() -> Path:
     """``control/`` in the server's metrics directory (shared by its workers), else a private
     one."""
-    base = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    base = multiprocess_directory()
     return Path(base) / "control" if base else Path(tempfile.mkdtemp(prefix="serving-control-"))
