@@ -139,9 +139,10 @@ def render(rows: list[Row], args: argparse.Namespace, stamp: str, chart: Path | 
         " `/proc/<pid>/smaps_rollup`. MB = 10^6 bytes. PSS splits shared pages between the processes that map them,"
         " so the total is what the server costs; RSS counts a shared page once per process. `off` is"
         " `SERVING_SHARE_MEMORY=false`, the path every earlier version took; `on` imports the framework in the"
-        " master and freezes the collector before fork; `pool` is the model pool"
-        " (`SERVING_MODEL_POOL=1`). The defaults: TensorFlow through the pool (`SERVING_MODEL_POOL=auto`), PyTorch and"
-        " ONNX Runtime shared (`on`).",
+        " master, builds the app there and freezes the collector before fork; `pool` is the model pool"
+        " (`SERVING_MODEL_POOL=1`). The defaults: TensorFlow through the pool in process mode"
+        " (`SERVING_MODEL_POOL=auto`) and shared (`on`) in threaded and batched mode, PyTorch and ONNX Runtime"
+        " shared (`on`).",
         "",
     ]
     if chart is not None:

@@ -140,7 +140,7 @@ class Settings:
         "auto",
         "model pool processes that hold the models for every HTTP worker (which then import no"
         " framework, and send tensors through shared memory); 0 = off, each worker loads its own;"
-        " auto = 1 when a served model runs on TensorFlow (unless batched mode, model control or"
+        " auto = 1 when a served model runs on TensorFlow in process mode (unless model control or"
         " SERVING_SHARE_MEMORY=false), else 0",
         pattern=POOL_PATTERN,
         hint="is not auto or a number of processes from 0 to 64",

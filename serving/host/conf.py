@@ -164,8 +164,10 @@ def pre_fork(server, worker):
 
 
 def on_reload(server):
-    """Master, on SIGHUP: keep daemon logs in their file."""
+    """Master, on SIGHUP: keep daemon logs in their file; the app built again for the new
+    workers."""
     hooks.route_daemon_logs(server)
+    sharing.rebuild_app(server, settings)
 
 
 def post_worker_init(worker):

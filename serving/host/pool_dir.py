@@ -39,7 +39,10 @@ def resolve_auto_pool(settings: Settings, environ: MutableMapping[str, str]) -> 
     if settings.model_pool != "auto":
         return settings
     processes = 0
-    if settings.share_memory and settings.mode != "batched" and settings.model_control == "none":
+    # process mode only: threaded and batched workers share one model between their own threads,
+    # and the pool's extra hop cost threaded TensorFlow 5-6% of its requests/s
+    # (reports/bench-2026-12-05-before-after.md)
+    if settings.share_memory and settings.mode == "process" and settings.model_control == "none":
         service = InferenceService(settings)
         try:
             service.resolve()

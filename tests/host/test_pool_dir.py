@@ -15,11 +15,12 @@ from serving.host.pool_dir import resolve_auto_pool
     ("settings", "processes"),
     [
         ({"model": "digits-tf"}, 1),  # TensorFlow: the pool
-        ({"model": "digits-tf", "mode": "threaded"}, 1),
+        ({"model": "digits-tf", "mode": "threaded"}, 0),  # its threads share the worker's one model
         ({"model": "digits-torch"}, 0),  # TorchScript and ONNX Runtime share across fork instead
         ({"model": "digits-tf", "backend": "onnx"}, 0),
         ({"model": "digits-torch", "models": "digits-tf"}, 1),  # one TensorFlow model among them is enough
         ({"model": "digits-tf", "mode": "batched"}, 0),  # batched mode batches in each worker
+        ({"model": "digits-tf", "mode": "threaded", "model_pool": "1"}, 1),  # asked for: kept
         ({"model": "digits-tf", "model_control": "poll"}, 0),  # the pool serves the models fixed at start
         ({"model": "digits-tf", "share_memory": False}, 0),  # every worker its own copy, as before
         ({"model": "digits-tf", "model_pool": "0"}, 0),  # an explicit number is kept

@@ -14,8 +14,10 @@ from bench.fork_soak import drive
 pytestmark = pytest.mark.slow
 BODY = orjson.dumps({"data": [[0.0] * 8 for _ in range(8)]})
 CASES = {
-    # in the workers (the default for TensorFlow is the pool: the "pool" case)
+    # in the workers (TensorFlow's default in process mode is the pool: the "pool" case; in threaded
+    # mode it runs in the workers, whose request threads share it)
     "tensorflow": ({"model": "digits-tf", "backend": "tensorflow", "model_pool": 0}, ("worker",)),
+    "tensorflow-threaded": ({"model": "digits-tf", "backend": "tensorflow", "mode": "threaded"}, ("worker",)),
     "pytorch": ({"model": "digits-torch", "backend": "pytorch"}, ("worker",)),
     "onnx": ({"model": "digits-tf", "backend": "onnx"}, ("worker",)),
     "pool": ({"model": "digits-tf", "backend": "tensorflow", "model_pool": 1}, ("worker", "pool")),

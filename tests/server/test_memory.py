@@ -196,3 +196,25 @@ def test_the_pool_refuses_settings_it_cannot_honour(server_factory: Any, setting
     server = server_factory(model="digits-tf", backend="onnx", model_pool=1, **settings)
     with pytest.raises(AssertionError, match=message):
         server.start(timeout=30)
+
+
+def test_the_master_builds_the_app_once_for_every_worker_and_again_on_reload(server_factory: Any) -> None:
+    with server_factory(model="digits-torch", backend="pytorch", workers=2) as server:
+        warm(server.url, 10)
+        assert server.log().count("; the app built, made in the master") == 1, server.log()[-2000:]
+        old = {p.pid for p in tree_memory(server.pid) if p.role == "worker"}
+        crashed = old.pop()
+        os.kill(crashed, signal.SIGKILL)  # a respawned worker serves the master's app too
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len({p.pid for p in tree_memory(server.pid)} - old - {server.pid}) < 1:
+            time.sleep(0.1)
+        warm(server.url, 10)
+        os.kill(server.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "the app built again in the master" not in server.log():
+            time.sleep(0.1)
+        assert "the app built again in the master for the new workers" in server.log()
+        time.sleep(1.0)
+        warm(server.url, 20)
+    log = server.log()
+    assert "Traceback" not in log and "cannot build the app" not in log, log[-3000:]
