@@ -127,3 +127,54 @@ def test_a_stopped_pool_process_means_a_retry_elsewhere_then_a_503(pool: Any) ->
     (second if used == first.path else first).stop()
     with pytest.raises(PoolUnavailable):
         client.call("m:1", sample)
+
+
+def test_a_caller_polls_for_a_quick_answer_and_stops_polling_for_a_slow_one(pool: Any) -> None:
+    from serving.runtime import model_pool
+
+    backend = Scaled()
+    _, client = pool(backend)
+    batch = np.ones((1, 8, 8), np.float32)
+    client.call("m:1", batch)
+    connection = client.connection()
+    polls = []
+    real_first_read = connection._first_read
+
+    def counted() -> bytes:
+        polls.append(connection._sleep_next == 0)
+        return real_first_read()
+
+    connection._first_read = counted  # type: ignore[method-assign]
+    connection._sleep_next = 0  # whatever the first call saw on a busy machine
+    backend.delay = 0.005  # far longer than a poll: the caller sleeps instead, for the next calls too
+    for _ in range(model_pool.SPIN_BACKOFF + 2):
+        assert client.call("m:1", batch)[0, 0] == pytest.approx(64)
+    # one poll that ran out, SPIN_BACKOFF calls that slept at once, then a poll again
+    assert polls == [True] + [False] * model_pool.SPIN_BACKOFF + [True], polls
+    backend.delay = 0.0
+    answers = [client.call("m:1", batch * i)[0, 0] for i in range(50)]
+    assert answers == [pytest.approx(64 * i) for i in range(50)]
+
+
+def test_a_caller_polls_only_while_no_other_thread_of_its_worker_waits(pool: Any, monkeypatch: Any) -> None:
+    from serving.runtime.model_pool import PoolConnection
+
+    seen: list[bool] = []
+    real_call = PoolConnection.call
+
+    def recorded(self: PoolConnection, key: bytes, batch: np.ndarray, deadline: float, poll: bool = False) -> Any:
+        seen.append(poll)
+        return real_call(self, key, batch, deadline, poll)
+
+    monkeypatch.setattr(PoolConnection, "call", recorded)
+    backend = Scaled(delay=0.2)
+    _, client = pool(backend)
+    batch = np.ones((1, 8, 8), np.float32)
+    first = threading.Thread(target=client.call, args=("m:1", batch))
+    first.start()
+    time.sleep(0.05)  # the first thread waits for its answer: the second is not alone
+    client.call("m:1", batch)
+    first.join()
+    backend.delay = 0.0
+    client.call("m:1", batch)  # alone again
+    assert seen == [True, False, True], seen
