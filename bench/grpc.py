@@ -93,7 +93,7 @@ def levels(concurrency: str) -> list[int]:
 
 
 def run_perf_analyzer(tool: str, url: str, protocol: str, model: str, samples: int, concurrency: str, data: Path,
-                      seconds: int, out: Path) -> tuple[list[Row], str]:
+                      seconds: int, out: Path, extra: tuple[str, ...] = ()) -> tuple[list[Row], str]:
     """perf_analyzer over ``protocol``; one row per concurrency level, and its whole output."""
     report = out.with_suffix(".csv")
     wanted = len(levels(concurrency))
@@ -102,7 +102,8 @@ def run_perf_analyzer(tool: str, url: str, protocol: str, model: str, samples: i
         report.unlink(missing_ok=True)
         command = [tool, "-m", model, "-u", url, "-i", protocol, "-b", str(samples), "--input-data", str(data),
                    "--concurrency-range", concurrency, "--measurement-interval", str(interval),
-                   "--stability-percentage", "50", "--max-trials", "10", "--percentile", "50", "-f", str(report)]
+                   "--stability-percentage", "50", "--max-trials", "10", "--percentile", "50", "-f", str(report),
+                   *extra]
         result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
         output = result.stdout + result.stderr
         out.write_text(" ".join(command) + "\n\n" + output)
