@@ -56,7 +56,14 @@ INFER = SERVICE_PREFIX + "ModelInfer"
 
 
 # -- the gRPC floor ----------------------------------------------------------------------------------
-def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any) -> None:
+def busy(seconds: float) -> None:
+    """Hold this thread (and the GIL) for ``seconds``, as a model call on the request's thread does."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
+def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any, work_s: float = 0.0) -> None:
     """One floor process: grpc.server on ``port`` (SO_REUSEPORT), every call replayed."""
     import grpc
 
@@ -77,6 +84,8 @@ def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any) -> No
                 return grpc.unary_unary_rpc_method_handler(passed)
 
             def answer(request: bytes, context: Any) -> bytes:
+                if work_s:
+                    busy(work_s)
                 key = len(request)
                 found = recorded.get(key)
                 if found is None:
@@ -99,7 +108,7 @@ def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any) -> No
 class GrpcFloor:
     """``workers`` forked floor processes on one port."""
 
-    def __init__(self, upstream: str, workers: int, threads: int) -> None:
+    def __init__(self, upstream: str, workers: int, threads: int, work_s: float = 0.0) -> None:
         self.port = free_port()
         context = multiprocessing.get_context("fork")
         self.processes = []
@@ -107,7 +116,7 @@ class GrpcFloor:
             ready = context.Event()
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             try:
-                process = context.Process(target=grpc_floor_process, args=(self.port, upstream, threads, ready))
+                process = context.Process(target=grpc_floor_process, args=(self.port, upstream, threads, ready, work_s))
                 process.start()
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
@@ -127,7 +136,8 @@ class GrpcFloor:
 class HttpReplay:
     """A bare WSGI callable: each request's answer recorded from the upstream on first sight, then replayed."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, work_s: float = 0.0) -> None:
+        self.work_s = work_s
         self.host, _, port = upstream.rpartition(":")
         self.port = int(port)
         self.recorded: dict[tuple[str, str, int], tuple[str, list[tuple[str, str]], bytes]] = {}
@@ -138,6 +148,8 @@ class HttpReplay:
         path = environ.get("PATH_INFO", "/") + (f"?{environ['QUERY_STRING']}" if environ.get("QUERY_STRING") else "")
         key = (environ["REQUEST_METHOD"], path, length)
         replayed = environ["REQUEST_METHOD"] == "POST" and path.endswith("/infer")
+        if replayed and self.work_s:
+            busy(self.work_s)
         found = self.recorded.get(key) if replayed else None  # the rest: the server's answer every time
         if found is None:
             headers = {name[5:].replace("_", "-").title(): value for name, value in environ.items()
@@ -161,14 +173,14 @@ class HttpReplay:
 
 def http_floor_app() -> HttpReplay:
     """gunicorn's app factory: ``bench.grpc_floor:http_floor_app()`` with GRPC_FLOOR_UPSTREAM=host:port."""
-    return HttpReplay(os.environ["GRPC_FLOOR_UPSTREAM"])
+    return HttpReplay(os.environ["GRPC_FLOOR_UPSTREAM"], float(os.environ.get("GRPC_FLOOR_WORK_S") or 0))
 
 
-def start_http_floor(upstream: str, workers: int, out: Path) -> tuple[Any, str]:
+def start_http_floor(upstream: str, workers: int, out: Path, work_s: float = 0.0) -> tuple[Any, str]:
     import subprocess
 
     port = free_port()
-    env = {**os.environ, "GRPC_FLOOR_UPSTREAM": upstream, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "GRPC_FLOOR_UPSTREAM": upstream, "GRPC_FLOOR_WORK_S": str(work_s), "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
                                 "--access-logfile", "-", "--log-level", "warning", "--access-logformat", "%(s)s",
                                 "bench.grpc_floor:http_floor_app()"], cwd=ROOT, env=env,
@@ -244,6 +256,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    parser.add_argument("--work-us", type=float, default=0.0,
+                        help="the floors also hold each infer call's thread this long (the model call's cost)")
     args = parser.parse_args()
     if not (args.repo / args.model).is_dir():
         raise SystemExit(f"{args.model} is not in {args.repo}: python train.py --dataset mnist --framework pytorch")
@@ -261,12 +275,12 @@ def main() -> None:
         threads = 2  # the front's pool in process mode: max(2, threads per worker), one request per worker
         rows["model server"] = drive(Target("model server", http_address, srv.grpc_target), meta, x, tool,
                                      args.seconds, out)
-        floor = GrpcFloor(srv.grpc_target, args.workers, threads)
+        floor = GrpcFloor(srv.grpc_target, args.workers, threads, args.work_us / 1e6)
         try:
             rows["gRPC floor"] = drive(Target("gRPC floor", None, floor.target), meta, x, tool, args.seconds, out)
         finally:
             floor.stop()
-        process, address = start_http_floor(http_address, args.workers, out)
+        process, address = start_http_floor(http_address, args.workers, out, args.work_us / 1e6)
         try:
             rows["HTTP floor"] = drive(Target("HTTP floor", address, None), meta, x, tool, args.seconds, out)
         finally:
@@ -292,12 +306,17 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
     lines = [
         f"# gRPC and HTTP floors, {stamp} UTC",
         "",
-        f"`python -m bench.grpc_floor --seconds {args.seconds} --workers {args.workers}` on {cores} cores: the model"
+        f"`python -m bench.grpc_floor --seconds {args.seconds} --workers {args.workers}"
+        + (f" --work-us {args.work_us:g}" if args.work_us else "")
+        + f"` on {cores} cores: the model"
         f" server (gunicorn -w {args.workers}, process mode, onnx backend, {meta.name}, real t10k samples, access log,"
         " metrics and validation on) and two replaying floors, each with the same number of processes on one port:"
         " grpc.server with the front's thread pool and options, and a bare WSGI callable under gunicorn's sync"
         " workers. A floor forwards a request it has not seen to the model server once and replays the answer's"
-        " bytes ever after: no parsing, no model, no serving code. The clients run on the same cores.",
+        " bytes ever after: no parsing, no model, no serving code"
+        + (f" (but each floor holds every infer call's thread for {args.work_us:g} us, as a model call would)"
+           if args.work_us else "")
+        + ". The clients run on the same cores.",
         "",
         "| server | client | protocol | samples | concurrency | req/s | samples/s | p50 ms | p99 ms | errors |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
