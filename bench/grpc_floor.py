@@ -63,9 +63,38 @@ def busy(seconds: float) -> None:
         pass
 
 
-def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any, work_s: float = 0.0) -> None:
+class ModelWork:
+    """The least real work an infer call needs: its tensor read from the wire and the model run on it (the ONNX
+    Runtime backend, one math thread), the answer still replayed."""
+
+    def __init__(self, spec: str) -> None:
+        from serving.backends import backend_class
+        from serving.store.repository import ModelRepository
+
+        repo, _, name = spec.rpartition(":")
+        self.runner = backend_class("onnx")(ModelRepository(Path(repo)).resolve(name), 1)
+        self.runner.load()
+
+    def grpc(self, request: bytes) -> None:
+        from serving.protocol.v2.proto import grpc_service_pb2 as pb
+
+        message = pb.ModelInferRequest.FromString(request)
+        shape = tuple(message.inputs[0].shape)
+        self.runner.predict(np.frombuffer(message.raw_input_contents[0], "<f4").reshape(shape))
+
+    def http(self, body: bytes, header_length: int) -> None:
+        import orjson
+
+        shape = tuple(orjson.loads(body[:header_length])["inputs"][0]["shape"])
+        self.runner.predict(np.frombuffer(body[header_length:], "<f4").reshape(shape))
+
+
+def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any, work_s: float = 0.0,
+                       model: str = "") -> None:
     """One floor process: grpc.server on ``port`` (SO_REUSEPORT), every call replayed."""
     import grpc
+
+    work = ModelWork(model) if model else None
 
     channel = grpc.insecure_channel(upstream, options=[("grpc.max_receive_message_length", 64 << 20),
                                                        ("grpc.max_send_message_length", 64 << 20)])
@@ -86,6 +115,8 @@ def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any, work_
             def answer(request: bytes, context: Any) -> bytes:
                 if work_s:
                     busy(work_s)
+                if work is not None:
+                    work.grpc(request)
                 key = len(request)
                 found = recorded.get(key)
                 if found is None:
@@ -108,7 +139,7 @@ def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any, work_
 class GrpcFloor:
     """``workers`` forked floor processes on one port."""
 
-    def __init__(self, upstream: str, workers: int, threads: int, work_s: float = 0.0) -> None:
+    def __init__(self, upstream: str, workers: int, threads: int, work_s: float = 0.0, model: str = "") -> None:
         self.port = free_port()
         context = multiprocessing.get_context("fork")
         self.processes = []
@@ -116,7 +147,8 @@ class GrpcFloor:
             ready = context.Event()
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             try:
-                process = context.Process(target=grpc_floor_process, args=(self.port, upstream, threads, ready, work_s))
+                process = context.Process(target=grpc_floor_process,
+                                          args=(self.port, upstream, threads, ready, work_s, model))
                 process.start()
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
@@ -136,8 +168,9 @@ class GrpcFloor:
 class HttpReplay:
     """A bare WSGI callable: each request's answer recorded from the upstream on first sight, then replayed."""
 
-    def __init__(self, upstream: str, work_s: float = 0.0) -> None:
+    def __init__(self, upstream: str, work_s: float = 0.0, model: str = "") -> None:
         self.work_s = work_s
+        self.work = ModelWork(model) if model else None
         self.host, _, port = upstream.rpartition(":")
         self.port = int(port)
         self.recorded: dict[tuple[str, str, int], tuple[str, list[tuple[str, str]], bytes]] = {}
@@ -150,6 +183,8 @@ class HttpReplay:
         replayed = environ["REQUEST_METHOD"] == "POST" and path.endswith("/infer")
         if replayed and self.work_s:
             busy(self.work_s)
+        if replayed and self.work is not None:
+            self.work.http(body, int(environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH") or 0))
         found = self.recorded.get(key) if replayed else None  # the rest: the server's answer every time
         if found is None:
             headers = {name[5:].replace("_", "-").title(): value for name, value in environ.items()
@@ -173,14 +208,16 @@ class HttpReplay:
 
 def http_floor_app() -> HttpReplay:
     """gunicorn's app factory: ``bench.grpc_floor:http_floor_app()`` with GRPC_FLOOR_UPSTREAM=host:port."""
-    return HttpReplay(os.environ["GRPC_FLOOR_UPSTREAM"], float(os.environ.get("GRPC_FLOOR_WORK_S") or 0))
+    return HttpReplay(os.environ["GRPC_FLOOR_UPSTREAM"], float(os.environ.get("GRPC_FLOOR_WORK_S") or 0),
+                      os.environ.get("GRPC_FLOOR_MODEL", ""))
 
 
-def start_http_floor(upstream: str, workers: int, out: Path, work_s: float = 0.0) -> tuple[Any, str]:
+def start_http_floor(upstream: str, workers: int, out: Path, work_s: float = 0.0, model: str = "") -> tuple[Any, str]:
     import subprocess
 
     port = free_port()
-    env = {**os.environ, "GRPC_FLOOR_UPSTREAM": upstream, "GRPC_FLOOR_WORK_S": str(work_s), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "GRPC_FLOOR_UPSTREAM": upstream, "GRPC_FLOOR_WORK_S": str(work_s), "GRPC_FLOOR_MODEL": model,
+           "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{port}",
                                 "--access-logfile", "-", "--log-level", "warning", "--access-logformat", "%(s)s",
                                 "bench.grpc_floor:http_floor_app()"], cwd=ROOT, env=env,
@@ -258,6 +295,8 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     parser.add_argument("--work-us", type=float, default=0.0,
                         help="the floors also hold each infer call's thread this long (the model call's cost)")
+    parser.add_argument("--model-work", action="store_true",
+                        help="the floors also read each infer call's tensor and run the model on it (ONNX Runtime)")
     args = parser.parse_args()
     if not (args.repo / args.model).is_dir():
         raise SystemExit(f"{args.model} is not in {args.repo}: python train.py --dataset mnist --framework pytorch")
@@ -275,12 +314,13 @@ def main() -> None:
         threads = 2  # the front's pool in process mode: max(2, threads per worker), one request per worker
         rows["model server"] = drive(Target("model server", http_address, srv.grpc_target), meta, x, tool,
                                      args.seconds, out)
-        floor = GrpcFloor(srv.grpc_target, args.workers, threads, args.work_us / 1e6)
+        model = f"{args.repo}:{meta.name}" if args.model_work else ""
+        floor = GrpcFloor(srv.grpc_target, args.workers, threads, args.work_us / 1e6, model)
         try:
             rows["gRPC floor"] = drive(Target("gRPC floor", None, floor.target), meta, x, tool, args.seconds, out)
         finally:
             floor.stop()
-        process, address = start_http_floor(http_address, args.workers, out, args.work_us / 1e6)
+        process, address = start_http_floor(http_address, args.workers, out, args.work_us / 1e6, model)
         try:
             rows["HTTP floor"] = drive(Target("HTTP floor", address, None), meta, x, tool, args.seconds, out)
         finally:
@@ -308,6 +348,7 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
         "",
         f"`python -m bench.grpc_floor --seconds {args.seconds} --workers {args.workers}"
         + (f" --work-us {args.work_us:g}" if args.work_us else "")
+        + (" --model-work" if args.model_work else "")
         + f"` on {cores} cores: the model"
         f" server (gunicorn -w {args.workers}, process mode, onnx backend, {meta.name}, real t10k samples, access log,"
         " metrics and validation on) and two replaying floors, each with the same number of processes on one port:"
@@ -316,6 +357,8 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
         " bytes ever after: no parsing, no model, no serving code"
         + (f" (but each floor holds every infer call's thread for {args.work_us:g} us, as a model call would)"
            if args.work_us else "")
+        + (" (but each floor reads every infer call's tensor and runs the model on it, one math thread)"
+           if args.model_work else "")
         + ". The clients run on the same cores.",
         "",
         "| server | client | protocol | samples | concurrency | req/s | samples/s | p50 ms | p99 ms | errors |",
