@@ -380,8 +380,8 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
         lines.append(
             f"- One sample at concurrency 1, perf_analyzer for both: the model server's gRPC p50 {pa_grpc1.p50_ms:.3f}"
             f" ms, its HTTP v2 binary p50 {pa_http1.p50_ms:.3f} ms, and the gRPC floor alone {pa_floor1.p50_ms:.3f}"
-            f" ms: grpcio's own stack is {'slower' if pa_floor1.p50_ms > pa_http1.p50_ms else 'faster'} than the"
-            " whole HTTP path with the model"
+            f" ms: grpcio's own stack{' running the model' if args.model_work else ''} is"
+            f" {'slower' if pa_floor1.p50_ms > pa_http1.p50_ms else 'faster'} than the whole HTTP path with the model"
             + (" (no grpcio server can meet the target here)." if pa_floor1.p50_ms > pa_http1.p50_ms else
                f"; the server's own gRPC work is {pa_grpc1.p50_ms - pa_floor1.p50_ms:.3f} ms over the floor."))
     if h2_floor1 and wrk_http1:
@@ -390,11 +390,33 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
     h2_floor64, wrk_http64 = _row(grpc_floor, "h2load", 64), _row(server, "wrk", 64)
     h2_grpc64 = next((r for r in server if r.client == "h2load" and r.samples == 64), None)
     http_floor64 = _row(http_floor, "wrk", 64)
-    if h2_floor64 and wrk_http64 and h2_grpc64:
+    pa_floor64, pa_http64 = _row(grpc_floor, "perf_analyzer", 64), next(
+        (r for r in server if r.client == "perf_analyzer" and r.protocol == "HTTP v2 binary" and r.samples == 64), None
+    )
+    limit = args.workers * 64 / model_us * 1e6
+    if args.model_work and h2_floor64 and wrk_http64 and h2_grpc64:
+        # the floor ran the model: its samples/s bound any grpcio server's directly
+        lines.append(
+            f"- 64 samples (the bare limit {limit:,.0f} samples/s: {model_us:,.0f} us per model call on each of"
+            f" {args.workers} workers): the gRPC floor, which reads the tensor and runs the model but validates and"
+            f" encodes nothing, serves {h2_floor64.samples_per_s:,.0f} samples/s with h2load,"
+            f" {h2_floor64.samples_per_s / limit:.3f} of the limit (target 0.8) and"
+            f" {h2_floor64.samples_per_s / wrk_http64.samples_per_s:.3f}x the model server's HTTP with wrk"
+            f" ({wrk_http64.samples_per_s:,.0f}); the model server's gRPC {h2_grpc64.samples_per_s:,.0f}"
+            f" ({h2_grpc64.samples_per_s / limit:.3f} of the limit,"
+            f" {h2_grpc64.samples_per_s / wrk_http64.samples_per_s:.3f}x HTTP)."
+            + (
+                f" With perf_analyzer for both: the floor {pa_floor64.samples_per_s:,.0f}"
+                f" ({pa_floor64.samples_per_s / limit:.3f} of the limit), the server's HTTP"
+                f" {pa_http64.samples_per_s:,.0f} ({pa_floor64.samples_per_s / pa_http64.samples_per_s:.3f}x)."
+                if pa_floor64 and pa_http64
+                else ""
+            )
+        )
+    elif h2_floor64 and wrk_http64 and h2_grpc64:
         floor_cpu_us = cores / h2_floor64.requests_per_s * 1e6
         http_cpu_us = cores / wrk_http64.requests_per_s * 1e6
         bound = model_us / (model_us + floor_cpu_us)
-        limit = args.workers * 64 / model_us * 1e6
         lines += [
             f"- 64 samples: the model call is {model_us:,.0f} us (one math thread; the bare limit"
             f" {limit:,.0f} samples/s at {args.workers} workers). The gRPC floor with h2load keeps the cores busy at"
