@@ -73,6 +73,20 @@ class Row:
         return self.requests_per_s * self.samples
 
 
+def served_model(repo: Path, model: str) -> tuple[ModelMetadata, np.ndarray]:
+    """The 28x28 model the benchmark serves and 64 of its held-out samples; exits saying how to train it."""
+    if not (repo / model).is_dir():
+        raise SystemExit(f"{model} is not in {repo}: python train.py --dataset mnist --framework pytorch")
+    meta = ModelRepository(repo).resolve(model)
+    return meta, held_out_samples(meta)[:64]
+
+
+def server_env(repo: Path, meta: ModelMetadata, workers: int) -> dict[str, str]:
+    """The model server's settings in these benchmarks: ONNX Runtime, process mode, 64-sample batches."""
+    return {"SERVING_MODEL_REPOSITORY": str(repo), "SERVING_MODEL": meta.name, "SERVING_BACKEND": "onnx",
+            "SERVING_MODE": "process", "SERVING_WORKERS": str(workers), "SERVING_MAX_BATCH": "64"}
+
+
 def perf_analyzer_path() -> str:
     result = subprocess.run([str(ROOT / "scripts" / "install-perf-analyzer.sh")], capture_output=True, text=True,
                             timeout=900, check=True)
@@ -146,8 +160,7 @@ def protocols(args: argparse.Namespace, meta: ModelMetadata, x: np.ndarray, tool
     """Both protocols on one server: wrk and perf_analyzer rows, statuses, the bare model's limit."""
     cases = bodies(x, meta.input_name)
     data = input_file(out / "samples.json", x, meta.input_name)
-    env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": meta.name, "SERVING_BACKEND": "onnx",
-           "SERVING_MODE": "process", "SERVING_WORKERS": str(args.workers), "SERVING_MAX_BATCH": "64"}
+    env = server_env(args.repo, meta, args.workers)
     rows: list[Row] = []
     with GunicornServer(None, out, ["--no-control-socket"], cwd=ROOT, env=env, log_file=out / "server.log") as srv:
         path = f"{srv.url}/v2/models/{meta.name}/infer"
@@ -194,9 +207,7 @@ def placement(args: argparse.Namespace, meta: ModelMetadata, x: np.ndarray, tool
     results: dict[str, list[Row]] = {}
     for name, app in (("thread pool per worker (shipped)", "asgi_server:app"),
                       ("grpc.aio on the ASGI event loop", "bench.grpc_aio:app")):
-        env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": meta.name, "SERVING_BACKEND": "onnx",
-               "SERVING_MODE": "threaded", "SERVING_FRONT": "asgi", "SERVING_WORKERS": str(args.workers),
-               "SERVING_MAX_BATCH": "64"}
+        env = {**server_env(args.repo, meta, args.workers), "SERVING_MODE": "threaded", "SERVING_FRONT": "asgi"}
         slug = "aio" if "aio" in name else "threads"
         server = GunicornServer(None, out, ["--no-control-socket"], cwd=ROOT, env=env, app=app,
                                 log_file=out / f"placement-{slug}.log")
@@ -223,10 +234,7 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--skip-placement", action="store_true", help="only the protocols")
     args = parser.parse_args()
-    if not (args.repo / args.model).is_dir():
-        raise SystemExit(f"{args.model} is not in {args.repo}: python train.py --dataset mnist --framework pytorch")
-    meta = ModelRepository(args.repo).resolve(args.model)
-    x = held_out_samples(meta)[:64]
+    meta, x = served_model(args.repo, args.model)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out = ROOT / "reports" / f"grpc-{stamp}"
     out.mkdir(parents=True, exist_ok=True)

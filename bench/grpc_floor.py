@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.grpc import Row, input_file, perf_analyzer_path, run_perf_analyzer
+from bench.grpc import MISSING, Row, _find, input_file, perf_analyzer_path, run_perf_analyzer, served_model, server_env
 from bench.harness import ROOT, grpc_body, run_h2load, run_wrk
-from bench.v2 import binary_script, bodies, held_out_samples, protocol_costs
+from bench.v2 import binary_script, bodies, protocol_costs
 from serving.store.repository import ModelMetadata, ModelRepository
 from serving.tools.testing import GunicornServer, free_port
 
@@ -69,7 +69,6 @@ class ModelWork:
 
     def __init__(self, spec: str) -> None:
         from serving.backends import backend_class
-        from serving.store.repository import ModelRepository
 
         repo, _, name = spec.rpartition(":")
         self.runner = backend_class("onnx")(ModelRepository(Path(repo)).resolve(name), 1)
@@ -298,16 +297,12 @@ def main() -> None:
     parser.add_argument("--model-work", action="store_true",
                         help="the floors also read each infer call's tensor and run the model on it (ONNX Runtime)")
     args = parser.parse_args()
-    if not (args.repo / args.model).is_dir():
-        raise SystemExit(f"{args.model} is not in {args.repo}: python train.py --dataset mnist --framework pytorch")
-    meta = ModelRepository(args.repo).resolve(args.model)
-    x = held_out_samples(meta)[:64]
+    meta, x = served_model(args.repo, args.model)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out = args.reports / f"grpc-floor-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     tool = perf_analyzer_path()
-    env = {"SERVING_MODEL_REPOSITORY": str(args.repo), "SERVING_MODEL": meta.name, "SERVING_BACKEND": "onnx",
-           "SERVING_MODE": "process", "SERVING_WORKERS": str(args.workers), "SERVING_MAX_BATCH": "64"}
+    env = server_env(args.repo, meta, args.workers)
     rows: dict[str, list[Row]] = {}
     with GunicornServer(None, out, ["--no-control-socket"], cwd=ROOT, env=env, log_file=out / "server.log") as srv:
         http_address = f"127.0.0.1:{srv.port}"
@@ -335,9 +330,10 @@ def main() -> None:
     print(f"report: {path}")
 
 
-def _row(rows: list[Row], client: str, samples: int) -> Row | None:
-    found = [r for r in rows if r.client == client and r.samples == samples]
-    return found[0] if found else None
+def _row(rows: list[Row], client: str, protocol: str, samples: int) -> Row | None:
+    """bench.grpc's ``_find`` (the best row of that kind), None where there is none."""
+    found = _find(rows, client, protocol, samples)
+    return None if found is MISSING else found
 
 
 def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[Row]], model_us: float, cores: int,
@@ -370,12 +366,10 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
                          f" {r.requests_per_s:,.0f} | {r.samples_per_s:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} |"
                          f" {r.errors} |")
     lines += ["", "## Verdicts", ""]
-    pa_floor1 = _row(grpc_floor, "perf_analyzer", 1)
-    pa_grpc1 = next((r for r in server if r.client == "perf_analyzer" and r.protocol == "gRPC raw"
-                     and r.samples == 1), None)
-    pa_http1 = next((r for r in server if r.client == "perf_analyzer" and r.protocol == "HTTP v2 binary"
-                     and r.samples == 1), None)
-    h2_floor1, wrk_http1 = _row(grpc_floor, "h2load", 1), _row(server, "wrk", 1)
+    pa_floor1 = _row(grpc_floor, "perf_analyzer", "gRPC raw", 1)
+    pa_grpc1 = _row(server, "perf_analyzer", "gRPC raw", 1)
+    pa_http1 = _row(server, "perf_analyzer", "HTTP v2 binary", 1)
+    h2_floor1, wrk_http1 = _row(grpc_floor, "h2load", "gRPC raw", 1), _row(server, "wrk", "HTTP v2 binary", 1)
     if pa_floor1 and pa_http1 and pa_grpc1:
         lines.append(
             f"- One sample at concurrency 1, perf_analyzer for both: the model server's gRPC p50 {pa_grpc1.p50_ms:.3f}"
@@ -387,12 +381,11 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
     if h2_floor1 and wrk_http1:
         lines.append(f"- The same with each protocol's lightest client: the gRPC floor's p50 (h2load)"
                      f" {h2_floor1.p50_ms:.3f} ms against the model server's HTTP (wrk) {wrk_http1.p50_ms:.3f} ms.")
-    h2_floor64, wrk_http64 = _row(grpc_floor, "h2load", 64), _row(server, "wrk", 64)
-    h2_grpc64 = next((r for r in server if r.client == "h2load" and r.samples == 64), None)
-    http_floor64 = _row(http_floor, "wrk", 64)
-    pa_floor64, pa_http64 = _row(grpc_floor, "perf_analyzer", 64), next(
-        (r for r in server if r.client == "perf_analyzer" and r.protocol == "HTTP v2 binary" and r.samples == 64), None
-    )
+    h2_floor64, wrk_http64 = _row(grpc_floor, "h2load", "gRPC raw", 64), _row(server, "wrk", "HTTP v2 binary", 64)
+    h2_grpc64 = _row(server, "h2load", "gRPC raw", 64)
+    http_floor64 = _row(http_floor, "wrk", "HTTP v2 binary", 64)
+    pa_floor64 = _row(grpc_floor, "perf_analyzer", "gRPC raw", 64)
+    pa_http64 = _row(server, "perf_analyzer", "HTTP v2 binary", 64)
     limit = args.workers * 64 / model_us * 1e6
     if args.model_work and h2_floor64 and wrk_http64 and h2_grpc64:
         # the floor ran the model: its samples/s bound any grpcio server's directly

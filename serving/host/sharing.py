@@ -81,7 +81,7 @@ def build_app(server: Any) -> bool:
         return False  # gunicorn's --reload restarts workers to import changed code themselves
     try:
         built = app.wsgi()
-    except BaseException as exc:  # noqa: BLE001 - SystemExit too: gunicorn's import_app exits
+    except (Exception, SystemExit) as exc:  # an app module may exit; gunicorn's import fails
         server.log.warning("cannot build the app before fork (%s): each worker builds it", exc)
         app.callable = None
         return False

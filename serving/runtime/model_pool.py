@@ -108,7 +108,7 @@ class PoolConnection:
             + wire.dims_bytes(batch.shape)
         )
         try:
-            reply = self._first_read() if poll else self.sock.recv(ANSWER_READ)
+            reply = self._first_read(poll)
             if len(reply) < wire.RESPONSE.size:
                 reply += wire.recv_exact(self.sock, wire.RESPONSE.size - len(reply))
             answer_id, status, count = wire.RESPONSE.unpack_from(reply)
@@ -125,20 +125,20 @@ class PoolConnection:
         shape = wire.read_dims(extra, count)
         return self.floats[: math.prod(shape)].reshape(shape).copy()
 
-    def _first_read(self) -> bytes:
-        """The answer's first bytes: polled for up to ``SPIN_S``, then waited for."""
-        if self._sleep_next:
+    def _first_read(self, poll: bool) -> bytes:
+        """The answer's first bytes: with ``poll``, polled for up to ``SPIN_S`` first (unless a
+        recent poll ran out), then waited for."""
+        if poll and self._sleep_next:
             self._sleep_next -= 1
-            return self.sock.recv(ANSWER_READ)
-        recv, clock = self.sock.recv, time.perf_counter
-        until = clock() + SPIN_S
-        while True:
-            try:
-                return recv(ANSWER_READ, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if clock() >= until:
-                    break
-        self._sleep_next = SPIN_BACKOFF
+        elif poll:
+            recv, clock = self.sock.recv, time.perf_counter
+            until = clock() + SPIN_S
+            while clock() < until:
+                try:
+                    return recv(ANSWER_READ, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+            self._sleep_next = SPIN_BACKOFF
         return self.sock.recv(ANSWER_READ)
 
     def close(self) -> None:

@@ -140,9 +140,9 @@ def test_a_caller_polls_for_a_quick_answer_and_stops_polling_for_a_slow_one(pool
     polls = []
     real_first_read = connection._first_read
 
-    def counted() -> bytes:
-        polls.append(connection._sleep_next == 0)
-        return real_first_read()
+    def counted(poll: bool) -> bytes:
+        polls.append(poll and connection._sleep_next == 0)
+        return real_first_read(poll)
 
     connection._first_read = counted  # type: ignore[method-assign]
     connection._sleep_next = 0  # whatever the first call saw on a busy machine
