@@ -1,6 +1,7 @@
 """gRPC against HTTP v2 binary in one run, perf_analyzer over both protocols, and where the gRPC server runs.
 
     python -m bench.grpc [--model mnist-torch] [--seconds 6] [--workers 2] [--skip-placement]
+                         [--cpu-affinity off|on|both]
 
 One gunicorn server as shipped (process mode, the onnx backend, access log, metrics and validation on,
 ``--workers`` workers), real held-out samples of the model (t10k digits for mnist-torch), and:
@@ -18,6 +19,9 @@ One gunicorn server as shipped (process mode, the onnx backend, access log, metr
 - the bare model's limit: the backend's own predict on the same 64 samples in this process (one math thread),
   times the workers (bench/v2.py's measure);
 - every request's status, from the server's access log: perf_analyzer must see no failed request.
+
+All of it runs twice (``--cpu-affinity both``, the default): on the server as shipped, then with
+SERVING_CPU_AFFINITY=true (each worker pinned to its own core; serving/host/affinity.py).
 
 Then the placement (skipped with ``--skip-placement``): the same model under SERVING_FRONT=asgi (threaded mode),
 once with the shipped gRPC server (a thread pool per worker, started after fork) and once with grpc.aio on the
@@ -156,11 +160,14 @@ def shares(by_worker: Counter[tuple[str, str, int]]) -> str:
                      for (protocol, batch), counts in groups.items())
 
 
-def protocols(args: argparse.Namespace, meta: ModelMetadata, x: np.ndarray, tool: str, out: Path) -> dict:
-    """Both protocols on one server: wrk and perf_analyzer rows, statuses, the bare model's limit."""
+def protocols(args: argparse.Namespace, meta: ModelMetadata, x: np.ndarray, tool: str, out: Path,
+              pinned: bool = False) -> dict:
+    """Both protocols on one server (its workers pinned to their cores or not): wrk and perf_analyzer rows,
+    statuses, the bare model's limit."""
+    out.mkdir(parents=True, exist_ok=True)
     cases = bodies(x, meta.input_name)
     data = input_file(out / "samples.json", x, meta.input_name)
-    env = server_env(args.repo, meta, args.workers)
+    env = {**server_env(args.repo, meta, args.workers), "SERVING_CPU_AFFINITY": "true" if pinned else "false"}
     rows: list[Row] = []
     with GunicornServer(None, out, ["--no-control-socket"], cwd=ROOT, env=env, log_file=out / "server.log") as srv:
         path = f"{srv.url}/v2/models/{meta.name}/infer"
@@ -233,14 +240,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--skip-placement", action="store_true", help="only the protocols")
+    parser.add_argument("--cpu-affinity", choices=("off", "on", "both"), default="both",
+                        help="the server as shipped (off), its workers pinned to their cores (on), or one after"
+                             " the other (both)")
     args = parser.parse_args()
     meta, x = served_model(args.repo, args.model)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out = ROOT / "reports" / f"grpc-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     tool = perf_analyzer_path()
-    print(f"== protocols: {meta.name} ({'x'.join(map(str, meta.input_shape))})", flush=True)
-    measured = protocols(args, meta, x, tool, out)
+    measured = {}
+    for pinned in {"off": (False,), "on": (True,), "both": (False, True)}[args.cpu_affinity]:
+        name = CONFIGURATIONS[pinned]
+        print(f"== protocols, {name}: {meta.name} ({'x'.join(map(str, meta.input_shape))})", flush=True)
+        measured[name] = protocols(args, meta, x, tool, out / ("pinned" if pinned else "as-shipped"), pinned)
     placed = None if args.skip_placement else placement(args, meta, x, tool, out)
     report = render(args, meta, measured, placed, stamp)
     path = ROOT / "reports" / f"grpc-{stamp}.md"
@@ -250,6 +263,8 @@ def main() -> None:
 
 
 MISSING = Row("-", "-", 1, 0, float("nan"), float("nan"), float("nan"))
+#: The two servers the protocols run on: as shipped, and with SERVING_CPU_AFFINITY.
+CONFIGURATIONS = {False: "as shipped", True: "workers pinned (SERVING_CPU_AFFINITY=true)"}
 
 
 def _find(rows: list[Row], client: str, protocol: str, samples: int, concurrency: int | None = None) -> Row:
@@ -259,7 +274,8 @@ def _find(rows: list[Row], client: str, protocol: str, samples: int, concurrency
     return max(matches, key=lambda r: r.samples_per_s) if matches else MISSING
 
 
-def render(args: argparse.Namespace, meta: ModelMetadata, measured: dict, placed: dict | None, stamp: str) -> str:
+def verdicts(args: argparse.Namespace, measured: dict) -> list[str]:
+    """The targets' verdicts on one server's rows."""
     rows: list[Row] = measured["rows"]
     grpc64, wrk64 = _find(rows, "h2load", "gRPC raw", 64, 16), _find(rows, "wrk", "HTTP v2 binary", 64, 16)
     pa_grpc64, pa64 = _find(rows, "perf_analyzer", "gRPC raw", 64), _find(rows, "perf_analyzer", "HTTP v2 binary", 64)
@@ -268,7 +284,7 @@ def render(args: argparse.Namespace, meta: ModelMetadata, measured: dict, placed
                                                                                 "HTTP v2 binary", 1, 1)
     fraction = grpc64.samples_per_s / measured["limit"]
     failed = {key: count for key, count in measured["statuses"].items() if not key.endswith(" 200")}
-    verdicts = [
+    return [
         f"64 samples per request, 16 requests in flight over 16 connections: gRPC {grpc64.samples_per_s:,.0f}"
         f" samples/s (h2load) against HTTP v2 binary {wrk64.samples_per_s:,.0f} (wrk):"
         f" {grpc64.samples_per_s / wrk64.samples_per_s:.2f}x (target >= 1,"
@@ -286,23 +302,31 @@ def render(args: argparse.Namespace, meta: ModelMetadata, measured: dict, placed
         f" ({', '.join(f'{k}: {v:,}' for k, v in sorted(measured['statuses'].items()))})"
         if not failed else f"FAILED requests: {failed}",
     ]
+
+
+def render(args: argparse.Namespace, meta: ModelMetadata, measured: dict[str, dict], placed: dict | None,
+           stamp: str) -> str:
     lines = [f"# gRPC benchmark, {stamp} UTC", "",
-             f"One gunicorn server (-w {args.workers}, process mode, onnx backend, access log, metrics and validation"
+             f"A gunicorn server (-w {args.workers}, process mode, onnx backend, access log, metrics and validation"
              f" on) serving {meta.name} ({'x'.join(map(str, meta.input_shape))}), on the same 2-core machine as the"
              " load generators; requests carry real held-out samples. HTTP v2 binary: the binary tensor extension"
              " both ways. gRPC: `raw_input_contents`. wrk drives HTTP as bench/v2.py does, and h2load (nghttp2's"
              " load generator, a C client as light as wrk) drives gRPC over HTTP/2 with one request in flight per"
              " connection, as wrk does; perf_analyzer (Triton's, scripts/install-perf-analyzer.sh) drives both"
-             " protocols with its own C++ client.", "",
-             "## Verdicts", "", *[f"- {verdict}" for verdict in verdicts], "",
-             "## Rows", "", "| client | protocol | samples / request | concurrency | req/s | samples/s | p50 ms |"
-             " p99 ms |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lines.append(f"| {r.client} | {r.protocol} | {r.samples} | {r.concurrency} | {r.requests_per_s:,.0f} |"
-                     f" {r.samples_per_s:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} |")
-    lines += ["", f"Inference requests per worker (access log): {shares(measured['workers'])}. The kernel spreads"
-              " gRPC connections, not calls, over the workers, and perf_analyzer puts up to 6 concurrent requests on"
-              " one connection: a split far from even means a worker idled through part of the gRPC rows."]
+             " protocols with its own C++ client. Each server below runs every row: first as shipped, then (when"
+             " measured) with SERVING_CPU_AFFINITY=true, each worker pinned to its own core."]
+    for name, found in measured.items():
+        lines += ["", f"## Verdicts, {name}", "", *[f"- {verdict}" for verdict in verdicts(args, found)]]
+    for name, found in measured.items():
+        lines += ["", f"## Rows, {name}", "",
+                  "| client | protocol | samples / request | concurrency | req/s | samples/s | p50 ms | p99 ms |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in found["rows"]:
+            lines.append(f"| {r.client} | {r.protocol} | {r.samples} | {r.concurrency} | {r.requests_per_s:,.0f} |"
+                         f" {r.samples_per_s:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} |")
+        lines += ["", f"Inference requests per worker (access log): {shares(found['workers'])}. The kernel spreads"
+                  " gRPC connections, not calls, over the workers, and perf_analyzer puts up to 6 concurrent requests"
+                  " on one connection: a split far from even means a worker idled through part of the gRPC rows."]
     if placed:
         lines += ["", "## Placement: thread pool per worker against grpc.aio on the ASGI event loop", "",
                   "SERVING_FRONT=asgi, threaded mode, the same model; perf_analyzer over gRPC.", "",

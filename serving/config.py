@@ -51,6 +51,23 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+#: The cores of the whole server, kept by a worker before it is pinned to its share of them
+#: (``serving.host.affinity``); None elsewhere, where the process's own cores are the server's.
+_server_cores: int | None = None
+
+
+def server_cores() -> int:
+    """The cores the server may use: a pinned worker's math threads are counted against these,
+    not against its own share."""
+    return _server_cores or available_cores()
+
+
+def keep_server_cores(cores: int) -> None:
+    """Remember the server's cores in a worker about to be pinned to a share of them."""
+    global _server_cores
+    _server_cores = cores
+
+
 def setting(
     default: Any = MISSING,
     doc: str = "",
@@ -129,6 +146,13 @@ class Settings:
         0,
         "intra-op threads per worker for the framework; 0 = cores // workers, at least 1",
         minimum=0,
+    )
+    cpu_affinity: bool = setting(
+        False,
+        "pin each worker (every thread of it: HTTP, gRPC, the model's) to its own share of the"
+        " cores this server may use, cores // workers each (several workers share one when"
+        " workers > cores); off when other servers share the machine's cores (docs/operations.md,"
+        " CPU affinity)",
     )
     share_memory: bool = setting(
         True,
@@ -496,7 +520,7 @@ class Settings:
         cores."""
         if self.math_threads:
             return self.math_threads
-        return max(1, available_cores() // max(1, workers))
+        return max(1, server_cores() // max(1, workers))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -27,7 +27,7 @@ try:
 except ConfigError as exc:
     sys.exit(f"error: {exc}")
 
-from serving.host import daemon_report, hooks, sharing  # noqa: E402
+from serving.host import affinity, daemon_report, hooks, sharing  # noqa: E402
 from serving.host import pool_dir as pool  # noqa: E402
 from serving.host import workers as worker_classes  # noqa: E402
 from serving.observability.logging import gunicorn_logger_class  # noqa: E402
@@ -158,9 +158,17 @@ def on_dirty_starting(arbiter):
 
 
 def pre_fork(server, worker):
-    """Master, before each fork: what it allocated since is frozen too (shared, never collected)."""
+    """Master, before each fork: what it allocated since is frozen too (shared, never collected);
+    the worker's share of the cores chosen."""
     if settings.share_memory:
         sharing.freeze_before_fork()
+    if settings.cpu_affinity:
+        affinity.assign(server, worker)
+
+
+def post_fork(server, worker):
+    """Worker, right after fork, before any thread: pinned to its cores (SERVING_CPU_AFFINITY)."""
+    affinity.pin(worker)
 
 
 def on_reload(server):

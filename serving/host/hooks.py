@@ -162,7 +162,7 @@ def check_before_fork(server: Any, settings: Settings) -> None:
     workers = server.cfg.workers
     server.log.info(
         "serving %s version %d (%s backend, %s) with %d workers x %d threads; math threads per "
-        "worker: %d%s; gRPC: %s",
+        "worker: %d%s; gRPC: %s; CPU affinity: %s",
         meta.name,
         meta.version,
         service.backend_name,
@@ -175,6 +175,7 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         if len(service.served) > 1
         else "",
         f"{grpc_address} (every worker)" if grpc_address else "off",
+        "each worker pinned to its cores" if settings.cpu_affinity else "off",
     )
 
 
