@@ -1,6 +1,7 @@
 """How fast gRPC and HTTP can be on this machine at all: the model server against replaying floors, same clients.
 
-    python -m bench.grpc_floor [--model mnist-torch] [--seconds 6] [--workers 2]
+    python -m bench.grpc_floor [--model mnist-torch] [--seconds 6] [--workers 2] [--work-us N] [--model-work]
+                               [--cpu-affinity]
 
 Issue 25 asks gRPC to beat HTTP v2 binary. This measures how much of the gap is the protocol stacks' own, with
 no serving code and no model on either side. Two floors run next to the model server, each with ``--workers``
@@ -48,6 +49,7 @@ import numpy as np
 from bench.grpc import MISSING, Row, _find, input_file, perf_analyzer_path, run_perf_analyzer, served_model, server_env
 from bench.harness import ROOT, grpc_body, run_h2load, run_wrk
 from bench.v2 import binary_script, bodies, protocol_costs
+from serving.host.affinity import blocks
 from serving.store.repository import ModelMetadata, ModelRepository
 from serving.tools.testing import GunicornServer, free_port
 
@@ -89,8 +91,11 @@ class ModelWork:
 
 
 def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any, work_s: float = 0.0,
-                       model: str = "") -> None:
-    """One floor process: grpc.server on ``port`` (SO_REUSEPORT), every call replayed."""
+                       model: str = "", cpus: tuple[int, ...] = ()) -> None:
+    """One floor process: grpc.server on ``port`` (SO_REUSEPORT), every call replayed; pinned to ``cpus`` (as
+    SERVING_CPU_AFFINITY pins a worker) when given."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     import grpc
 
     work = ModelWork(model) if model else None
@@ -138,16 +143,19 @@ def grpc_floor_process(port: int, upstream: str, threads: int, ready: Any, work_
 class GrpcFloor:
     """``workers`` forked floor processes on one port."""
 
-    def __init__(self, upstream: str, workers: int, threads: int, work_s: float = 0.0, model: str = "") -> None:
+    def __init__(self, upstream: str, workers: int, threads: int, work_s: float = 0.0, model: str = "",
+                 pinned: bool = False) -> None:
         self.port = free_port()
         context = multiprocessing.get_context("fork")
         self.processes = []
-        for _ in range(workers):
+        cores = blocks(sorted(os.sched_getaffinity(0)), workers)
+        for index in range(workers):
+            cpus = cores[index % len(cores)] if pinned else ()
             ready = context.Event()
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             try:
                 process = context.Process(target=grpc_floor_process,
-                                          args=(self.port, upstream, threads, ready, work_s, model))
+                                          args=(self.port, upstream, threads, ready, work_s, model, cpus))
                 process.start()
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
@@ -296,13 +304,16 @@ def main() -> None:
                         help="the floors also hold each infer call's thread this long (the model call's cost)")
     parser.add_argument("--model-work", action="store_true",
                         help="the floors also read each infer call's tensor and run the model on it (ONNX Runtime)")
+    parser.add_argument("--cpu-affinity", action="store_true",
+                        help="the model server with SERVING_CPU_AFFINITY=true and the gRPC floor's processes pinned the"
+                             " same way (the HTTP floor stays unpinned)")
     args = parser.parse_args()
     meta, x = served_model(args.repo, args.model)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out = args.reports / f"grpc-floor-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     tool = perf_analyzer_path()
-    env = server_env(args.repo, meta, args.workers)
+    env = {**server_env(args.repo, meta, args.workers), "SERVING_CPU_AFFINITY": str(args.cpu_affinity).lower()}
     rows: dict[str, list[Row]] = {}
     with GunicornServer(None, out, ["--no-control-socket"], cwd=ROOT, env=env, log_file=out / "server.log") as srv:
         http_address = f"127.0.0.1:{srv.port}"
@@ -310,7 +321,7 @@ def main() -> None:
         rows["model server"] = drive(Target("model server", http_address, srv.grpc_target), meta, x, tool,
                                      args.seconds, out)
         model = f"{args.repo}:{meta.name}" if args.model_work else ""
-        floor = GrpcFloor(srv.grpc_target, args.workers, threads, args.work_us / 1e6, model)
+        floor = GrpcFloor(srv.grpc_target, args.workers, threads, args.work_us / 1e6, model, args.cpu_affinity)
         try:
             rows["gRPC floor"] = drive(Target("gRPC floor", None, floor.target), meta, x, tool, args.seconds, out)
         finally:
@@ -345,6 +356,7 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
         f"`python -m bench.grpc_floor --seconds {args.seconds} --workers {args.workers}"
         + (f" --work-us {args.work_us:g}" if args.work_us else "")
         + (" --model-work" if args.model_work else "")
+        + (" --cpu-affinity" if args.cpu_affinity else "")
         + f"` on {cores} cores: the model"
         f" server (gunicorn -w {args.workers}, process mode, onnx backend, {meta.name}, real t10k samples, access log,"
         " metrics and validation on) and two replaying floors, each with the same number of processes on one port:"
@@ -355,6 +367,8 @@ def render(args: argparse.Namespace, meta: ModelMetadata, rows: dict[str, list[R
            if args.work_us else "")
         + (" (but each floor reads every infer call's tensor and runs the model on it, one math thread)"
            if args.model_work else "")
+        + (". The model server runs with SERVING_CPU_AFFINITY=true and the gRPC floor's processes are pinned the same"
+           " way, one block of cores each (the HTTP floor is not)" if args.cpu_affinity else "")
         + ". The clients run on the same cores.",
         "",
         "| server | client | protocol | samples | concurrency | req/s | samples/s | p50 ms | p99 ms | errors |",
