@@ -1,0 +1,178 @@
+"""Where the CPU goes: the model pool against batched mode on the large model, per request and per process.
+
+    python -m bench.pool_cpu [--seconds 6] [--concurrency 32,64] [--backends onnx,pytorch] [--rounds 2]
+
+Issue 24 asks the pool on ``digits-large-torch`` to serve at least batched mode's samples/s at 32-64 connections.
+On a machine whose cores are all busy (the load generator included), samples/s = busy cores / CPU per request,
+so this measures the CPU each request costs in every process. For each backend and concurrency, servers as shipped
+(``-w 2``, one 8x8 sample per request, wrk on ``POST /predict``) alternate:
+
+- batched mode, the model in every worker (``SERVING_MODE=batched``), as shipped and with its workers pinned to
+  their cores (``SERVING_CPU_AFFINITY=true``);
+- the pool: threaded HTTP workers and one pool process (``SERVING_MODEL_POOL=1``), as shipped and with the HTTP
+  workers pinned (the pool's process is never pinned: its math threads use every core).
+
+During ``--seconds`` of wrk (after 1 s of it), the CPU time (user + system, ``/proc/<pid>/stat``) of the master,
+the HTTP workers, the pool's arbiter and its processes, the machine's busy share (``/proc/stat``), and the mean
+batch of batched mode (``serving_batch_size``'s sum over its count on ``/metrics``; the pool's processes do not
+count theirs there). Writes ``reports/pool-cpu-<stamp>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import requests
+
+from bench.batching import ensure_large_models
+from bench.harness import ROOT, model_server, run_wrk, wrk_script
+from serving.observability.memory import tree_memory
+from serving.toolchain.data import load_digits_dataset
+
+TICK = os.sysconf("SC_CLK_TCK")
+CONFIGS = (("batched, model in every worker", {"mode": "batched"}),
+           ("batched, workers pinned", {"mode": "batched", "cpu_affinity": "true"}),
+           ("pool", {"mode": "threaded", "model_pool": 1}),
+           ("pool, HTTP workers pinned", {"mode": "threaded", "model_pool": 1, "cpu_affinity": "true"}))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system seconds of ``pid`` and all its threads so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def machine() -> tuple[float, float]:
+    """(busy, total) seconds of every core so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values) - idle) / TICK, sum(values) / TICK
+
+
+def batches(url: str) -> tuple[float, float]:
+    """``serving_batch_size``'s (sum, count) over every model on /metrics."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    total = sum(float(v) for v in re.findall(r"^serving_batch_size_sum\{[^}]*\} (\S+)$", text, re.M))
+    count = sum(float(v) for v in re.findall(r"^serving_batch_size_count\{[^}]*\} (\S+)$", text, re.M))
+    return total, count
+
+
+def snapshot(master: int) -> dict[str, float]:
+    """CPU seconds by role of the server's processes."""
+    by_role: dict[str, float] = {}
+    for process in tree_memory(master):
+        by_role[process.role] = by_role.get(process.role, 0.0) + cpu_seconds(process.pid)
+    return by_role
+
+
+def measure(server: Any, script: Path, level: int, seconds: int) -> dict[str, Any]:
+    """wrk for 1 + ``seconds`` s; the CPU and batches of the last ``seconds``."""
+    result: dict[str, Any] = {}
+    driver = threading.Thread(target=lambda: result.update(wrk=run_wrk(server.url + "/predict", script, level,
+                                                                       seconds + 1)))
+    driver.start()
+    time.sleep(1)
+    first, busy0, batch0 = snapshot(server.pid), machine(), batches(server.url)
+    started = time.monotonic()
+    time.sleep(seconds - 0.2)
+    last, busy1, batch1 = snapshot(server.pid), machine(), batches(server.url)
+    elapsed = time.monotonic() - started
+    driver.join()
+    roles = {role: last.get(role, 0.0) - first.get(role, 0.0) for role in last}
+    count = batch1[1] - batch0[1]
+    return {"wrk": result["wrk"], "roles": roles, "elapsed": elapsed,
+            "busy": (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]),
+            "batch": (batch1[0] - batch0[0]) / count if count else float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--concurrency", default="32,64")
+    parser.add_argument("--backends", default="onnx,pytorch")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repo", type=Path, default=ROOT / "models")
+    parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    args = parser.parse_args()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
+    out_dir = args.reports / f"pool-cpu-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_large_models(args.repo, ["pytorch"])
+    sample = load_digits_dataset(seed=0).x_test[0]
+    script = wrk_script(out_dir / "predict.lua", orjson.dumps({"data": sample.reshape(-1).tolist()}))
+    rows = []
+    for round_number in range(1, args.rounds + 1):
+        for backend in args.backends.split(","):
+            for level in (int(c) for c in args.concurrency.split(",")):
+                for label, settings in CONFIGS:
+                    pinned = "pinned" if "cpu_affinity" in settings else "free"
+                    slug = f"{backend}-{settings.get('model_pool', 0)}-{pinned}-{level}-r{round_number}"
+                    with model_server("wsgi", args.repo, out_dir, slug, ["--no-control-socket"],
+                                      model="digits-large-torch", backend=backend, workers=2, **settings) as server:
+                        run_wrk(server.url + "/predict", script, level, 2)  # warm: every worker and pool process
+                        found = measure(server, script, level, args.seconds)
+                    rows.append((round_number, backend, level, label, found))
+                    rate = found["wrk"].requests_per_s
+                    server_cpu = sum(found["roles"].values())
+                    print(f"r{round_number} {backend} c{level} {label}: {rate:,.0f} samples/s, server CPU"
+                          f" {server_cpu / found['elapsed'] / rate * 1e6:,.0f} us per request, machine busy"
+                          f" {found['busy']:.0%}, mean batch {found['batch']:.1f}", flush=True)
+    path = args.reports / f"pool-cpu-{stamp}.md"
+    path.write_text(render(args, rows, stamp))
+    print(path.read_text())
+    print(f"report: {path}")
+
+
+def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) -> str:
+    lines = [f"# The model pool against batched mode: CPU per request, {stamp} UTC", "",
+             f"`python -m bench.pool_cpu --seconds {args.seconds} --concurrency {args.concurrency} --backends"
+             f" {args.backends} --rounds {args.rounds}` on {os.cpu_count()} cores: `digits-large-torch`, `-w 2`, one"
+             " 8x8 sample per request, wrk on POST /predict, the four servers alternating. CPU is user + system time"
+             " of each process and all its threads over the measured window, divided by the requests answered in it;"
+             " \"rest\" is every other busy second of the machine (wrk, the kernel's softirqs) per request. The mean"
+             " batch is batched mode's (the pool's processes do not count theirs in serving_batch_size).", "",
+             "| round | backend | connections | serving | samples/s | machine busy | mean batch | HTTP workers, us |"
+             " pool, us | master and arbiter, us | server, us | rest, us |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    cores = os.cpu_count() or 1
+    for round_number, backend, level, label, found in rows:
+        rate = found["wrk"].requests_per_s
+        per = {role: seconds / found["elapsed"] / rate * 1e6 for role, seconds in found["roles"].items()}
+        server = sum(per.values())
+        rest = found["busy"] * cores / rate * 1e6 - server
+        batch = "-" if "pool" in found["roles"] else f"{found['batch']:.1f}"  # the pool's batches are not counted
+        lines.append(f"| {round_number} | {backend} | {level} | {label} | {rate:,.0f} | {found['busy']:.0%} |"
+                     f" {batch} | {per.get('worker', 0):,.0f} | {per.get('pool', 0):,.0f} |"
+                     f" {per.get('master', 0) + per.get('pool-arbiter', 0):,.0f} | {server:,.0f} | {rest:,.0f} |")
+    lines += ["", "## Means over the rounds", "",
+              "| backend | connections | serving | samples/s | / batched | server CPU per request, us | / batched |",
+              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for backend in args.backends.split(","):
+        for level in (int(c) for c in args.concurrency.split(",")):
+            means = {}
+            for label, _ in CONFIGS:
+                found = [f for _, b, lev, lab, f in rows if (b, lev, lab) == (backend, level, label)]
+                rate = sum(f["wrk"].requests_per_s for f in found) / len(found)
+                cpu = sum(sum(f["roles"].values()) / f["elapsed"] / f["wrk"].requests_per_s * 1e6
+                          for f in found) / len(found)
+                means[label] = (rate, cpu)
+            base_rate, base_cpu = means[CONFIGS[0][0]]
+            for label, (rate, cpu) in means.items():
+                lines.append(f"| {backend} | {level} | {label} | {rate:,.0f} | {rate / base_rate:.2f} | {cpu:,.0f} |"
+                             f" {cpu / base_cpu:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
