@@ -23,10 +23,21 @@ BASE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports on 127.0.0.1 that nothing listens on right now (held open
+    together while chosen: two calls of ``free_port`` may return the same port, and a server whose
+    HTTP and gRPC binds were the same port refused to start)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -68,11 +79,10 @@ class GunicornServer:
         log_file: Path | None = None,
         **settings: Any,
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         #: The gRPC port: a free one of its own; gRPC is on in every test server unless a test sets
         #: grpc_bind (the default is off).
-        self.grpc_port = free_port()
+        self.port, self.grpc_port = free_ports(2)
+        self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_file or log_dir / f"gunicorn-{self.port}.log"
         variables = {"SERVING_WORKERS": "2", **(env or {})}
