@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from serving.tools.testing import GunicornServer as _Harness
-from serving.tools.testing import clean_env, free_port, free_ports, gunicorn_command
+from serving.tools.testing import clean_env, free_port, gunicorn_command
 
-__all__ = ["GUNICORN", "PYTHON", "ROOT", "GunicornServer", "clean_env", "free_port", "free_ports", "train"]
+__all__ = ["GUNICORN", "PYTHON", "ROOT", "GunicornServer", "clean_env", "free_port", "train"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

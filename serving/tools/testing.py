@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,23 +22,23 @@ from typing import Any, Literal
 BASE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 
 
+#: Every port ``free_port`` has handed out in this process, never handed out again.
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` different TCP ports on 127.0.0.1 that nothing listens on right now (held open
-    together while chosen: two calls of ``free_port`` may return the same port, and a server whose
-    HTTP and gRPC binds were the same port refused to start)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process was never
+    given before: the kernel may hand a port that was closed here out again at once, and a server's
+    HTTP and gRPC binds (or nginx and its upstream) then got the same port."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port: int = sock.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -79,10 +80,11 @@ class GunicornServer:
         log_file: Path | None = None,
         **settings: Any,
     ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         #: The gRPC port: a free one of its own; gRPC is on in every test server unless a test sets
         #: grpc_bind (the default is off).
-        self.port, self.grpc_port = free_ports(2)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_file or log_dir / f"gunicorn-{self.port}.log"
         variables = {"SERVING_WORKERS": "2", **(env or {})}

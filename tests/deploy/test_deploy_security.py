@@ -30,7 +30,7 @@ import requests
 
 from serving.tools.testing import stop_group
 from tests.asgi_support import FRONTS
-from tests.conftest import GUNICORN, PYTHON, ROOT, GunicornServer, clean_env, free_port, free_ports
+from tests.conftest import GUNICORN, PYTHON, ROOT, GunicornServer, clean_env, free_port
 
 pytestmark = pytest.mark.slow
 SAMPLE = orjson.dumps({"data": [0.0] * 64})
@@ -107,9 +107,9 @@ class Nginx:
     def __init__(self, upstream_port: int, grpc_upstream_port: int = 0, **render: Any) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="serving-nginx-"))
         self.folder.chmod(0o755)
-        # chosen together: separate free_port calls may return one port twice
-        self.port, tls_port, self.grpc_port, self.grpc_tls_port = free_ports(4)
-        self.tls_port = tls_port if render.get("tls") else 0
+        self.port = free_port()
+        self.tls_port = free_port() if render.get("tls") else 0
+        self.grpc_port, self.grpc_tls_port = free_port(), free_port()
         try:
             self.conf = render_nginx(self.folder, upstream_port, self.port, tls_port=self.tls_port,
                                      grpc_upstream_port=grpc_upstream_port, grpc_port=self.grpc_port,
