@@ -15,10 +15,7 @@ import argparse
 from datetime import UTC, datetime
 from pathlib import Path
 
-import orjson
-
-from bench.harness import ROOT, run_wrk, wrk_script
-from serving.toolchain.data import load_digits_dataset
+from bench.harness import ROOT, digits_script, run_wrk
 from serving.tools.testing import GunicornServer
 
 
@@ -33,8 +30,7 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out = args.reports / f"affinity-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
-    sample = load_digits_dataset(seed=0).x_test[0]
-    script = wrk_script(out / "predict.lua", orjson.dumps({"data": sample.reshape(-1).tolist()}))
+    script = digits_script(out)
     common = ["-w", "2", "--backlog", "2048", "--timeout", "30", "--no-control-socket"]
     configs = {"before": (args.before.resolve(), {}), "after": (ROOT, {}),
                "after, pinned": (ROOT, {"SERVING_CPU_AFFINITY": "true"})}

@@ -20,10 +20,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import orjson
-
-from bench.harness import ROOT, WrkResult, model_server, parse_fronts, run_wrk, wrk_script
-from serving.toolchain.data import load_digits_dataset
+from bench.harness import ROOT, WrkResult, digits_script, model_server, parse_fronts, run_wrk
 
 MODELS = {"pytorch": "digits-large-torch", "onnx": "digits-large-torch", "tensorflow": "digits-large-tf"}
 MODES = {"pytorch": ["process", "batched"], "onnx": ["process", "threaded", "batched"],
@@ -60,8 +57,7 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out_dir = args.reports / f"batching-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    body = orjson.dumps({"data": load_digits_dataset(seed=0).x_test[0].reshape(-1).tolist()})
-    script = wrk_script(out_dir / "predict.lua", body)
+    script = digits_script(out_dir)
     rows: list[Row] = []
     for backend in backends:
         for mode in MODES[backend]:

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from serving.protocol.v2.proto import grpc_service_pb2 as pb
+from serving.toolchain.data import load_digits_dataset
 from serving.tools.testing import GunicornServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +72,12 @@ def wrk_script(path: Path, body: bytes, content_type: str = "application/json",
         f"{extra}wrk.body = [==[{text}]==]\n"
     )
     return path
+
+
+def digits_script(out_dir: Path) -> Path:
+    """``out_dir/predict.lua``: wrk POSTs the first held-out 8x8 digits sample to ``/predict`` as JSON."""
+    sample = load_digits_dataset(seed=0).x_test[0]
+    return wrk_script(out_dir / "predict.lua", orjson.dumps({"data": sample.reshape(-1).tolist()}))
 
 
 def run_wrk(url: str, script: Path, connections: int, seconds: int, threads: int = 2) -> WrkResult:

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, model_server, run_wrk, wrk_script
+from bench.harness import ROOT, digits_script, model_server, run_wrk
 from bench.mnist_shaped import NAME as MNIST28
 from bench.mnist_shaped import ensure_model
 from serving.backends import backend_class
@@ -38,7 +37,6 @@ from serving.observability.memory import tree_memory
 from serving.runtime.model_pool import PoolClient
 from serving.runtime.pool_wire import mapping_size
 from serving.store.repository import ModelMetadata, ModelRepository
-from serving.toolchain.data import load_digits_dataset
 
 OVERHEAD_TARGET_US = 60.0
 MEMORY_RATIO_TARGET = 1.5
@@ -164,8 +162,7 @@ def main() -> None:
         print("per call (us): {} floor {:.1f}, no-work pool {:.1f}, in process {:.1f}, pool {:.1f}".format(*row),
               flush=True)
 
-    sample = load_digits_dataset(seed=0).x_test[0]
-    script = wrk_script(out_dir / "predict.lua", orjson.dumps({"data": sample.reshape(-1).tolist()}))
+    script = digits_script(out_dir)
     rows = []
     for backend in args.backends.split(","):
         for label, settings in (("batched, model in every worker", {"mode": "batched"}),

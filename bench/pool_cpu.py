@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, model_server, run_wrk, wrk_script
+from bench.harness import ROOT, digits_script, model_server, run_wrk
 from serving.observability.memory import tree_memory
-from serving.toolchain.data import load_digits_dataset
 
 TICK = os.sysconf("SC_CLK_TCK")
 CONFIGS = (("batched, model in every worker", {"mode": "batched"}),
@@ -62,10 +60,12 @@ def machine() -> tuple[float, float]:
 
 def batches(url: str) -> tuple[float, float]:
     """``serving_batch_size``'s (sum, count) over every model on /metrics."""
-    text = requests.get(url + "/metrics", timeout=10).text
-    total = sum(float(v) for v in re.findall(r"^serving_batch_size_sum\{[^}]*\} (\S+)$", text, re.M))
-    count = sum(float(v) for v in re.findall(r"^serving_batch_size_count\{[^}]*\} (\S+)$", text, re.M))
-    return total, count
+    found = {"serving_batch_size_sum": 0.0, "serving_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in found:
+                found[sample.name] += sample.value
+    return found["serving_batch_size_sum"], found["serving_batch_size_count"]
 
 
 def snapshot(master: int) -> dict[str, float]:
@@ -109,8 +109,7 @@ def main() -> None:
     out_dir = args.reports / f"pool-cpu-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_large_models(args.repo, ["pytorch"])
-    sample = load_digits_dataset(seed=0).x_test[0]
-    script = wrk_script(out_dir / "predict.lua", orjson.dumps({"data": sample.reshape(-1).tolist()}))
+    script = digits_script(out_dir)
     rows = []
     for round_number in range(1, args.rounds + 1):
         for backend in args.backends.split(","):

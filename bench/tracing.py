@@ -33,10 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from bench.harness import ROOT, WrkResult, model_server, parse_fronts, run_wrk, wrk_script
-from serving.toolchain.data import load_digits_dataset
+from bench.harness import ROOT, WrkResult, digits_script, model_server, parse_fronts, run_wrk
 from serving.tools.receivers import Receiver
 
 MODES = ("threaded", "batched")
@@ -126,8 +123,7 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out_dir = args.reports / f"tracing-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = load_digits_dataset(seed=0).x_test[0]
-    script = wrk_script(out_dir / "predict.lua", orjson.dumps({"data": sample.reshape(-1).tolist()}))
+    script = digits_script(out_dir)
     common = ["-w", "2", "--backlog", "2048", "--timeout", "30", "--no-control-socket"]
     results: dict[tuple[str, str, str], list[tuple[WrkResult, float]]] = {}
     with Receiver() as receiver:
