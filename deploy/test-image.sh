@@ -19,6 +19,13 @@
 #    NO_CACHE=1 builds without Docker's layer cache (the build times in the report are then whole builds).
 # 5. deploy/image_checks.py runs each image and writes the report (REPORT, default
 #    reports/image-<UTC date>.md); the script exits non-zero when a build or a check fails.
+# 6. Space: Docker's store only grows. Each build whose code changed adds new layers (the full image's
+#    copy of its virtualenv is about 2.3 GB), and the images it replaces stay behind untagged: CI's store
+#    had grown to 64 GB, 61 GB of it such leftovers, when a build failed with "no space left on device". So the script removes this
+#    Dockerfile's untagged images (label org.opencontainers.image.title=serving; nobody else's) before
+#    building and again at the end, keeps the build stages' layer cache under serving-stage:* tags, and
+#    stops with a clear message when Docker's disk still has less than MIN_FREE_GB free (default 6: a
+#    build with no cache at all added 5.3 GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,9 +41,14 @@ export DOCKER_BUILDKIT=0  # the classic builder: no frontend image to fetch, bui
 WORK=$(mktemp -d)
 DOCKERD_PID=""
 SERVER_PIDS=()
+DOCKER_UP=""
+LABEL=org.opencontainers.image.title=serving  # deploy/Dockerfile puts it on every stage
+STAGE_REPO=${STAGE_REPO:-serving-stage}
+MIN_FREE_GB=${MIN_FREE_GB:-6}
 
 cleanup() {
   for pid in "${SERVER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -z "$DOCKER_UP" ] || log "removing untagged images left by this run: $(prune_leftovers | paste -sd ' ')"
   if [ -n "$DOCKERD_PID" ]; then
     kill "$DOCKERD_PID" 2>/dev/null || true
     wait "$DOCKERD_PID" 2>/dev/null || true
@@ -46,6 +58,25 @@ cleanup() {
 trap cleanup EXIT
 
 log() { printf '== %s\n' "$*"; }
+
+# Untagged images from deploy/Dockerfile: the images that later builds of a tag replaced, the build stages
+# of runs before the stage tags existed, what a failed build left. Removing one also removes its untagged
+# parent layers that nothing else uses.
+# Images from before that label (2026-12-06) are found by their base instead: every untagged image built on
+# the base this script makes is one of its builds.
+prune_leftovers() {
+  "$DOCKER" image prune --force --filter "label=$LABEL" | tail -1
+  [ "$BASE_IMAGE" = "serving-base:bookworm" ] || return 0
+  local base id removed=0
+  base=$("$DOCKER" image inspect -f '{{.Id}}' "$BASE_IMAGE" 2>/dev/null) || return 0
+  base=${base#sha256:}
+  for id in $("$DOCKER" image ls --quiet --filter dangling=true); do
+    if "$DOCKER" history --quiet "$id" | grep -qx "${base:0:12}"; then
+      "$DOCKER" image rm "$id" >/dev/null && removed=$((removed + 1))
+    fi
+  done
+  [ "$removed" -eq 0 ] || echo "and $removed untagged images built on $BASE_IMAGE"
+}
 
 # --- 1. docker ---------------------------------------------------------------------------------------
 if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
@@ -58,6 +89,21 @@ if ! "$DOCKER" info >/dev/null 2>&1; then
   DOCKERD_PID=$!
   for _ in $(seq 60); do "$DOCKER" info >/dev/null 2>&1 && break; sleep 0.5; done
   "$DOCKER" info >/dev/null 2>&1 || { cat "$WORK/dockerd.log" >&2; exit 1; }
+fi
+DOCKER_UP=1
+
+# --- space -------------------------------------------------------------------------------------------
+log "removing earlier builds' untagged images: $(prune_leftovers | paste -sd ' ')"
+DOCKER_ROOT=$("$DOCKER" info -f '{{.DockerRootDir}}')
+if [ -d "$DOCKER_ROOT" ]; then  # a daemon on another machine (DOCKER_HOST) has its own disk
+  free_gb=$(df -Pk "$DOCKER_ROOT" | awk 'NR == 2 { printf "%d", $4 / 1048576 }')
+  if [ "$free_gb" -lt "$MIN_FREE_GB" ]; then
+    "$DOCKER" system df >&2 || true
+    echo "only ${free_gb} GB free for Docker at $DOCKER_ROOT; building both images needs ${MIN_FREE_GB} GB" \
+      "(MIN_FREE_GB). Free some: docker image ls, docker image rm, docker system prune" >&2
+    exit 1
+  fi
+  log "${free_gb} GB free for Docker at $DOCKER_ROOT"
 fi
 
 # --- 2. base image -----------------------------------------------------------------------------------
@@ -83,9 +129,20 @@ if [ ! -f models/digits-tf/1/model.onnx ] || [ ! -f models/digits-torch/1/model.
 fi
 
 # --- 4. build ----------------------------------------------------------------------------------------
-serve_dir() {  # serve_dir DIR: an HTTP server for DIR on 127.0.0.1; sets SERVED_URL
+# serve_dir DIR: an HTTP server for DIR on 127.0.0.1; sets SERVED_URL. Its URL is a build argument, and a
+# build argument's value is part of the layer cache's key: on a port of its own each run, every step after
+# it missed the cache (the ONNX image took 80 s "with the cache"). So it takes WHEELS_PORT (default 47813)
+# when that port is free, and another only when it is not.
+serve_dir() {
   local port
-  port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$("$PY" -c '
+import socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])' "${WHEELS_PORT:-47813}")
   "$PY" -m http.server "$port" --bind 127.0.0.1 --directory "$1" >>"$WORK/mirrors.log" 2>&1 &
   SERVER_PIDS+=($!)
   SERVED_URL="http://127.0.0.1:$port"
@@ -114,6 +171,12 @@ build() {  # build TAG LOG ARGS...: prints the seconds it took
   echo $(( $(date +%s) - start ))
 }
 
+keep_stage_cache() {  # keep_stage_cache STAGE ARGS...: tags a build stage so its layers stay as a cache
+  "$DOCKER" build --quiet --network host -f deploy/Dockerfile --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+    --target "$1" -t "$STAGE_REPO:$1" "${@:2}" . >"$WORK/stage-$1.log" 2>&1 \
+    || { tail -20 "$WORK/stage-$1.log" >&2; echo "tagging the $1 stage failed" >&2; return 1; }
+}
+
 log "building $ONNX_TAG (ONNX Runtime only, no models)"
 onnx_seconds=$(build "$ONNX_TAG" "$WORK/build-onnx.log" --target onnx "${PIP_ARGS[@]}")
 log "built $ONNX_TAG in ${onnx_seconds} s"
@@ -121,6 +184,11 @@ log "building $FULL_TAG (every backend, digits-tf and digits-torch baked)"
 full_seconds=$(build "$FULL_TAG" "$WORK/build-full.log" --target full --build-arg MODELS=digits-tf,digits-torch \
   "${PIP_ARGS[@]}")
 log "built $FULL_TAG in ${full_seconds} s"
+# The final images copy the stages' virtualenvs, so nothing refers to the stages themselves: untagged, the
+# next prune would remove them and their dependency layers with them. Tagged (from the cache: seconds),
+# they stay, and a change to the code rebuilds only the layers after it.
+keep_stage_cache venv-onnx "${PIP_ARGS[@]}"
+keep_stage_cache venv-full "${PIP_ARGS[@]}"
 
 # --- 5. run and check --------------------------------------------------------------------------------
 "$PY" deploy/image_checks.py --base "$BASE_IMAGE" --models models \
