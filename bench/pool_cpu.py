@@ -1,6 +1,7 @@
 """Where the CPU goes: the model pool against batched mode on the large model, per request and per process.
 
     python -m bench.pool_cpu [--seconds 6] [--concurrency 32,64] [--backends onnx,pytorch] [--rounds 2]
+                             [--servers batched,batched-pinned,pool,pool-pinned,pool-lanes]
 
 Issue 24 asks the pool on ``digits-large-torch`` to serve at least batched mode's samples/s at 32-64 connections.
 On a machine whose cores are all busy (the load generator included), samples/s = busy cores / CPU per request,
@@ -10,7 +11,10 @@ so this measures the CPU each request costs in every process. For each backend a
 - batched mode, the model in every worker (``SERVING_MODE=batched``), as shipped and with its workers pinned to
   their cores (``SERVING_CPU_AFFINITY=true``);
 - the pool: threaded HTTP workers and one pool process (``SERVING_MODEL_POOL=1``), as shipped and with the HTTP
-  workers pinned (the pool's process is never pinned: its math threads use every core).
+  workers pinned (the pool's process is never pinned: its math threads use every core);
+- the pool with two lanes (``SERVING_POOL_LANES=2``): two batches at once, one math thread each.
+
+``--servers`` picks which of them run (by the names above); the first is the others' baseline.
 
 During ``--seconds`` of wrk (after 1 s of it), the CPU time (user + system, ``/proc/<pid>/stat``) of the master,
 the HTTP workers, the pool's arbiter and its processes, the machine's busy share (``/proc/stat``), and the mean
@@ -36,10 +40,12 @@ from bench.harness import ROOT, digits_script, model_server, run_wrk
 from serving.observability.memory import tree_memory
 
 TICK = os.sysconf("SC_CLK_TCK")
-CONFIGS = (("batched, model in every worker", {"mode": "batched"}),
-           ("batched, workers pinned", {"mode": "batched", "cpu_affinity": "true"}),
-           ("pool", {"mode": "threaded", "model_pool": 1}),
-           ("pool, HTTP workers pinned", {"mode": "threaded", "model_pool": 1, "cpu_affinity": "true"}))
+SERVERS = {"batched": ("batched, model in every worker", {"mode": "batched"}),
+           "batched-pinned": ("batched, workers pinned", {"mode": "batched", "cpu_affinity": "true"}),
+           "pool": ("pool", {"mode": "threaded", "model_pool": 1}),
+           "pool-pinned": ("pool, HTTP workers pinned", {"mode": "threaded", "model_pool": 1, "cpu_affinity": "true"}),
+           "pool-lanes": ("pool, 2 lanes", {"mode": "threaded", "model_pool": 1, "pool_lanes": 2}),
+           "pool-1t": ("pool, 1 math thread", {"mode": "threaded", "model_pool": 1, "math_threads": 1})}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,9 +108,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="32,64")
     parser.add_argument("--backends", default="onnx,pytorch")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--servers", default=",".join(SERVERS), help="which servers, the first the baseline")
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
+    args.configs = [SERVERS[name] for name in args.servers.split(",")]
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out_dir = args.reports / f"pool-cpu-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,9 +122,8 @@ def main() -> None:
     for round_number in range(1, args.rounds + 1):
         for backend in args.backends.split(","):
             for level in (int(c) for c in args.concurrency.split(",")):
-                for label, settings in CONFIGS:
-                    pinned = "pinned" if "cpu_affinity" in settings else "free"
-                    slug = f"{backend}-{settings.get('model_pool', 0)}-{pinned}-{level}-r{round_number}"
+                for name, (label, settings) in zip(args.servers.split(","), args.configs, strict=True):
+                    slug = f"{backend}-{name}-{level}-r{round_number}"
                     with model_server("wsgi", args.repo, out_dir, slug, ["--no-control-socket"],
                                       model="digits-large-torch", backend=backend, workers=2, **settings) as server:
                         run_wrk(server.url + "/predict", script, level, 2)  # warm: every worker and pool process
@@ -136,9 +143,10 @@ def main() -> None:
 def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) -> str:
     lines = [f"# The model pool against batched mode: CPU per request, {stamp} UTC", "",
              f"`python -m bench.pool_cpu --seconds {args.seconds} --concurrency {args.concurrency} --backends"
-             f" {args.backends} --rounds {args.rounds}` on {os.cpu_count()} cores: `digits-large-torch`, `-w 2`, one"
-             " 8x8 sample per request, wrk on POST /predict, the four servers alternating. CPU is user + system time"
-             " of each process and all its threads over the measured window, divided by the requests answered in it;"
+             f" {args.backends} --rounds {args.rounds} --servers {args.servers}` on {os.cpu_count()} cores:"
+             " `digits-large-torch`, `-w 2`, one 8x8 sample per request, wrk on POST /predict, the servers"
+             " alternating. CPU is user + system time of each process and all its threads over the measured"
+             " window, divided by the requests answered in it;"
              " \"rest\" is every other busy second of the machine (wrk, the kernel's softirqs) per request. The mean"
              " batch is batched mode's (the pool's processes do not count theirs in serving_batch_size).", "",
              "| round | backend | connections | serving | samples/s | machine busy | mean batch | HTTP workers, us |"
@@ -155,18 +163,19 @@ def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) ->
                      f" {batch} | {per.get('worker', 0):,.0f} | {per.get('pool', 0):,.0f} |"
                      f" {per.get('master', 0) + per.get('pool-arbiter', 0):,.0f} | {server:,.0f} | {rest:,.0f} |")
     lines += ["", "## Means over the rounds", "",
-              "| backend | connections | serving | samples/s | / batched | server CPU per request, us | / batched |",
+              f"| backend | connections | serving | samples/s | / {args.configs[0][0]} | server CPU per request, us"
+              f" | / {args.configs[0][0]} |",
               "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for backend in args.backends.split(","):
         for level in (int(c) for c in args.concurrency.split(",")):
             means = {}
-            for label, _ in CONFIGS:
+            for label, _ in args.configs:
                 found = [f for _, b, lev, lab, f in rows if (b, lev, lab) == (backend, level, label)]
                 rate = sum(f["wrk"].requests_per_s for f in found) / len(found)
                 cpu = sum(sum(f["roles"].values()) / f["elapsed"] / f["wrk"].requests_per_s * 1e6
                           for f in found) / len(found)
                 means[label] = (rate, cpu)
-            base_rate, base_cpu = means[CONFIGS[0][0]]
+            base_rate, base_cpu = means[args.configs[0][0]]
             for label, (rate, cpu) in means.items():
                 lines.append(f"| {backend} | {level} | {label} | {rate:,.0f} | {rate / base_rate:.2f} | {cpu:,.0f} |"
                              f" {cpu / base_cpu:.2f} |")
