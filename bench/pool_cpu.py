@@ -1,7 +1,7 @@
 """Where the CPU goes: the model pool against batched mode on the large model, per request and per process.
 
     python -m bench.pool_cpu [--seconds 6] [--concurrency 32,64] [--backends onnx,pytorch] [--rounds 2]
-                             [--servers batched,batched-pinned,pool,pool-pinned,pool-lanes]
+                             [--servers batched,batched-pinned,pool,pool-pinned,pool-1t]
 
 Issue 24 asks the pool on ``digits-large-torch`` to serve at least batched mode's samples/s at 32-64 connections.
 On a machine whose cores are all busy (the load generator included), samples/s = busy cores / CPU per request,
@@ -12,7 +12,7 @@ so this measures the CPU each request costs in every process. For each backend a
   their cores (``SERVING_CPU_AFFINITY=true``);
 - the pool: threaded HTTP workers and one pool process (``SERVING_MODEL_POOL=1``), as shipped and with the HTTP
   workers pinned (the pool's process is never pinned: its math threads use every core);
-- the pool with two lanes (``SERVING_POOL_LANES=2``): two batches at once, one math thread each.
+- the pool with one math thread (``SERVING_MATH_THREADS=1``), not run unless named.
 
 ``--servers`` picks which of them run (by the names above); the first is the others' baseline.
 
@@ -44,7 +44,6 @@ SERVERS = {"batched": ("batched, model in every worker", {"mode": "batched"}),
            "batched-pinned": ("batched, workers pinned", {"mode": "batched", "cpu_affinity": "true"}),
            "pool": ("pool", {"mode": "threaded", "model_pool": 1}),
            "pool-pinned": ("pool, HTTP workers pinned", {"mode": "threaded", "model_pool": 1, "cpu_affinity": "true"}),
-           "pool-lanes": ("pool, 2 lanes", {"mode": "threaded", "model_pool": 1, "pool_lanes": 2}),
            "pool-1t": ("pool, 1 math thread", {"mode": "threaded", "model_pool": 1, "math_threads": 1})}
 
 
@@ -108,7 +107,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="32,64")
     parser.add_argument("--backends", default="onnx,pytorch")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--servers", default=",".join(SERVERS), help="which servers, the first the baseline")
+    parser.add_argument("--servers", default="batched,batched-pinned,pool,pool-pinned",
+                        help=f"which of {', '.join(SERVERS)}; the first is the baseline")
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()

@@ -176,13 +176,6 @@ class Settings:
         " SERVING_WORKERS / SERVING_MODEL_POOL (its batches hold every HTTP worker's requests)",
         minimum=0,
     )
-    pool_lanes: int = setting(
-        1,
-        "model pool: batches one pool process runs at once, each on its own thread with its share"
-        " of the process's math threads; 1 = its serving thread runs each batch itself",
-        minimum=1,
-        maximum=16,
-    )
     pool_dir: str = setting(
         "",
         "directory of the model pool's sockets (its own, mode 0700); empty = a fresh temporary"

@@ -8,11 +8,7 @@
 # SERVING_POOL_DIR, and HTTP worker threads connect to it directly, passing tensors through shared
 # memory (``serving.runtime.pool_wire``). One thread, one selector: it reads every request that
 # has arrived, runs them together (up to SERVING_MAX_BATCH_SIZE samples of one model, without
-# waiting for more: what arrives during a model call forms the next batch), and answers each.
-# With SERVING_POOL_LANES above 1, the model calls run on that many lane threads instead, each
-# with its share of the math threads, while the selector thread goes on reading and forming the
-# next batch: a framework whose math threads spin between operators (PyTorch's OpenMP) then
-# runs two one-thread batches side by side instead of one two-thread batch at a time. The
+# waiting for more: what arrives during a model call forms the next batch), and answers each. The
 # queue is bounded (SERVING_MAX_QUEUE: 503 at once beyond it) and a request whose deadline has
 # passed is answered 504 without running. The device the pool's models run on is the pool's
 # setting (SERVING_POOL_DEVICE), so one process can own an accelerator.
@@ -25,13 +21,11 @@ import logging
 import math
 import mmap
 import os
-import queue
 import selectors
 import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,30 +68,13 @@ class Pending:
 
 
 class PoolServer:
-    """Serves ``models`` (key -> loaded backend) on the Unix socket ``path`` from one thread.
-
-    With ``lanes`` 1 that thread runs each batch itself; with more, up to ``lanes`` batches run at
-    once on lane threads, and the serving thread only reads, forms batches and answers.
-    """
+    """Serves ``models`` (key -> loaded backend) on the Unix socket ``path`` from one thread."""
 
     def __init__(
-        self,
-        models: dict[str, Backend],
-        path: Path,
-        max_batch_size: int,
-        max_queue: int,
-        lanes: int = 1,
+        self, models: dict[str, Backend], path: Path, max_batch_size: int, max_queue: int
     ) -> None:
         self.models, self.path = models, path
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.lanes = max(1, lanes)
-        self._lane_pool = (
-            ThreadPoolExecutor(self.lanes, thread_name_prefix="model-pool-lane")
-            if self.lanes > 1
-            else None
-        )
-        self._done: queue.SimpleQueue[tuple[str, list[Pending], Any]] = queue.SimpleQueue()
-        self.in_flight = 0  # batches on lane threads
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path.unlink(missing_ok=True)
         self.listener.bind(str(path))
@@ -127,33 +104,21 @@ class PoolServer:
 
     def serve(self) -> None:
         try:
-            while self.running or self.pending or self.in_flight:
-                can_run = self.pending and self.in_flight < self.lanes
-                for key, _ in self.selector.select(0.0 if can_run else None):
+            while self.running or self.pending:
+                timeout = 0.0 if self.pending else None
+                for key, _ in self.selector.select(timeout):
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj is self._wake_r:
-                        self._wake_r.recv(4096)
+                        self._wake_r.recv(64)
                     else:
                         self._read(key.data)
-                if self._lane_pool is None:
-                    if self.pending:
-                        self._finish(*self._run(*self._take_batch()))
-                    continue
-                while not self._done.empty():
-                    self.in_flight -= 1
-                    self._finish(*self._done.get())
-                while self.pending and self.in_flight < self.lanes:
-                    key, chosen = self._take_batch()
-                    if chosen:
-                        self.in_flight += 1
-                        self._lane_pool.submit(self._run_on_lane, key, chosen)
+                if self.pending:
+                    self._run_batch()
         except Exception:  # the process must not keep a socket nobody answers on
             log.exception("the model pool's server thread failed; the process stops")
             os.kill(os.getpid(), 15)
         finally:
-            if self._lane_pool is not None:
-                self._lane_pool.shutdown(wait=True)
             for key in list(self.selector.get_map().values()):
                 if isinstance(key.data, Peer):
                     self._forget(key.data)
@@ -235,8 +200,8 @@ class PoolServer:
         else:
             self.pending.append(request)
 
-    def _take_batch(self) -> tuple[str, list[Pending]]:
-        """The oldest request's model and every waiting request of it that fits one batch."""
+    def _run_batch(self) -> None:
+        """Run the oldest request's model on every waiting request of it that fits one batch."""
         now = time.monotonic()
         pending = self.pending
         if any(r.deadline and r.deadline < now for r in pending):
@@ -246,7 +211,7 @@ class PoolServer:
             pending = [r for r in pending if not (r.deadline and r.deadline < now)]
             if not pending:
                 self.pending = []
-                return "", []
+                return
         key = pending[0].key
         if len(pending) == 1:
             chosen, self.pending = pending, []
@@ -261,48 +226,24 @@ class PoolServer:
                 else:
                     rest.append(request)
             self.pending = rest
-        return key, chosen
-
-    def _run(self, key: str, chosen: list[Pending]) -> tuple[str, list[Pending], Any]:
-        """The model's output for ``chosen``, or the exception it raised (the caller answers)."""
-        if not chosen:
-            return key, chosen, None
         inputs = [r.peer.floats[: r.size].reshape(r.shape) for r in chosen]
         batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
         try:
-            return key, chosen, self.models[key].predict(batch)
-        except Exception as exc:
+            output = self.models[key].predict(batch)
+        except Exception:
             log.exception(
                 "inference failed in the model pool for a batch of %d on %s", len(batch), key
             )
-            return key, chosen, exc
-        finally:
-            del inputs, batch
-
-    def _run_on_lane(self, key: str, chosen: list[Pending]) -> None:
-        # A peer that leaves meanwhile keeps its memory mapped while the batch holds a view of it
-        # (mmap.close refuses, _forget ignores that); its answer is dropped in _finish.
-        self._done.put(self._run(key, chosen))
-        try:
-            self._wake_w.send(b"x")
-        except OSError:  # the serving thread has ended
-            pass
-
-    def _finish(self, key: str, chosen: list[Pending], output: Any) -> None:
-        """Answer each request of a batch from ``output`` (or with 500 when the model raised)."""
-        if not chosen:
-            return
-        if isinstance(output, Exception):
             for request in chosen:
                 self._answer_error(request, 500, "inference failed")
             return
+        finally:
+            del inputs, batch
         self.batches += 1
         offset = 0
         for request in chosen:
             rows = output[offset : offset + request.shape[0]]
             offset += request.shape[0]
-            if request.peer.sock.fileno() < 0:  # the peer left while its batch ran
-                continue
             request.peer.floats[: rows.size] = rows.reshape(-1)
             self._send(
                 request,
@@ -348,10 +289,8 @@ def _exit_while_loading(signum: int, frame: Any) -> None:
 
 
 def pool_math_threads(settings: Settings) -> int:
-    """Intra-op threads per pool batch: SERVING_MATH_THREADS, else the cores split evenly between
-    the pool's processes and each process's lanes."""
-    share = max(1, settings.pool_processes) * settings.pool_lanes
-    return settings.math_threads or max(1, available_cores() // share)
+    """Intra-op threads per pool process: SERVING_MATH_THREADS, else the cores split evenly."""
+    return settings.math_threads or max(1, available_cores() // max(1, settings.pool_processes))
 
 
 def pool_batch_size(settings: Settings) -> int:
@@ -406,18 +345,15 @@ class ModelPoolApp(DirtyApp):
         if settings.share_memory:
             page_out_libraries()
         path = Path(settings.pool_dir) / f"{os.getpid()}.sock"
-        self.server = PoolServer(
-            models, path, pool_batch_size(settings), settings.max_queue, settings.pool_lanes
-        )
+        self.server = PoolServer(models, path, pool_batch_size(settings), settings.max_queue)
         self.server.start()
         log.info(
-            "model pool process %d serves %s on %s (%s, %d lane(s) of %d math threads, batches"
-            " of up to %d), loaded in %.2fs",
+            "model pool process %d serves %s on %s (%s, %d math threads, batches of up to %d),"
+            " loaded in %.2fs",
             os.getpid(),
             ", ".join(models),
             path,
             settings.pool_device,
-            settings.pool_lanes,
             pool_math_threads(settings),
             pool_batch_size(settings),
             time.monotonic() - started,

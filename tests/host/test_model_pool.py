@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serving.errors import DeadlineExceeded, InferenceError, InvalidInput, PoolUnavailable, QueueFull
+from serving.errors import DeadlineExceeded, InvalidInput, PoolUnavailable, QueueFull
 from serving.host.model_pool import PoolServer
 from serving.runtime.model_pool import PoolClient
 from serving.runtime.pool_wire import mapping_size
@@ -36,8 +36,8 @@ def pool(tmp_path: Path) -> Any:
     clients: list[PoolClient] = []
 
     def make(backend: Any, max_batch_size: int = 32, max_queue: int = 64, name: str = "1.sock",
-             timeout_s: float = 5.0, lanes: int = 1) -> tuple[PoolServer, PoolClient]:
-        server = PoolServer({"m:1": backend}, tmp_path / name, max_batch_size, max_queue, lanes)
+             timeout_s: float = 5.0) -> tuple[PoolServer, PoolClient]:
+        server = PoolServer({"m:1": backend}, tmp_path / name, max_batch_size, max_queue)
         server.start()
         servers.append(server)
         clients.append(PoolClient(tmp_path, mapping_size(64, 28 * 28), timeout_s))
@@ -75,65 +75,6 @@ def test_batches_stay_within_max_batch_size_and_never_split_a_request(pool: Any)
     with ThreadPoolExecutor(8) as executor:
         list(executor.map(lambda _: client.call("m:1", np.ones((3, 8, 8), np.float32)), range(8)))
     assert all(size <= 4 or size == 3 for size in backend.batches) and max(backend.batches) == 3
-
-
-class Overlapping(Scaled):
-    """Records how many predict calls ran at once, and on which threads; raises on a batch of -1s."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__(delay)
-        self.lock, self.running, self.most, self.threads = threading.Lock(), 0, 0, set()
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        with self.lock:
-            self.running += 1
-            self.most = max(self.most, self.running)
-            self.threads.add(threading.current_thread().name)
-        try:
-            if (batch == -1).all():
-                raise RuntimeError("a model that fails on this input")
-            return super().predict(batch)
-        finally:
-            with self.lock:
-                self.running -= 1
-
-
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_lanes_run_that_many_batches_at_once_and_each_caller_gets_its_rows(pool: Any, lanes: int) -> None:
-    backend = Overlapping(delay=0.15)
-    _, client = pool(backend, max_batch_size=1, lanes=lanes)  # one request per batch: none merge
-    samples = [np.full((1, 8, 8), i, dtype=np.float32) for i in range(4)]
-    started = time.monotonic()
-    with ThreadPoolExecutor(4) as executor:
-        outputs = list(executor.map(lambda s: client.call("m:1", s), samples))
-    elapsed = time.monotonic() - started
-    assert [out[0, 0] for out in outputs] == [pytest.approx(64 * i) for i in range(4)]
-    assert backend.most == lanes, (backend.most, backend.threads)
-    if lanes == 1:
-        assert backend.threads == {"model-pool"} and elapsed >= 4 * 0.15
-    else:  # the serving thread only reads and answers; two 0.15 s batches at a time
-        assert all(name.startswith("model-pool-lane") for name in backend.threads)
-        assert elapsed < 3 * 0.15, elapsed
-
-
-def test_a_batch_that_fails_on_a_lane_is_a_500_and_the_lanes_go_on(pool: Any) -> None:
-    backend = Overlapping(delay=0.0)
-    _, client = pool(backend, lanes=2)
-    with pytest.raises(InferenceError):
-        client.call("m:1", np.full((1, 8, 8), -1, np.float32))
-    with ThreadPoolExecutor(8) as executor:
-        outputs = list(executor.map(lambda i: client.call("m:1", np.full((1, 8, 8), i, np.float32)), range(8)))
-    assert [out[0, 0] for out in outputs] == [pytest.approx(64 * i) for i in range(8)]
-
-
-def test_a_stop_answers_the_batches_still_running_on_lanes(pool: Any) -> None:
-    server, client = pool(Overlapping(delay=0.3), max_batch_size=1, lanes=2)
-    with ThreadPoolExecutor(3) as executor:
-        calls = [executor.submit(client.call, "m:1", np.full((1, 8, 8), i, np.float32)) for i in range(3)]
-        time.sleep(0.1)  # two batches on the lanes, one waiting
-        server.stop()
-        assert [call.result()[0, 0] for call in calls] == [pytest.approx(64 * i) for i in range(3)]
-    assert not server.thread.is_alive()
 
 
 def test_a_full_queue_is_refused_at_once(pool: Any) -> None:
