@@ -154,6 +154,12 @@ class Settings:
         " workers > cores); off when other servers share the machine's cores (docs/operations.md,"
         " CPU affinity)",
     )
+    balance_connections: bool = setting(
+        True,
+        "spread keep-alive connections evenly over the workers (threaded and batched modes): a"
+        " worker holding more connections than another waits 1 ms before accepting one, so that"
+        " the other takes it (docs/operations.md, connection balance)",
+    )
     share_memory: bool = setting(
         True,
         "import the backends' frameworks (and load ONNX Runtime and TorchScript models) in the"

@@ -27,7 +27,7 @@ try:
 except ConfigError as exc:
     sys.exit(f"error: {exc}")
 
-from serving.host import affinity, daemon_report, hooks, sharing  # noqa: E402
+from serving.host import affinity, balance, daemon_report, hooks, sharing  # noqa: E402
 from serving.host import pool_dir as pool  # noqa: E402
 from serving.host import workers as worker_classes  # noqa: E402
 from serving.observability.logging import gunicorn_logger_class  # noqa: E402
@@ -82,6 +82,12 @@ if settings.front == "asgi":
     wsgi_app = "asgi_server:app"
     worker_class = "serving.host.asgi_workers.UvicornWorker"
     threads = 1
+
+# Keep-alive connections spread evenly over the gthread workers (serving/host/balance.py): the
+# shared array of connection counts is mapped here, before the first fork. A `-k` on the command
+# line that picks another worker class simply never reads it.
+if settings.balance_connections and worker_class.endswith(".ThreadWorker"):
+    balance.prepare()
 
 # SERVING_MODEL_POOL=N: N model processes hold the models for every HTTP worker; they are
 # gunicorn's dirty workers, supervised by its dirty arbiter (serving/host/model_pool.py). Their
@@ -159,11 +165,12 @@ def on_dirty_starting(arbiter):
 
 def pre_fork(server, worker):
     """Master, before each fork: what it allocated since is frozen too (shared, never collected);
-    the worker's share of the cores chosen."""
+    the worker's share of the cores and its slot for its connection count chosen."""
     if settings.share_memory:
         sharing.freeze_before_fork()
     if settings.cpu_affinity:
         affinity.assign(server, worker)
+    balance.assign(server, worker)
 
 
 def post_fork(server, worker):
@@ -203,5 +210,6 @@ def on_exit(server):
 
 
 def child_exit(server, worker):
-    """Master: a worker exited; stop counting its live metrics."""
+    """Master: a worker exited; stop counting its live metrics and its connections."""
     hooks.worker_exited(worker)
+    balance.release(worker)

@@ -45,6 +45,7 @@ from gunicorn.workers import gthread, sync
 
 from serving.config import CLIENT_SILENCE_S, silence_limit
 from serving.errors import ConfigError
+from serving.host import balance
 from serving.http.encoding import json_bytes
 
 #: Longest error message echoed: gunicorn's messages quote the offending request line or header.
@@ -238,7 +239,16 @@ class SyncWorker(JsonErrors, sync.SyncWorker):
 
 
 class ThreadWorker(JsonErrors, gthread.ThreadWorker):
-    """gunicorn's gthread worker (threaded and batched modes)."""
+    """gunicorn's gthread worker (threaded and batched modes), which also spreads keep-alive
+    connections evenly over the workers (``serving.host.balance``)."""
+
+    def notify(self) -> None:
+        super().notify()
+        balance.publish(getattr(self, balance.ATTRIBUTE, None), self.nr_conns)
+
+    def accept(self, listener: Any) -> None:
+        balance.yield_to_others(getattr(self, balance.ATTRIBUTE, None), self.nr_conns)
+        super().accept(listener)
 
     def handle(self, conn: Any) -> Any:
         if not conn.initialized and not isinstance(conn.sock, ClientSocket):
