@@ -8,8 +8,10 @@
    difference of the medians.
 2. Throughput on ``digits-large-torch`` (5.3M weights) at each concurrency, one sample per request: batched
    mode in every worker (``-w 2``, as shipped) against the pool (``-w 2`` threaded HTTP workers, one pool
-   process), for the pytorch and onnx backends, wrk on ``POST /predict``.
-3. Total PSS of the pool server at ``-w 1`` and ``-w 8`` HTTP workers.
+   process) as shipped and as it was before ``SERVING_POOL_PRIORITY`` (no priority, a math thread per core),
+   for the pytorch and onnx backends, wrk on ``POST /predict``.
+3. TensorFlow's default in process mode (the pool, as shipped and as before) against TensorFlow in every worker.
+4. Total PSS of the pool server at ``-w 1`` and ``-w 8`` HTTP workers.
 
 Writes ``reports/pool-<stamp>.md``.
 """
@@ -165,10 +167,9 @@ def main() -> None:
     script = digits_script(out_dir)
     rows = []
     for backend in args.backends.split(","):
-        for label, settings in (("batched, model in every worker", {"mode": "batched"}),
-                                ("pool (threaded HTTP workers)", {"mode": "threaded", "model_pool": 1})):
+        for index, (label, settings) in enumerate(SERVERS):
             for level in (int(c) for c in args.concurrency.split(",")):
-                slug = f"{backend}-{settings['mode']}-{level}"
+                slug = f"{backend}-{index}-{level}"
                 with model_server("wsgi", args.repo, out_dir, slug, ["--no-control-socket"],
                                   model="digits-large-torch", backend=backend, workers=2, **settings) as server:
                     result = run_wrk(server.url + "/predict", script, level, args.seconds)
@@ -228,8 +229,16 @@ def main() -> None:
     print(f"report: {path}")
 
 
+SERVERS = (("batched, model in every worker", {"mode": "batched"}),
+           ("pool (threaded HTTP workers)", {"mode": "threaded", "model_pool": 1}),
+           # the pool before SERVING_POOL_PRIORITY: no priority, a math thread per core
+           ("pool, no priority, a math thread per core", {"mode": "threaded", "model_pool": 1, "pool_priority": 0,
+                                                          "math_threads": len(os.sched_getaffinity(0))}))
 TF_DEFAULTS = (("in every worker (SERVING_MODEL_POOL=0)", {"model_pool": 0}),
-               ("the pool (SERVING_MODEL_POOL=auto, the default)", {}))
+               ("the pool (SERVING_MODEL_POOL=auto, the default)", {}),
+               # the pool before SERVING_POOL_PRIORITY: no priority, a math thread per core
+               ("the pool, no priority, a math thread per core", {"pool_priority": 0,
+                                                                   "math_threads": len(os.sched_getaffinity(0))}))
 
 
 def tensorflow_default(args: argparse.Namespace, out_dir: Path, script: Path) -> list[tuple[Any, ...]]:
@@ -239,7 +248,7 @@ def tensorflow_default(args: argparse.Namespace, out_dir: Path, script: Path) ->
     for round_number in (1, 2):
         for workers in (2, 4):
             for label, settings in TF_DEFAULTS:
-                slug = f"tf-default-{settings.get('model_pool', 'auto')}-w{workers}-r{round_number}"
+                slug = f"tf-default-{label[:12].replace(' ', '-')}-{len(settings)}-w{workers}-r{round_number}"
                 with model_server("wsgi", args.repo, out_dir, slug, ["--no-control-socket"], model="digits-tf",
                                   backend="tensorflow", workers=workers, **settings) as server:
                     run_wrk(server.url + "/predict", script, 8, 2)  # every worker and the pool warm

@@ -1,7 +1,7 @@
 """Where the CPU goes: the model pool against batched mode on the large model, per request and per process.
 
     python -m bench.pool_cpu [--seconds 6] [--concurrency 32,64] [--backends onnx,pytorch] [--rounds 2]
-                             [--servers batched,batched-pinned,pool,pool-pinned,pool-1t]
+                             [--servers batched,batched-pinned,pool,pool-pinned,pool-before,pool-no-priority,pool-w4]
 
 Issue 24 asks the pool on ``digits-large-torch`` to serve at least batched mode's samples/s at 32-64 connections.
 On a machine whose cores are all busy (the load generator included), samples/s = busy cores / CPU per request,
@@ -11,15 +11,18 @@ so this measures the CPU each request costs in every process. For each backend a
 - batched mode, the model in every worker (``SERVING_MODE=batched``), as shipped and with its workers pinned to
   their cores (``SERVING_CPU_AFFINITY=true``);
 - the pool: threaded HTTP workers and one pool process (``SERVING_MODEL_POOL=1``), as shipped and with the HTTP
-  workers pinned (the pool's process is never pinned: its math threads use every core);
-- the pool with one math thread (``SERVING_MATH_THREADS=1``), not run unless named.
+  workers pinned (the pool's process is never pinned);
+- the pool as it was before ``SERVING_POOL_PRIORITY`` (``pool-before``: no priority of its own and a math thread
+  per core), with today's math threads but no priority (``pool-no-priority``), and with 4 HTTP workers
+  (``pool-w4``).
 
 ``--servers`` picks which of them run (by the names above); the first is the others' baseline.
 
 During ``--seconds`` of wrk (after 1 s of it), the CPU time (user + system, ``/proc/<pid>/stat``) of the master,
 the HTTP workers, the pool's arbiter and its processes, the machine's busy share (``/proc/stat``), and the mean
 batch of batched mode (``serving_batch_size``'s sum over its count on ``/metrics``; the pool's processes do not
-count theirs there). Writes ``reports/pool-cpu-<stamp>.md``.
+count theirs there), and how long the pool's busiest thread waited for a core while runnable
+(``/proc/<pid>/task/<tid>/schedstat``). Writes ``reports/pool-cpu-<stamp>.md``.
 """
 
 from __future__ import annotations
@@ -40,11 +43,16 @@ from bench.harness import ROOT, digits_script, model_server, run_wrk
 from serving.observability.memory import tree_memory
 
 TICK = os.sysconf("SC_CLK_TCK")
+CORES = len(os.sched_getaffinity(0))
 SERVERS = {"batched": ("batched, model in every worker", {"mode": "batched"}),
            "batched-pinned": ("batched, workers pinned", {"mode": "batched", "cpu_affinity": "true"}),
            "pool": ("pool", {"mode": "threaded", "model_pool": 1}),
            "pool-pinned": ("pool, HTTP workers pinned", {"mode": "threaded", "model_pool": 1, "cpu_affinity": "true"}),
-           "pool-1t": ("pool, 1 math thread", {"mode": "threaded", "model_pool": 1, "math_threads": 1})}
+           # the pool before SERVING_POOL_PRIORITY: every core's math thread in its process, no priority of its own
+           "pool-before": ("pool, no priority, a math thread per core",
+                           {"mode": "threaded", "model_pool": 1, "pool_priority": 0, "math_threads": CORES}),
+           "pool-no-priority": ("pool, no priority", {"mode": "threaded", "model_pool": 1, "pool_priority": 0}),
+           "pool-w4": ("pool, -w 4", {"mode": "threaded", "model_pool": 1, "workers": 4})}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -81,6 +89,31 @@ def snapshot(master: int) -> dict[str, float]:
     return by_role
 
 
+def pool_threads(master: int) -> dict[int, tuple[int, int]]:
+    """(ns on a core, ns runnable but waiting for one) of every thread of the pool's processes."""
+    found = {}
+    for process in tree_memory(master):
+        if process.role != "pool":
+            continue
+        for task in Path(f"/proc/{process.pid}/task").iterdir():
+            try:
+                ran, waited, _slices = (int(v) for v in (task / "schedstat").read_text().split())
+            except (OSError, ValueError):
+                continue
+            found[int(task.name)] = (ran, waited)
+    return found
+
+
+def busiest_wait(first: dict[int, tuple[int, int]], last: dict[int, tuple[int, int]], elapsed: float
+                 ) -> tuple[float, float]:
+    """(share of the time on a core, share waiting for one) of the pool thread that ran most."""
+    deltas = [(last[t][0] - first[t][0], last[t][1] - first[t][1]) for t in last if t in first]
+    if not deltas:
+        return float("nan"), float("nan")
+    ran, waited = max(deltas)
+    return ran / 1e9 / elapsed, waited / 1e9 / elapsed
+
+
 def measure(server: Any, script: Path, level: int, seconds: int) -> dict[str, Any]:
     """wrk for 1 + ``seconds`` s; the CPU and batches of the last ``seconds``."""
     result: dict[str, Any] = {}
@@ -89,15 +122,18 @@ def measure(server: Any, script: Path, level: int, seconds: int) -> dict[str, An
     driver.start()
     time.sleep(1)
     first, busy0, batch0 = snapshot(server.pid), machine(), batches(server.url)
+    threads0 = pool_threads(server.pid)
     started = time.monotonic()
     time.sleep(seconds - 0.2)
     last, busy1, batch1 = snapshot(server.pid), machine(), batches(server.url)
+    threads1 = pool_threads(server.pid)
     elapsed = time.monotonic() - started
     driver.join()
     roles = {role: last.get(role, 0.0) - first.get(role, 0.0) for role in last}
     count = batch1[1] - batch0[1]
     return {"wrk": result["wrk"], "roles": roles, "elapsed": elapsed,
             "busy": (busy1[0] - busy0[0]) / (busy1[1] - busy0[1]),
+            "pool_thread": busiest_wait(threads0, threads1, elapsed),
             "batch": (batch1[0] - batch0[0]) / count if count else float("nan")}
 
 
@@ -124,8 +160,9 @@ def main() -> None:
             for level in (int(c) for c in args.concurrency.split(",")):
                 for name, (label, settings) in zip(args.servers.split(","), args.configs, strict=True):
                     slug = f"{backend}-{name}-{level}-r{round_number}"
+                    settings = {"workers": 2, **settings}
                     with model_server("wsgi", args.repo, out_dir, slug, ["--no-control-socket"],
-                                      model="digits-large-torch", backend=backend, workers=2, **settings) as server:
+                                      model="digits-large-torch", backend=backend, **settings) as server:
                         run_wrk(server.url + "/predict", script, level, 2)  # warm: every worker and pool process
                         found = measure(server, script, level, args.seconds)
                     rows.append((round_number, backend, level, label, found))
@@ -133,25 +170,33 @@ def main() -> None:
                     server_cpu = sum(found["roles"].values())
                     print(f"r{round_number} {backend} c{level} {label}: {rate:,.0f} samples/s, server CPU"
                           f" {server_cpu / found['elapsed'] / rate * 1e6:,.0f} us per request, machine busy"
-                          f" {found['busy']:.0%}, mean batch {found['batch']:.1f}", flush=True)
+                          f" {found['busy']:.0%}, mean batch {found['batch']:.1f}, pool thread on a core / waiting"
+                          f" for one {found['pool_thread'][0]:.0%} / {found['pool_thread'][1]:.0%}", flush=True)
     path = args.reports / f"pool-cpu-{stamp}.md"
     path.write_text(render(args, rows, stamp))
     print(path.read_text())
     print(f"report: {path}")
 
 
+def on_core(found: dict[str, Any]) -> str:
+    """The pool's busiest thread: its share of the time on a core and waiting for one."""
+    ran, waited = found["pool_thread"]
+    return "-" if ran != ran else f"{ran:.0%}, {waited:.0%}"  # NaN: no pool
+
+
 def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) -> str:
     lines = [f"# The model pool against batched mode: CPU per request, {stamp} UTC", "",
              f"`python -m bench.pool_cpu --seconds {args.seconds} --concurrency {args.concurrency} --backends"
              f" {args.backends} --rounds {args.rounds} --servers {args.servers}` on {os.cpu_count()} cores:"
-             " `digits-large-torch`, `-w 2`, one 8x8 sample per request, wrk on POST /predict, the servers"
+             " `digits-large-torch`, `-w 2` unless the row says otherwise, one 8x8 sample per request,"
+             " wrk on POST /predict, the servers"
              " alternating. CPU is user + system time of each process and all its threads over the measured"
              " window, divided by the requests answered in it;"
              " \"rest\" is every other busy second of the machine (wrk, the kernel's softirqs) per request. The mean"
              " batch is batched mode's (the pool's processes do not count theirs in serving_batch_size).", "",
              "| round | backend | connections | serving | samples/s | machine busy | mean batch | HTTP workers, us |"
-             " pool, us | master and arbiter, us | server, us | rest, us |",
-             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             " pool, us | master and arbiter, us | server, us | rest, us | pool thread: on a core, waiting for one |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     cores = os.cpu_count() or 1
     for round_number, backend, level, label, found in rows:
         rate = found["wrk"].requests_per_s
@@ -161,7 +206,8 @@ def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) ->
         batch = "-" if "pool" in found["roles"] else f"{found['batch']:.1f}"  # the pool's batches are not counted
         lines.append(f"| {round_number} | {backend} | {level} | {label} | {rate:,.0f} | {found['busy']:.0%} |"
                      f" {batch} | {per.get('worker', 0):,.0f} | {per.get('pool', 0):,.0f} |"
-                     f" {per.get('master', 0) + per.get('pool-arbiter', 0):,.0f} | {server:,.0f} | {rest:,.0f} |")
+                     f" {per.get('master', 0) + per.get('pool-arbiter', 0):,.0f} | {server:,.0f} | {rest:,.0f} |"
+                     f" {on_core(found)} |")
     lines += ["", "## Means over the rounds", "",
               f"| backend | connections | serving | samples/s | / {args.configs[0][0]} | server CPU per request, us"
               f" | / {args.configs[0][0]} |",

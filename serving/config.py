@@ -182,6 +182,16 @@ class Settings:
         " SERVING_WORKERS / SERVING_MODEL_POOL (its batches hold every HTTP worker's requests)",
         minimum=0,
     )
+    pool_priority: str = setting(
+        "auto",
+        "model pool: nice levels its processes run ahead of the HTTP workers, whose nice value goes"
+        " up instead where the pool's may not go down; none while the pool's math threads fill"
+        " every core; auto = 19 when a served model takes 100 us or more per sample (timed once"
+        " loaded), else 0 (docs/operations.md, model pool priority)",
+        pattern=re.compile(r"^(auto|[0-9]|1[0-9])$"),
+        hint="is not auto or a number of nice levels from 0 to 19",
+        accepts="auto | 0 to 19",
+    )
     pool_dir: str = setting(
         "",
         "directory of the model pool's sockets (its own, mode 0700); empty = a fresh temporary"

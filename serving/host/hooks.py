@@ -30,6 +30,8 @@ from serving.backends import is_thread_safe
 from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
 from serving.fronts.parts import ServingParts, parts_of
+from serving.host.priority import plan as priority_plan
+from serving.host.priority import pool_math_threads
 from serving.host.sharing import c_library
 from serving.http.security import Gate, host_name
 from serving.observability import drift, observed
@@ -177,6 +179,13 @@ def check_before_fork(server: Any, settings: Settings) -> None:
         f"{grpc_address} (every worker)" if grpc_address else "off",
         "each worker pinned to its cores" if settings.cpu_affinity else "off",
     )
+    if settings.pool_processes:
+        server.log.info(
+            "model pool: %d processes x %d math threads; priority: %s",
+            settings.pool_processes,
+            pool_math_threads(settings),
+            priority_plan(settings).reason,
+        )
 
 
 def check_payload_log(settings: Settings) -> None:

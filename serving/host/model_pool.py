@@ -35,8 +35,9 @@ import orjson
 from gunicorn.dirty.app import DirtyApp
 
 from serving.backends import Backend, backend_class
-from serving.config import Settings, available_cores
+from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
+from serving.host.priority import pool_math_threads, raise_pool
 from serving.host.sharing import page_out_libraries
 from serving.observability.logging import configure_logging
 from serving.runtime import pool_wire as wire
@@ -88,6 +89,9 @@ class PoolServer:
         self.selector.register(self._wake_r, selectors.EVENT_READ)
         self.thread = threading.Thread(target=self.serve, name="model-pool", daemon=True)
         self.batches = 0
+        #: The nice value each HTTP worker takes when the pool may not lower its own (the hello
+        #: tells them; ``serving.host.priority``); None = keep theirs.
+        self.worker_nice: int | None = None
 
     def start(self) -> None:
         self.thread.start()
@@ -146,7 +150,9 @@ class PoolServer:
                     memory = mmap.mmap(fds[0], size)
                 finally:
                     os.close(fds[0])
-                body = orjson.dumps({"models": sorted(self.models)})
+                body = orjson.dumps(
+                    {"models": sorted(self.models), "worker_nice": self.worker_nice}
+                )
                 sock.sendall(wire.HELLO_REPLY.pack(200, len(body)) + body)
                 sock.setblocking(False)
             except (OSError, ValueError) as exc:
@@ -288,11 +294,6 @@ def _exit_while_loading(signum: int, frame: Any) -> None:
     os._exit(0)
 
 
-def pool_math_threads(settings: Settings) -> int:
-    """Intra-op threads per pool process: SERVING_MATH_THREADS, else the cores split evenly."""
-    return settings.math_threads or max(1, available_cores() // max(1, settings.pool_processes))
-
-
 def pool_batch_size(settings: Settings) -> int:
     """Samples per pool batch: the HTTP workers' batches together, split between pool processes."""
     if settings.pool_max_batch_size:
@@ -340,22 +341,27 @@ class ModelPoolApp(DirtyApp):
         finally:
             for stop, handler in handlers.items():
                 signal.signal(stop, handler)
+        # The pool's serving thread is every request's serial step: for a heavy model it comes
+        # before the HTTP workers (serving/host/priority.py); the threads it starts inherit that.
+        priority = raise_pool(settings, models)
         gc.collect()
         gc.freeze()
         if settings.share_memory:
             page_out_libraries()
         path = Path(settings.pool_dir) / f"{os.getpid()}.sock"
         self.server = PoolServer(models, path, pool_batch_size(settings), settings.max_queue)
+        self.server.worker_nice = priority.worker_nice
         self.server.start()
         log.info(
-            "model pool process %d serves %s on %s (%s, %d math threads, batches of up to %d),"
-            " loaded in %.2fs",
+            "model pool process %d serves %s on %s (%s, %d math threads, batches of up to %d,"
+            " priority: %s), loaded in %.2fs",
             os.getpid(),
             ", ".join(models),
             path,
             settings.pool_device,
             pool_math_threads(settings),
             pool_batch_size(settings),
+            priority.reason,
             time.monotonic() - started,
         )
 

@@ -53,6 +53,19 @@ SPIN_S = 50e-6
 SPIN_BACKOFF = 16
 
 
+def set_threads_nice(value: int) -> int:
+    """Set every thread of this process to nice ``value`` (Linux keeps one per thread, and a new
+    thread inherits its creator's); the number of threads set."""
+    done = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(task.name), value)
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue
+        done += 1
+    return done
+
+
 class PoolConnection:
     """One request thread's connection to one pool process, with the memory both sides map."""
 
@@ -87,6 +100,14 @@ class PoolConnection:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
         self.floats = np.frombuffer(self.memory, np.float32)
         self.models: frozenset[str] = frozenset(body["models"])
+        # A pool that comes first but may not lower its own nice value asks the HTTP workers to
+        # raise theirs (serving/host/priority.py): the whole worker, once.
+        wanted = body.get("worker_nice")
+        if isinstance(wanted, int) and os.getpriority(os.PRIO_PROCESS, 0) < wanted:
+            try:
+                set_threads_nice(wanted)
+            except OSError:  # another user's thread, or a security module: keep the nice value
+                pass
         self.next_id = 0
         self._sleep_next = 0
 
