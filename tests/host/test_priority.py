@@ -61,7 +61,7 @@ def test_auto_puts_the_pool_first_for_a_heavy_model_only(monkeypatch: pytest.Mon
 
 
 class Slow:
-    """A backend whose every call takes 2 ms, for any batch: 250 us per sample in a batch of 8."""
+    """A backend whose every call takes 2 ms of CPU, for any batch: 250 us per sample in a batch of 8."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.metadata = type("Meta", (), {"input_shape": shape})()
@@ -69,7 +69,9 @@ class Slow:
 
     def predict(self, batch: Any) -> Any:
         self.seen.append(batch.shape)
-        time.sleep(0.002)
+        until = time.perf_counter() + 0.002
+        while time.perf_counter() < until:
+            pass
         return batch
 
 
@@ -82,7 +84,9 @@ def test_the_slowest_model_is_timed_on_a_batch_of_zeros() -> None:
     slow, fast = Slow((8, 8)), Slow((3,))
     fast.predict = lambda batch: batch  # type: ignore[method-assign]
     cost = priority.sample_cost_us({"a:1": fast, "b:1": slow, "c:1": Refusing((2,))})  # type: ignore[dict-item]
-    assert 240 <= cost < 400, cost
+    # CPU time of the whole process: at least the 2 ms this thread burned per call (other threads of
+    # the test process, a framework's spinning pool, may add to it)
+    assert cost >= 240, cost
     assert set(slow.seen) == {(8, 8, 8)} and len(slow.seen) == 1 + priority.TIMING_CALLS
 
 
