@@ -1,7 +1,9 @@
 """Where the CPU goes: the model pool against batched mode on the large model, per request and per process.
 
     python -m bench.pool_cpu [--seconds 6] [--concurrency 32,64] [--backends onnx,pytorch] [--rounds 2]
-                             [--servers batched,batched-pinned,pool,pool-pinned,pool-before,pool-no-priority,pool-w4]
+                             [--model M]
+                             [--servers NAME,...] (batched, batched-pinned, pool, pool-pinned, pool-before,
+                              pool-no-priority, pool-first, pool-w4)
 
 Issue 24 asks the pool on ``digits-large-torch`` to serve at least batched mode's samples/s at 32-64 connections.
 On a machine whose cores are all busy (the load generator included), samples/s = busy cores / CPU per request,
@@ -13,8 +15,10 @@ so this measures the CPU each request costs in every process. For each backend a
 - the pool: threaded HTTP workers and one pool process (``SERVING_MODEL_POOL=1``), as shipped and with the HTTP
   workers pinned (the pool's process is never pinned);
 - the pool as it was before ``SERVING_POOL_PRIORITY`` (``pool-before``: no priority of its own and a math thread
-  per core), with today's math threads but no priority (``pool-no-priority``), and with 4 HTTP workers
-  (``pool-w4``).
+  per core), with today's math threads but no priority (``pool-no-priority``), put first whatever the model
+  (``pool-first``), and with 4 HTTP workers (``pool-w4``).
+
+``--model`` serves another model of the repository (``digits-tf`` with ``--backends tensorflow``: a light one).
 
 ``--servers`` picks which of them run (by the names above); the first is the others' baseline.
 
@@ -52,6 +56,8 @@ SERVERS = {"batched": ("batched, model in every worker", {"mode": "batched"}),
            "pool-before": ("pool, no priority, a math thread per core",
                            {"mode": "threaded", "model_pool": 1, "pool_priority": 0, "math_threads": CORES}),
            "pool-no-priority": ("pool, no priority", {"mode": "threaded", "model_pool": 1, "pool_priority": 0}),
+           "pool-first": ("pool, put first whatever the model", {"mode": "threaded", "model_pool": 1,
+                                                                  "pool_priority": 19}),
            "pool-w4": ("pool, -w 4", {"mode": "threaded", "model_pool": 1, "workers": 4})}
 
 
@@ -145,6 +151,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--servers", default="batched,batched-pinned,pool,pool-pinned",
                         help=f"which of {', '.join(SERVERS)}; the first is the baseline")
+    parser.add_argument("--model", default="digits-large-torch", help="the model served (one 8x8 sample)")
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
@@ -152,7 +159,8 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out_dir = args.reports / f"pool-cpu-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    ensure_large_models(args.repo, ["pytorch"])
+    if args.model == "digits-large-torch":
+        ensure_large_models(args.repo, ["pytorch"])
     script = digits_script(out_dir)
     rows = []
     for round_number in range(1, args.rounds + 1):
@@ -162,7 +170,7 @@ def main() -> None:
                     slug = f"{backend}-{name}-{level}-r{round_number}"
                     settings = {"workers": 2, **settings}
                     with model_server("wsgi", args.repo, out_dir, slug, ["--no-control-socket"],
-                                      model="digits-large-torch", backend=backend, **settings) as server:
+                                      model=args.model, backend=backend, **settings) as server:
                         run_wrk(server.url + "/predict", script, level, 2)  # warm: every worker and pool process
                         found = measure(server, script, level, args.seconds)
                     rows.append((round_number, backend, level, label, found))
@@ -187,9 +195,9 @@ def on_core(found: dict[str, Any]) -> str:
 def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) -> str:
     lines = [f"# The model pool against batched mode: CPU per request, {stamp} UTC", "",
              f"`python -m bench.pool_cpu --seconds {args.seconds} --concurrency {args.concurrency} --backends"
-             f" {args.backends} --rounds {args.rounds} --servers {args.servers}` on {os.cpu_count()} cores:"
-             " `digits-large-torch`, `-w 2` unless the row says otherwise, one 8x8 sample per request,"
-             " wrk on POST /predict, the servers"
+             f" {args.backends} --rounds {args.rounds} --servers {args.servers} --model {args.model}` on"
+             f" {os.cpu_count()} cores: `{args.model}`, `-w 2` unless the row says otherwise,"
+             " one 8x8 sample per request, wrk on POST /predict, the servers"
              " alternating. CPU is user + system time of each process and all its threads over the measured"
              " window, divided by the requests answered in it;"
              " \"rest\" is every other busy second of the machine (wrk, the kernel's softirqs) per request. The mean"

@@ -73,6 +73,12 @@ class Backend(ABC):
         """Version string of the framework, for logs (after ``load``)."""
         return ""
 
+    def limit_math_threads(self, threads: int) -> bool:
+        """Run on ``threads`` math threads from now on, after ``load``; False where the framework
+        cannot change them once a model is loaded (the model pool's priority needs cores left to
+        the HTTP workers: ``serving.host.priority``)."""
+        return False
+
     def _layout(self, batch: np.ndarray) -> np.ndarray:
         """The batch as the model takes it: channel axis (NHWC, NCHW), as is (NHW) or flat; uint8
         or float64 if asked."""

@@ -71,6 +71,13 @@ class OnnxRuntimeBackend(Backend):
                 )
             self._keys = keys
 
+    def limit_math_threads(self, threads: int) -> bool:
+        """A session's threads are fixed when it is made: a new one (a fraction of a second)."""
+        if threads != self.math_threads:
+            self.math_threads = threads
+            self.load()
+        return True
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         output = self._session.run(self._outputs, {self._input: self._layout(batch)})[0]
         if self._keys is not None:

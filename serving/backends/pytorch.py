@@ -51,6 +51,11 @@ class TorchScriptBackend(Backend):
         # folds weights into the graph; optimize_for_inference asserts
         self._module = torch.jit.freeze(module)
 
+    def limit_math_threads(self, threads: int) -> bool:
+        self._torch.set_num_threads(threads)  # the intra-op pool takes it at its next call
+        self.math_threads = threads
+        return True
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         with self._torch.inference_mode():
             output = self._module(self._torch.from_numpy(np.ascontiguousarray(self._layout(batch))))

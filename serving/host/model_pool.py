@@ -343,7 +343,7 @@ class ModelPoolApp(DirtyApp):
                 signal.signal(stop, handler)
         # The pool's serving thread is every request's serial step: for a heavy model it comes
         # before the HTTP workers (serving/host/priority.py); the threads it starts inherit that.
-        priority = raise_pool(settings, models)
+        priority, threads = raise_pool(settings, models)
         gc.collect()
         gc.freeze()
         if settings.share_memory:
@@ -359,7 +359,7 @@ class ModelPoolApp(DirtyApp):
             ", ".join(models),
             path,
             settings.pool_device,
-            pool_math_threads(settings),
+            threads,
             pool_batch_size(settings),
             priority.reason,
             time.monotonic() - started,

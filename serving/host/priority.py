@@ -20,8 +20,9 @@ workers whenever they have work, for models heavy enough that the pool is the se
 #
 # A pool whose math threads alone could fill every core gets no priority: PyTorch's OpenMP threads
 # spin while they wait for work, and at a priority above the HTTP workers they kept those from
-# reading the requests the pool waits for (0.21x the samples/s with 2 math threads on 2 cores).
-# ``pool_math_threads`` leaves half the cores to the HTTP workers by default.
+# reading the requests the pool waits for (0.21x the samples/s with 2 math threads on 2 cores). So a
+# heavy model loaded on every core (the default) goes down to half of them first where its
+# framework can change its threads once loaded (PyTorch, ONNX Runtime); a light model keeps them.
 """
 
 from __future__ import annotations
@@ -59,10 +60,13 @@ class Plan:
 
 
 def pool_math_threads(settings: Settings) -> int:
-    """Intra-op threads per pool process: SERVING_MATH_THREADS, else half the cores split evenly
-    between the pool's processes (the other half reads and answers the requests)."""
-    if settings.math_threads:
-        return settings.math_threads
+    """Intra-op threads per pool process as it loads its models: SERVING_MATH_THREADS, else the
+    cores split evenly between the pool's processes."""
+    return settings.math_threads or max(1, available_cores() // max(1, settings.pool_processes))
+
+
+def shared_math_threads(settings: Settings) -> int:
+    """Intra-op threads per pool process that leave half the cores to the HTTP workers."""
     return max(1, available_cores() // (2 * max(1, settings.pool_processes)))
 
 
@@ -100,21 +104,13 @@ def sample_cost_us(models: dict[str, Backend]) -> float:
     return slowest
 
 
-def plan(settings: Settings, cost_us: float | None = None) -> Plan:
+def plan(settings: Settings, cost_us: float | None = None, threads: int | None = None) -> Plan:
     """What ``SERVING_POOL_PRIORITY`` does for a pool whose slowest model takes ``cost_us`` per
-    sample (None: not known yet, in the master). The master, the pool and the HTTP workers inherit
-    one nice value, limits and capabilities, so they agree on what is allowed."""
+    sample on ``threads`` math threads per process (None: not known yet, in the master). The
+    master, the pool and the HTTP workers inherit one nice value, limits and capabilities, so they
+    agree on what is allowed."""
     if not settings.pool_processes:
         return Plan(None, None, "off")
-    threads = settings.pool_processes * pool_math_threads(settings)
-    cores = available_cores()
-    if threads >= cores:
-        return Plan(
-            None,
-            None,
-            f"none: the pool's {threads} math threads fill the {cores} cores"
-            " (it comes first only with cores left to the HTTP workers)",
-        )
     chosen = settings.pool_priority
     if chosen == "auto":
         if cost_us is None:
@@ -134,6 +130,15 @@ def plan(settings: Settings, cost_us: float | None = None) -> Plan:
         levels, why = int(chosen), ""
     if not levels:
         return Plan(None, None, "off")
+    used = settings.pool_processes * (threads or pool_math_threads(settings))
+    cores = available_cores()
+    if used >= cores:
+        return Plan(
+            None,
+            None,
+            f"none: the pool's {used} math threads fill the {cores} cores"
+            " (it comes first only with cores left to the HTTP workers)",
+        )
     base = os.getpriority(os.PRIO_PROCESS, 0)
     lowered = max(NICE_MIN, base - levels)
     if may_lower_nice(lowered):
@@ -146,13 +151,30 @@ def plan(settings: Settings, cost_us: float | None = None) -> Plan:
     )
 
 
-def raise_pool(settings: Settings, models: dict[str, Backend]) -> Plan:
-    """A pool process, its models loaded, before it serves: its threads at the plan's nice value."""
+def raise_pool(settings: Settings, models: dict[str, Backend]) -> tuple[Plan, int]:
+    """A pool process, its models loaded, before it serves: its threads at the plan's nice value,
+    and its models on fewer math threads when they filled the cores; (the plan, the threads)."""
+    threads = pool_math_threads(settings)
     needs_timing = settings.pool_priority == "auto" and settings.pool_processes
-    chosen = plan(settings, sample_cost_us(models) if needs_timing else 0.0)
+    cost = sample_cost_us(models) if needs_timing else 0.0
+    chosen = plan(settings, cost, threads)
+    fewer = shared_math_threads(settings)
+    if (
+        chosen.reason.startswith("none: the pool's")
+        and not settings.math_threads
+        and settings.pool_processes * fewer < available_cores()
+    ):
+        # The models loaded on every core; they leave half of them to the HTTP workers, where
+        # their framework can change its threads (TensorFlow cannot: it keeps them, and no
+        # priority). A light model never gets here, and runs as before.
+        if all(backend.limit_math_threads(fewer) for backend in models.values()):
+            threads = fewer
+            chosen = plan(settings, cost, threads)
     if chosen.pool_nice is not None:
         try:
             set_threads_nice(chosen.pool_nice)
         except OSError as exc:  # refused after all (a security module): serve without it
-            return Plan(None, None, f"none: the kernel refused nice {chosen.pool_nice} ({exc})")
-    return chosen
+            return Plan(
+                None, None, f"none: the kernel refused nice {chosen.pool_nice} ({exc})"
+            ), threads
+    return chosen, threads

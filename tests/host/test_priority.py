@@ -17,7 +17,7 @@ import requests
 
 from serving.config import Settings
 from serving.host import priority
-from serving.host.priority import plan, pool_math_threads
+from serving.host.priority import plan, pool_math_threads, raise_pool, shared_math_threads
 from serving.observability.memory import tree_memory
 
 SAMPLE = {"data": [[0.0] * 8 for _ in range(8)]}
@@ -29,10 +29,11 @@ def pool_settings(**values: Any) -> Settings:
     return Settings(**{"model_pool": "1", "workers": 2, **values})
 
 
-def test_the_pool_takes_half_the_cores_for_its_math_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    for cores, processes, threads in ((2, 1, 1), (4, 1, 2), (8, 2, 2), (1, 1, 1), (2, 4, 1)):
+def test_the_pool_loads_on_every_core_and_can_leave_half_of_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, processes, loaded, shared in ((2, 1, 2, 1), (4, 1, 4, 2), (8, 2, 4, 2), (1, 1, 1, 1), (2, 4, 1, 1)):
         monkeypatch.setattr(priority, "available_cores", lambda cores=cores: cores)
-        assert pool_math_threads(pool_settings(model_pool=str(processes))) == threads, (cores, processes)
+        settings = pool_settings(model_pool=str(processes))
+        assert (pool_math_threads(settings), shared_math_threads(settings)) == (loaded, shared), (cores, processes)
     assert pool_math_threads(pool_settings(math_threads=3)) == 3  # SERVING_MATH_THREADS decides
 
 
@@ -41,11 +42,11 @@ def test_the_plan_lowers_the_pools_nice_value_where_allowed_else_raises_the_work
 ) -> None:
     monkeypatch.setattr(priority, "available_cores", lambda: 2)
     monkeypatch.setattr(priority, "may_lower_nice", lambda target: True)
-    allowed = plan(pool_settings(pool_priority="19"), 5.0)
+    allowed = plan(pool_settings(pool_priority="19"), 5.0, 1)
     assert (allowed.pool_nice, allowed.worker_nice) == (max(-20, BASE - 19), None)
-    assert plan(pool_settings(pool_priority="5"), 5.0).pool_nice == max(-20, BASE - 5)
+    assert plan(pool_settings(pool_priority="5"), 5.0, 1).pool_nice == max(-20, BASE - 5)
     monkeypatch.setattr(priority, "may_lower_nice", lambda target: False)
-    refused = plan(pool_settings(pool_priority="19"), 5.0)
+    refused = plan(pool_settings(pool_priority="19"), 5.0, 1)
     assert (refused.pool_nice, refused.worker_nice) == (None, min(19, BASE + 19))
     assert "may not lower" in refused.reason
 
@@ -53,9 +54,9 @@ def test_the_plan_lowers_the_pools_nice_value_where_allowed_else_raises_the_work
 def test_auto_puts_the_pool_first_for_a_heavy_model_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(priority, "available_cores", lambda: 2)
     monkeypatch.setattr(priority, "may_lower_nice", lambda target: True)
-    heavy = plan(pool_settings(), 313.0)  # the large digits model on PyTorch, one math thread
+    heavy = plan(pool_settings(), 313.0, 1)  # the large digits model on PyTorch, one math thread
     assert heavy.pool_nice == max(-20, BASE - 19) and "313 us per sample" in heavy.reason
-    light = plan(pool_settings(), 35.0)  # the digits model on TensorFlow: the HTTP side is the bottleneck
+    light = plan(pool_settings(), 35.0, 1)  # the digits model on TensorFlow: the HTTP side is the bottleneck
     assert (light.pool_nice, light.worker_nice) == (None, None) and "under 100" in light.reason
     assert plan(pool_settings()).pool_nice is None  # the master: nothing is timed there
 
@@ -96,10 +97,44 @@ def test_no_priority_without_a_pool_when_off_or_when_its_math_threads_fill_the_c
     monkeypatch.setattr(priority, "available_cores", lambda: 2)
     monkeypatch.setattr(priority, "may_lower_nice", lambda target: True)
     for settings in (Settings(model_pool="0"), pool_settings(pool_priority="0")):
-        assert plan(settings, 500.0) == priority.Plan(None, None, "off")
-    full = plan(pool_settings(math_threads=2), 500.0)  # spinning math threads ahead of the workers: 0.21x
+        assert plan(settings, 500.0, 1) == priority.Plan(None, None, "off")
+    full = plan(pool_settings(), 500.0, 2)  # spinning math threads ahead of the workers: 0.21x measured
     assert (full.pool_nice, full.worker_nice) == (None, None) and "fill the 2 cores" in full.reason
-    assert plan(pool_settings(model_pool="2"), 500.0).pool_nice is None  # 2 processes x 1 thread fill 2 cores
+    assert plan(pool_settings(model_pool="2"), 500.0, 1).pool_nice is None  # 2 processes x 1 thread fill 2 cores
+
+
+class Fixed(Slow):
+    """A heavy model whose framework cannot change its threads once loaded (TensorFlow)."""
+
+
+class Limited(Slow):
+    """A heavy model whose framework can (PyTorch, ONNX Runtime)."""
+
+    def limit_math_threads(self, threads: int) -> bool:
+        self.threads = threads
+        return True
+
+
+Fixed.limit_math_threads = lambda self, threads: False  # type: ignore[attr-defined]
+
+
+def test_a_heavy_model_loaded_on_every_core_leaves_half_of_them_then_comes_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(priority, "available_cores", lambda: 2)
+    monkeypatch.setattr(priority, "may_lower_nice", lambda target: False)  # nothing set in this process
+    heavy = Limited((8, 8))
+    chosen, threads = raise_pool(pool_settings(), {"large:1": heavy})  # type: ignore[dict-item]
+    assert threads == 1 and heavy.threads == 1 and chosen.worker_nice == min(19, BASE + 19), chosen
+    fixed = Fixed((8, 8))
+    chosen, threads = raise_pool(pool_settings(), {"tf:1": fixed})  # type: ignore[dict-item]
+    assert threads == 2 and chosen.worker_nice is None and "fill the 2 cores" in chosen.reason, chosen
+    chosen, threads = raise_pool(pool_settings(math_threads=2), {"large:1": Limited((8, 8))})  # type: ignore[dict-item]
+    assert threads == 2 and chosen.worker_nice is None  # SERVING_MATH_THREADS is the operator's word
+    light = Limited((8, 8))
+    light.predict = lambda batch: batch  # type: ignore[method-assign]
+    chosen, threads = raise_pool(pool_settings(), {"small:1": light})  # type: ignore[dict-item]
+    assert threads == 2 and not hasattr(light, "threads") and "under 100" in chosen.reason  # runs as before
 
 
 def nice_values(pid: int) -> set[int]:
