@@ -185,9 +185,10 @@ class Settings:
     pool_priority: str = setting(
         "auto",
         "model pool: nice levels its processes run ahead of the HTTP workers, whose nice value goes"
-        " up instead where the pool's may not go down; none while the pool's math threads fill"
-        " every core; auto = 19 when a served model takes 100 us or more per sample (timed once"
-        " loaded), else 0 (docs/operations.md, model pool priority)",
+        " up instead where the pool's may not go down; auto = 19 when a served model takes 100 us"
+        " or more of CPU per sample (timed once loaded), else 0. Its models then leave half the"
+        " cores to the HTTP workers (PyTorch, ONNX Runtime); none while its math threads fill"
+        " every core (docs/operations.md, model pool priority)",
         pattern=re.compile(r"^(auto|[0-9]|1[0-9])$"),
         hint="is not auto or a number of nice levels from 0 to 19",
         accepts="auto | 0 to 19",

@@ -3,13 +3,14 @@ workers whenever they have work, for models heavy enough that the pool is the se
 
 # design: every request of every HTTP worker passes through the pool process's one serving thread,
 # so that thread is the server's serial step: when it waits for a core, every request waits.
-# Measured on 2 cores (reports/pool-cpu-2026-12-06-0639.md): with the HTTP workers' priority, the
-# pool thread of the large PyTorch model ran 54-60% of the time and waited 39-45% in the run queue,
-# runnable. With a priority of its own it ran 95-99% of the time, for 1.23-1.49x the samples/s of
-# batched mode. On a light model the same priority costs: the pool then runs as soon as any request
-# arrives, in smaller batches, on the cores the HTTP workers (the bottleneck there) need
-# (TensorFlow's digits model: 4,570 req/s against 5,440). So ``auto`` times the served models once
-# they are loaded and gives the priority when one takes HEAVY_US or more per sample in a batch of 8.
+# Measured on 2 cores (reports/pool-cpu-2026-12-06-0706.md): with the HTTP workers' priority, the
+# pool thread of the large PyTorch model ran 56-59% of the time and waited 40-44% in the run queue,
+# runnable. With a priority of its own it ran 93-98% of the time, for 1.28-1.36x the samples/s of
+# batched mode. On a light model the same priority costs: the pool then runs as soon as any
+# request arrives, in smaller batches, on the cores the HTTP workers (the bottleneck there) need
+# (TensorFlow's digits model: 0.84x, reports/pool-cpu-2026-12-06-0727.md). So ``auto`` times the
+# served models once they are loaded and gives the priority when one takes HEAVY_US or more of CPU
+# per sample in a batch of 8.
 #
 # The pool gets the priority by lowering its threads' nice value when the kernel lets it
 # (CAP_SYS_NICE, or an RLIMIT_NICE that reaches that far). Otherwise each HTTP worker raises its
@@ -20,8 +21,8 @@ workers whenever they have work, for models heavy enough that the pool is the se
 #
 # A pool whose math threads alone could fill every core gets no priority: PyTorch's OpenMP threads
 # spin while they wait for work, and at a priority above the HTTP workers they kept those from
-# reading the requests the pool waits for (0.21x the samples/s with 2 math threads on 2 cores). So a
-# heavy model loaded on every core (the default) goes down to half of them first where its
+# reading the requests the pool waits for (a quarter of the samples/s, 2 math threads on 2 cores).
+# So a heavy model loaded on every core (the default) goes down to half of them first where its
 # framework can change its threads once loaded (PyTorch, ONNX Runtime); a light model keeps them.
 """
 
@@ -38,6 +39,7 @@ import numpy as np
 
 from serving.backends import Backend
 from serving.config import Settings, available_cores
+from serving.host.sharing import c_library
 from serving.runtime.model_pool import set_threads_nice
 
 CAP_SYS_NICE = 23
@@ -48,6 +50,8 @@ NICE_MIN, NICE_MAX = -20, 19
 HEAVY_US = 100.0
 AUTO_LEVELS = 19
 TIMING_BATCH, TIMING_CALLS = 8, 5
+#: A model whose timed calls took this long in all stops being timed (a start-up cost).
+TIMING_BUDGET_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def sample_cost_us(models: dict[str, Backend]) -> float:
                 started = time.process_time()
                 backend.predict(batch)
                 times.append(time.process_time() - started)
+                if sum(times) > TIMING_BUDGET_S:  # a slow model is heavy: no need to wait longer
+                    break
         except Exception:  # a model whose input is not a float tensor: nothing to time
             continue
         slowest = max(slowest, statistics.median(times) / TIMING_BATCH * 1e6)
@@ -170,6 +176,9 @@ def raise_pool(settings: Settings, models: dict[str, Backend]) -> tuple[Plan, in
         if all(backend.limit_math_threads(fewer) for backend in models.values()):
             threads = fewer
             chosen = plan(settings, cost, threads)
+            # ONNX Runtime made a new session: malloc kept the old one's 40 MB (measured on the
+            # large digits model: 102 MB of PSS, 59 after the trim, 62 loaded once)
+            c_library().malloc_trim(0)
     if chosen.pool_nice is not None:
         try:
             set_threads_nice(chosen.pool_nice)

@@ -70,8 +70,8 @@ class Slow:
 
     def predict(self, batch: Any) -> Any:
         self.seen.append(batch.shape)
-        until = time.perf_counter() + 0.002
-        while time.perf_counter() < until:
+        until = time.thread_time() + 0.002  # CPU time of this thread: the same under contention
+        while time.thread_time() < until:
             pass
         return batch
 
@@ -85,8 +85,8 @@ def test_the_slowest_model_is_timed_on_a_batch_of_zeros() -> None:
     slow, fast = Slow((8, 8)), Slow((3,))
     fast.predict = lambda batch: batch  # type: ignore[method-assign]
     cost = priority.sample_cost_us({"a:1": fast, "b:1": slow, "c:1": Refusing((2,))})  # type: ignore[dict-item]
-    # CPU time of the whole process: at least the 2 ms this thread burned per call (other threads of
-    # the test process, a framework's spinning pool, may add to it)
+    # CPU time of the whole process: at least the 2 ms of CPU this thread burned per call (other
+    # threads of the test process, a framework's spinning pool, may add to it)
     assert cost >= 240, cost
     assert set(slow.seen) == {(8, 8, 8)} and len(slow.seen) == 1 + priority.TIMING_CALLS
 
@@ -98,7 +98,7 @@ def test_no_priority_without_a_pool_when_off_or_when_its_math_threads_fill_the_c
     monkeypatch.setattr(priority, "may_lower_nice", lambda target: True)
     for settings in (Settings(model_pool="0"), pool_settings(pool_priority="0")):
         assert plan(settings, 500.0, 1) == priority.Plan(None, None, "off")
-    full = plan(pool_settings(), 500.0, 2)  # spinning math threads ahead of the workers: 0.21x measured
+    full = plan(pool_settings(), 500.0, 2)  # spinning math threads ahead of the workers: a quarter
     assert (full.pool_nice, full.worker_nice) == (None, None) and "fill the 2 cores" in full.reason
     assert plan(pool_settings(model_pool="2"), 500.0, 1).pool_nice is None  # 2 processes x 1 thread fill 2 cores
 
