@@ -32,7 +32,7 @@ import psutil
 import requests
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, WrkResult, model_server, run_wrk, wrk_script
+from bench.harness import ROOT, WrkResult, model_server, run_wrk, save_report, wrk_script
 from serving.toolchain.data import load_digits_dataset
 from serving.tools.testing import GunicornServer, clean_env, free_port, stop_group
 
@@ -382,9 +382,7 @@ def main() -> None:
     ]
     report = "\n".join(header + bench.lines) + "\n"
     path = ROOT / "reports" / f"asgi-{bench.stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, digits_script, model_server, run_wrk
+from bench.harness import ROOT, digits_script, model_server, run_wrk, save_report
 from bench.pool_cpu import batches
 
 CONFIGS = {  # name: (model, backend, mode, connections)
@@ -93,9 +93,7 @@ def main() -> None:
                       f" connections per worker {found['split']}, mean batch {found['batch']:.1f},"
                       f" errors {found['wrk'].errors}", flush=True)
     path = args.reports / f"balance-{stamp}.md"
-    path.write_text(render(args, rows, stamp))
-    print(path.read_text())
-    print(f"report: {path}")
+    save_report(path, render(args, rows, stamp))
 
 
 def render(args: argparse.Namespace, rows: list[tuple[int, str, str, dict[str, Any]]], stamp: str) -> str:

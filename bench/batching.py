@@ -20,7 +20,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.harness import ROOT, WrkResult, digits_script, model_server, parse_fronts, run_wrk
+from bench.harness import ROOT, WrkResult, digits_script, model_server, parse_fronts, run_wrk, save_report
 
 MODELS = {"pytorch": "digits-large-torch", "onnx": "digits-large-torch", "tensorflow": "digits-large-tf"}
 MODES = {"pytorch": ["process", "batched"], "onnx": ["process", "threaded", "batched"],
@@ -78,9 +78,7 @@ def main() -> None:
     draw(rows, backends, chart)
     report = render(rows, backends, levels, args, stamp, chart, solo)
     path = args.reports / f"batching-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 def head_to_head(backends: list[str], args: argparse.Namespace, out_dir: Path, script: Path

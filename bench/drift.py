@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.harness import ROOT
+from bench.harness import ROOT, save_report
 from serving.toolchain.data import load_mnist
 from serving.tools.testing import GunicornServer, clean_env
 
@@ -98,9 +98,7 @@ def main() -> None:
                      f" {found['class_prior']:.3f} | {over} of {len(found)} |")
     report = "\n".join(lines) + "\n"
     path = args.reports / f"drift-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import orjson
 import requests
 
-from bench.harness import ROOT, model_server
+from bench.harness import ROOT, model_server, save_report
 from serving.observability.memory import tree_memory
 
 MODELS = {"tensorflow": "digits-tf", "pytorch": "digits-torch", "onnx": "digits-tf"}
@@ -179,9 +179,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     report = "\n".join(lines) + "\n"
     path = args.reports / f"fork-soak-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import ROOT, WrkResult, grpc_body, run_h2load, run_wrk
+from bench.harness import ROOT, WrkResult, grpc_body, run_h2load, run_wrk, save_report
 from bench.v2 import binary_script, bodies, held_out_samples, protocol_costs
 from serving.store.repository import ModelMetadata, ModelRepository
 from serving.tools.testing import GunicornServer
@@ -257,9 +257,7 @@ def main() -> None:
     placed = None if args.skip_placement else placement(args, meta, x, tool, out)
     report = render(args, meta, measured, placed, stamp)
     path = ROOT / "reports" / f"grpc-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 MISSING = Row("-", "-", 1, 0, float("nan"), float("nan"), float("nan"))

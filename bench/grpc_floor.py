@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from bench.grpc import MISSING, Row, _find, input_file, perf_analyzer_path, run_perf_analyzer, served_model, server_env
-from bench.harness import ROOT, grpc_body, run_h2load, run_wrk
+from bench.harness import ROOT, grpc_body, run_h2load, run_wrk, save_report
 from bench.v2 import binary_script, bodies, protocol_costs
 from serving.host.affinity import blocks
 from serving.store.repository import ModelMetadata, ModelRepository
@@ -336,9 +336,7 @@ def main() -> None:
     model_us = protocol_costs({"v2 binary|64": cases["v2 binary|64"]}, meta, "onnx", rounds=300)["v2 binary|64"][1]
     report = render(args, meta, rows, model_us, os.cpu_count() or 1, stamp)
     path = args.reports / f"grpc-floor-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 def _row(rows: list[Row], client: str, protocol: str, samples: int) -> Row | None:

@@ -28,6 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FRONT_APPS = {"wsgi": "flask_server:app", "asgi": "asgi_server:app"}
 
 
+def save_report(path: Path, text: str) -> None:
+    """Write a benchmark's report to ``path``, print it and where it went."""
+    path.write_text(text)
+    print(text)
+    print(f"report: {path}")
+
+
 def parse_fronts(text: str) -> list[str]:
     """``--fronts wsgi,asgi`` as a list, or exit saying what is allowed."""
     fronts = [front.strip().lower() for front in text.split(",") if front.strip()]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.harness import ROOT, model_server, run_wrk, wrk_script
+from bench.harness import ROOT, model_server, run_wrk, save_report, wrk_script
 from serving.observability.memory import ProcessMemory, tree_memory
 
 MB = 1e6
@@ -274,9 +274,7 @@ def main() -> None:
     chart = draw(rows, args.reports / f"memory-{stamp}.png")
     report = render(rows, args, stamp, chart, floors)
     path = args.reports / f"memory-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import orjson
 import psutil
 import requests
 
-from bench.harness import ROOT
+from bench.harness import ROOT, save_report
 from serving.toolchain.data import load_digits_dataset
 from serving.tools.testing import GunicornServer, clean_env
 
@@ -120,9 +120,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     report = render(args, stamp, answers, failures, published, baseline, rss)
     path = ROOT / "reports" / f"model-swap-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 def render(args: argparse.Namespace, stamp: str, answers: list[tuple[float, int, str]], failures: list[str],

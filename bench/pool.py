@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, digits_script, model_server, run_wrk
+from bench.harness import ROOT, digits_script, model_server, run_wrk, save_report
 from bench.mnist_shaped import NAME as MNIST28
 from bench.mnist_shaped import ensure_model
 from serving.backends import backend_class
@@ -224,9 +224,7 @@ def main() -> None:
               f" {'met' if ratio <= MEMORY_RATIO_TARGET else 'not met'})."]
     report = "\n".join(lines) + "\n"
     path = args.reports / f"pool-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 SERVERS = (("batched, model in every worker", {"mode": "batched"}),

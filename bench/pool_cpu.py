@@ -43,7 +43,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, digits_script, model_server, run_wrk
+from bench.harness import ROOT, digits_script, model_server, run_wrk, save_report
 from serving.observability.memory import tree_memory
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -181,9 +181,7 @@ def main() -> None:
                           f" {found['busy']:.0%}, mean batch {found['batch']:.1f}, pool thread on a core / waiting"
                           f" for one {found['pool_thread'][0]:.0%} / {found['pool_thread'][1]:.0%}", flush=True)
     path = args.reports / f"pool-cpu-{stamp}.md"
-    path.write_text(render(args, rows, stamp))
-    print(path.read_text())
-    print(f"report: {path}")
+    save_report(path, render(args, rows, stamp))
 
 
 def on_core(found: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.harness import ROOT
+from bench.harness import ROOT, save_report
 from bench.loadtest import LOCUST
 from serving.tools.testing import GunicornServer
 
@@ -69,9 +69,7 @@ def main() -> None:
         sampler.join()
     report = render(args, stamp, out_dir, samples)
     path = ROOT / "reports" / f"soak-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 def render(args: argparse.Namespace, stamp: str, out_dir: Path, samples: list[tuple[float, int, float]]) -> str:

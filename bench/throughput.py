@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bench.harness import ROOT, WrkResult, model_server, parse_fronts, run_wrk, wrk_script
+from bench.harness import ROOT, WrkResult, model_server, parse_fronts, run_wrk, save_report, wrk_script
 from serving.toolchain.data import load_digits_dataset, load_mnist
 from serving.tools.testing import GunicornServer
 
@@ -129,9 +129,7 @@ def main() -> None:
             rows.append((label, front, mode, shape, runs[(label, front)], target))
     report = render(rows, floors, args, stamp)
     path = args.reports / f"bench-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 def _mean(values: list[float]) -> float:

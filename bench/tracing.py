@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ROOT, WrkResult, digits_script, model_server, parse_fronts, run_wrk
+from bench.harness import ROOT, WrkResult, digits_script, model_server, parse_fronts, run_wrk, save_report
 from serving.tools.receivers import Receiver
 
 MODES = ("threaded", "batched")
@@ -154,9 +154,7 @@ def main() -> None:
         spans = len(receiver.posts("/v1/traces"))
     report = render(results, args, stamp, spans, in_process(args.repo))
     path = args.reports / f"tracing-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 def render(results: dict[tuple[str, str, str], list[tuple[WrkResult, float]]], args: argparse.Namespace,

@@ -38,7 +38,7 @@ import orjson
 import requests
 
 from bench import mnist_shaped
-from bench.harness import ROOT, WrkResult, grpc_body, run_h2load, run_wrk, wrk_script
+from bench.harness import ROOT, WrkResult, grpc_body, run_h2load, run_wrk, save_report, wrk_script
 from serving.backends import backend_class
 from serving.http.encoding import json_bytes
 from serving.protocol.inputs import batch_from_data
@@ -267,9 +267,7 @@ def main() -> None:
     runs = {model: bench_model(model, args, out_dir / model) for model in models}
     report = render(runs, args, stamp)
     path = ROOT / "reports" / f"v2-{stamp}.md"
-    path.write_text(report)
-    print(report)
-    print(f"report: {path}")
+    save_report(path, report)
 
 
 def _shape(meta: ModelMetadata) -> str:

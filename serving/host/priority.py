@@ -61,6 +61,7 @@ class Plan:
     pool_nice: int | None  # the pool processes' threads
     worker_nice: int | None  # the HTTP workers'
     reason: str
+    crowded: bool = False  # wanted, but the pool's math threads fill every core
 
 
 def pool_math_threads(settings: Settings) -> int:
@@ -144,6 +145,7 @@ def plan(settings: Settings, cost_us: float | None = None, threads: int | None =
             None,
             f"none: the pool's {used} math threads fill the {cores} cores"
             " (it comes first only with cores left to the HTTP workers)",
+            crowded=True,
         )
     base = os.getpriority(os.PRIO_PROCESS, 0)
     lowered = max(NICE_MIN, base - levels)
@@ -166,7 +168,7 @@ def raise_pool(settings: Settings, models: dict[str, Backend]) -> tuple[Plan, in
     chosen = plan(settings, cost, threads)
     fewer = shared_math_threads(settings)
     if (
-        chosen.reason.startswith("none: the pool's")
+        chosen.crowded
         and not settings.math_threads
         and settings.pool_processes * fewer < available_cores()
     ):

@@ -53,17 +53,14 @@ SPIN_S = 50e-6
 SPIN_BACKOFF = 16
 
 
-def set_threads_nice(value: int) -> int:
+def set_threads_nice(value: int) -> None:
     """Set every thread of this process to nice ``value`` (Linux keeps one per thread, and a new
-    thread inherits its creator's); the number of threads set."""
-    done = 0
+    thread inherits its creator's)."""
     for task in Path("/proc/self/task").iterdir():
         try:
             os.setpriority(os.PRIO_PROCESS, int(task.name), value)
         except ProcessLookupError:  # the thread ended meanwhile
             continue
-        done += 1
-    return done
 
 
 class PoolConnection:
