@@ -23,9 +23,9 @@ so this measures the CPU each request costs in every process. For each backend a
 ``--servers`` picks which of them run (by the names above); the first is the others' baseline.
 
 During ``--seconds`` of wrk (after 1 s of it), the CPU time (user + system, ``/proc/<pid>/stat``) of the master,
-the HTTP workers, the pool's arbiter and its processes, the machine's busy share (``/proc/stat``), and the mean
-batch of batched mode (``serving_batch_size``'s sum over its count on ``/metrics``; the pool's processes do not
-count theirs there), and how long the pool's busiest thread waited for a core while runnable
+the HTTP workers, the pool's arbiter and its processes, the machine's busy share (``/proc/stat``), the mean
+batch of the model's calls (``serving_batch_size``'s sum over its count on ``/metrics``: batched mode's batches,
+or the pool processes' own), and how long the pool's busiest thread waited for a core while runnable
 (``/proc/<pid>/task/<tid>/schedstat``). Writes ``reports/pool-cpu-<stamp>.md``.
 """
 
@@ -199,7 +199,7 @@ def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) ->
              " alternating. CPU is user + system time of each process and all its threads over the measured"
              " window, divided by the requests answered in it;"
              " \"rest\" is every other busy second of the machine (wrk, the kernel's softirqs) per request. The mean"
-             " batch is batched mode's (the pool's processes do not count theirs in serving_batch_size).", "",
+             " batch is the model's calls' (serving_batch_size: batched mode's batches, or the pool processes').", "",
              "| round | backend | connections | serving | samples/s | machine busy | mean batch | HTTP workers, us |"
              " pool, us | master and arbiter, us | server, us | rest, us | pool thread: on a core, waiting for one |",
              "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -209,7 +209,7 @@ def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) ->
         per = {role: seconds / found["elapsed"] / rate * 1e6 for role, seconds in found["roles"].items()}
         server = sum(per.values())
         rest = found["busy"] * cores / rate * 1e6 - server
-        batch = "-" if "pool" in found["roles"] else f"{found['batch']:.1f}"  # the pool's batches are not counted
+        batch = f"{found['batch']:.1f}"
         lines.append(f"| {round_number} | {backend} | {level} | {label} | {rate:,.0f} | {found['busy']:.0%} |"
                      f" {batch} | {per.get('worker', 0):,.0f} | {per.get('pool', 0):,.0f} |"
                      f" {per.get('master', 0) + per.get('pool-arbiter', 0):,.0f} | {server:,.0f} | {rest:,.0f} |"

@@ -39,6 +39,7 @@ from serving.config import Settings
 from serving.errors import ConfigError, ModelLoadError
 from serving.host.priority import pool_math_threads, raise_pool
 from serving.host.sharing import page_out_libraries
+from serving.observability import metrics
 from serving.observability.logging import configure_logging
 from serving.runtime import pool_wire as wire
 from serving.runtime.service import InferenceService
@@ -75,6 +76,11 @@ class PoolServer:
         self, models: dict[str, Backend], path: Path, max_batch_size: int, max_queue: int
     ) -> None:
         self.models, self.path = models, path
+        # what /metrics shows of this process's model calls (every worker merges every process's)
+        self._observed = {
+            key: (metrics.BATCH_SIZE.labels(key), metrics.INFERENCE_LATENCY.labels(key))
+            for key in models
+        }
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path.unlink(missing_ok=True)
@@ -105,6 +111,7 @@ class PoolServer:
             pass
         self.thread.join(timeout)
         self.path.unlink(missing_ok=True)
+        metrics.TALLY.flush()  # the last second's batches
 
     def serve(self) -> None:
         try:
@@ -234,6 +241,7 @@ class PoolServer:
             self.pending = rest
         inputs = [r.peer.floats[: r.size].reshape(r.shape) for r in chosen]
         batch = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        started = time.perf_counter()
         try:
             output = self.models[key].predict(batch)
         except Exception:
@@ -245,6 +253,7 @@ class PoolServer:
             return
         finally:
             del inputs, batch
+        took = time.perf_counter() - started
         self.batches += 1
         offset = 0
         for request in chosen:
@@ -256,6 +265,9 @@ class PoolServer:
                 wire.RESPONSE.pack(request.request_id, 200, rows.ndim)
                 + wire.dims_bytes(rows.shape),
             )
+        sizes, seconds = self._observed[key]  # counted once every waiter has its answer
+        metrics.TALLY.observe(seconds, took)
+        metrics.TALLY.observe(sizes, offset)
 
     def _answer_error(self, request: Pending, status: int, message: str) -> None:
         encoded = message.encode()

@@ -67,6 +67,8 @@ REQUEST_LATENCY = Histogram(
     ["endpoint"],
     buckets=LATENCY_BUCKETS,
 )
+# With the model pool these two are the pool processes' (its model calls, its batches of every HTTP
+# worker's requests), and each HTTP worker's call to the pool is POOL_CALL_SECONDS.
 INFERENCE_LATENCY = Histogram(
     "serving_inference_latency_seconds",
     "Time the model took per call (one batch)",
@@ -75,6 +77,12 @@ INFERENCE_LATENCY = Histogram(
 )
 BATCH_SIZE = Histogram(
     "serving_batch_size", "Samples per model call", ["model"], buckets=BATCH_BUCKETS
+)
+POOL_CALL_SECONDS = Histogram(
+    "serving_pool_call_seconds",
+    "Time an HTTP worker's request waited for the model pool: the pool's queue and its batch",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
 )
 QUEUE_DEPTH = Gauge(
     "serving_queue_depth",

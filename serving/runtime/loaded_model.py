@@ -64,6 +64,9 @@ class LoadedModel:
         # no switch can happen: no lock per request
         self._count_users = settings.model_control != "none"
         self._call = self._direct
+        if backend.name == "pool":  # its pool process counts the batches and the model's time
+            self._pool_calls = metrics.POOL_CALL_SECONDS.labels(self.label)
+            self._call = self._pooled
         # tracing, payload logs and drift attach by wrapping (nothing changes when they are off)
         self.run = instruments.wrap_run(self, settings)  # type: ignore[method-assign]
         if settings.mode == "batched":
@@ -149,6 +152,12 @@ class LoadedModel:
         output = WAITER.get().direct(self.run, batch, timeout_s)
         metrics.TALLY.observe(self._latency, time.perf_counter() - started)
         metrics.TALLY.observe(self._batch_sizes, len(batch))
+        return output
+
+    def _pooled(self, batch: np.ndarray, timeout_s: float) -> np.ndarray:
+        started = time.perf_counter()
+        output = WAITER.get().direct(self.run, batch, timeout_s)
+        metrics.TALLY.observe(self._pool_calls, time.perf_counter() - started)
         return output
 
     def labels_for(self, probabilities: np.ndarray) -> list[str]:

@@ -111,6 +111,18 @@ def test_the_pool_serves_every_worker_which_imports_no_framework(server_factory:
             "inputs": [{"name": "input", "shape": [2, 8, 8], "datatype": "FP32", "data": [0.0] * 128}]})
         assert v2.status_code == 200, v2.text
         assert "the model pool" in server.log()
+        # the model's calls are the pool's, counted once there: 32 requests of 33 samples in all, and each
+        # worker's start-up check of the model's sample (one call of one sample, not a request)
+        text = server.metrics(until=lambda t: metric_total(t, "serving_batch_size_sum") >= 33 + 2)
+        assert metric_total(text, "serving_batch_size_sum") == 33 + 2
+        batches = metric_total(text, "serving_batch_size_count")
+        assert 0 < batches <= 32 + 2 and metric_total(text, "serving_inference_latency_seconds_count") == batches
+        assert metric_total(text, "serving_pool_call_seconds_count") == 32
+
+
+def metric_total(text: str, name: str) -> float:
+    """The sum of a metric's samples over every label set."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_a_killed_pool_process_gets_503s_not_hangs_and_is_replaced(server_factory: Any) -> None:
