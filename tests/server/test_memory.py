@@ -113,7 +113,8 @@ def test_the_pool_serves_every_worker_which_imports_no_framework(server_factory:
         assert "the model pool" in server.log()
         # the model's calls are the pool's, counted once there: 32 requests of 33 samples in all, and each
         # worker's start-up check of the model's sample (one call of one sample, not a request)
-        text = server.metrics(until=lambda t: metric_total(t, "serving_batch_size_sum") >= 33 + 2)
+        text = server.metrics(until=lambda t: metric_total(t, "serving_batch_size_sum") >= 33 + 2
+                              and metric_total(t, "serving_pool_call_seconds_count") >= 32)
         assert metric_total(text, "serving_batch_size_sum") == 33 + 2
         batches = metric_total(text, "serving_batch_size_count")
         assert 0 < batches <= 32 + 2 and metric_total(text, "serving_inference_latency_seconds_count") == batches
