@@ -1,6 +1,6 @@
 """The model pool against models in every worker: per-call overhead, throughput on the large model, memory.
 
-    python -m bench.pool [--seconds 8] [--concurrency 32,64] [--calls 5000]
+    python -m bench.pool [--seconds 8] [--concurrency 32,64] [--calls 5000] [--parts overhead,throughput,...]
 
 1. Per-call overhead on one 28x28 sample: the ONNX export of ``mnist28-torch`` (``bench.mnist_shaped``) is
    called ``--calls`` times in this process, then through a real pool process (a ``PoolServer`` in a forked
@@ -13,7 +13,8 @@
 3. TensorFlow's default in process mode (the pool, as shipped and as before) against TensorFlow in every worker.
 4. Total PSS of the pool server at ``-w 1`` and ``-w 8`` HTTP workers.
 
-Writes ``reports/pool-<stamp>.md``.
+``--parts`` runs some of them: ``overhead``, ``throughput``, ``tensorflow``, ``memory`` (all by default). Writes
+``reports/pool-<stamp>.md``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from serving.runtime.pool_wire import mapping_size
 from serving.store.repository import ModelMetadata, ModelRepository
 
 OVERHEAD_TARGET_US = 60.0
+PARTS = ("overhead", "throughput", "tensorflow", "memory")
 MEMORY_RATIO_TARGET = 1.5
 
 
@@ -152,19 +154,51 @@ def main() -> None:
     parser.add_argument("--backends", default="pytorch,onnx")
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which of {', '.join(PARTS)}")
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     stamp = datetime.now(UTC).strftime("%Y-%m-%d-%H%M")
     out_dir = args.reports / f"pool-{stamp}"
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_model(args.repo)
     ensure_large_models(args.repo, ["pytorch"])
 
+    lines = [f"# Model pool, {stamp} UTC", "",
+             f"`python -m bench.pool --parts {args.parts}` on {os.cpu_count()} cores."]
+    if "overhead" in parts:
+        lines += overhead_section(args, out_dir)
+    script = digits_script(out_dir)
+    if "throughput" in parts:
+        lines += throughput_section(args, out_dir, script)
+    if "tensorflow" in parts:
+        lines += render_tensorflow_default(tensorflow_default(args, out_dir, script), args)
+    if "memory" in parts:
+        lines += memory_section(args, out_dir, script)
+    save_report(args.reports / f"pool-{stamp}.md", "\n".join(lines) + "\n")
+
+
+def overhead_section(args: argparse.Namespace, out_dir: Path) -> list[str]:
     calls = per_call(args.repo, args.calls, out_dir)
     for row in calls:
         print("per call (us): {} floor {:.1f}, no-work pool {:.1f}, in process {:.1f}, pool {:.1f}".format(*row),
               flush=True)
+    lines = ["", "## Per-call overhead, one 28x28 sample", "",
+             f"The ONNX export of `{MNIST28}`, {args.calls:,} calls each, medians in microseconds, with the client"
+             " and the pool process where the scheduler puts them, pinned to two cores, and pinned to one. The"
+             " floor is a bare 24-byte round trip to another process over a Unix socket; the no-work pool call"
+             " runs a model that does nothing (the transport alone). Overhead = through the pool - in process"
+             f" (target <= {OVERHEAD_TARGET_US:.0f}).", "",
+             "| placement | socket floor | no-work pool call | model in process | model through the pool |"
+             " overhead |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for label, floor, transport, in_process, pooled in calls:
+        lines.append(f"| {label} | {floor:.1f} | {transport:.1f} | {in_process:.1f} | {pooled:.1f} |"
+                     f" **{pooled - in_process:.1f}** |")
+    return lines
 
-    script = digits_script(out_dir)
+
+def throughput_section(args: argparse.Namespace, out_dir: Path, script: Path) -> list[str]:
     rows = []
     for backend in args.backends.split(","):
         for index, (label, settings) in enumerate(SERVERS):
@@ -177,32 +211,7 @@ def main() -> None:
                 rows.append((backend, label, level, result, memory))
                 print(f"{backend} {label} c={level}: {result.requests_per_s:,.0f} samples/s,"
                       f" p99 {result.p99_ms:.1f} ms, errors {result.errors}, {memory:,.0f} MB", flush=True)
-
-    default_rows = tensorflow_default(args, out_dir, script)
-
-    sizes = {}
-    for workers in (1, 8):
-        with model_server("wsgi", args.repo, out_dir, f"memory-w{workers}", ["--no-control-socket"],
-                          model="digits-large-torch", backend="pytorch", workers=workers, mode="threaded",
-                          model_pool=1) as server:
-            run_wrk(server.url + "/predict", script, 2 * workers, 2)
-            time.sleep(1)
-            sizes[workers] = sum(p.pss for p in tree_memory(server.pid)) / 1e6
-
-    lines = [f"# Model pool, {stamp} UTC", "", f"`python -m bench.pool` on {os.cpu_count()} cores.", "",
-             "## Per-call overhead, one 28x28 sample", "",
-             f"The ONNX export of `{MNIST28}`, {args.calls:,} calls each, medians in microseconds, with the client"
-             " and the pool process where the scheduler puts them, pinned to two cores, and pinned to one. The"
-             " floor is a bare 24-byte round trip to another process over a Unix socket; the no-work pool call"
-             " runs a model that does nothing (the transport alone). Overhead = through the pool - in process"
-             f" (target <= {OVERHEAD_TARGET_US:.0f}).", "",
-             "| placement | socket floor | no-work pool call | model in process | model through the pool |"
-             " overhead |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for label, floor, transport, in_process, pooled in calls:
-        lines.append(f"| {label} | {floor:.1f} | {transport:.1f} | {in_process:.1f} | {pooled:.1f} |"
-                     f" **{pooled - in_process:.1f}** |")
-    lines += ["",
-              "## Throughput, `digits-large-torch`, one sample per request", "",
+    lines = ["", "## Throughput, `digits-large-torch`, one sample per request", "",
              f"wrk -d{args.seconds}s, `-w 2`; samples/s = requests/s.", "",
              "| backend | serving | connections | samples/s | p50 | p99 | errors | total PSS |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -214,17 +223,26 @@ def main() -> None:
         if label.startswith("pool"):
             base = next(r for b, lab, lev, r, _ in rows if b == backend and lev == level and lab.startswith("batched"))
             lines.append(f"| {backend} | {level} | {result.requests_per_s / base.requests_per_s:.2f} |")
-    lines += render_tensorflow_default(default_rows, args)
+    return lines
+
+
+def memory_section(args: argparse.Namespace, out_dir: Path, script: Path) -> list[str]:
+    sizes = {}
+    for workers in (1, 8):
+        with model_server("wsgi", args.repo, out_dir, f"memory-w{workers}", ["--no-control-socket"],
+                          model="digits-large-torch", backend="pytorch", workers=workers, mode="threaded",
+                          model_pool=1) as server:
+            run_wrk(server.url + "/predict", script, 2 * workers, 2)
+            time.sleep(1)
+            sizes[workers] = sum(p.pss for p in tree_memory(server.pid)) / 1e6
+
     ratio = sizes[8] / sizes[1]
-    lines += ["", "## Memory of the pool server against HTTP workers", "",
-              "pytorch, `digits-large-torch`, threaded HTTP workers, one pool process, after 2 s of wrk.", "",
-              "| HTTP workers | total PSS |", "| ---: | ---: |",
-              f"| 1 | {sizes[1]:,.0f} MB |", f"| 8 | {sizes[8]:,.0f} MB |", "",
-              f"-w 8 / -w 1: **{ratio:.2f}** (target <= {MEMORY_RATIO_TARGET}:"
-              f" {'met' if ratio <= MEMORY_RATIO_TARGET else 'not met'})."]
-    report = "\n".join(lines) + "\n"
-    path = args.reports / f"pool-{stamp}.md"
-    save_report(path, report)
+    return ["", "## Memory of the pool server against HTTP workers", "",
+            "pytorch, `digits-large-torch`, threaded HTTP workers, one pool process, after 2 s of wrk.", "",
+            "| HTTP workers | total PSS |", "| ---: | ---: |",
+            f"| 1 | {sizes[1]:,.0f} MB |", f"| 8 | {sizes[8]:,.0f} MB |", "",
+            f"-w 8 / -w 1: **{ratio:.2f}** (target <= {MEMORY_RATIO_TARGET}:"
+            f" {'met' if ratio <= MEMORY_RATIO_TARGET else 'not met'})."]
 
 
 SERVERS = (("batched, model in every worker", {"mode": "batched"}),
