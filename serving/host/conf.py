@@ -209,6 +209,12 @@ def on_exit(server):
     pool.remove_pool_dir()
 
 
+def dirty_worker_exit(arbiter, worker):
+    """The model pool's arbiter: a pool process exited; its live gauges (queue depth) stop
+    counting."""
+    hooks.worker_exited(worker)
+
+
 def child_exit(server, worker):
     """Master: a worker exited; stop counting its live metrics and its connections."""
     hooks.worker_exited(worker)

@@ -80,11 +80,12 @@ class PoolServer:
         # What /metrics shows of this process's model calls (every worker merges every process's):
         # the serving thread only appends (key, samples, seconds) here, and a thread of their own
         # counts them once a second (a Prometheus observation in the serving thread cost the
-        # pooled call 3 us, every request's serial step)
+        # pooled call 3 us, every request's serial step), and samples the queue's depth then
         self._observed = {
             key: (metrics.BATCH_SIZE.labels(key), metrics.INFERENCE_LATENCY.labels(key))
             for key in models
         }
+        self._depths = {key: metrics.QUEUE_DEPTH.labels(key) for key in models}
         self._calls: deque[tuple[str, int, float]] = deque(maxlen=100_000)
         self._counting = threading.Thread(
             target=self._count_calls, name="model-pool-metrics", daemon=True
@@ -126,10 +127,17 @@ class PoolServer:
             self._counting.join(timeout)
         self._observe_calls()  # the last second's
         metrics.TALLY.flush()
+        for depth in self._depths.values():
+            depth.set(0)
 
     def _count_calls(self) -> None:
         while not self._stopped.wait(metrics.FLUSH_SECONDS):
             self._observe_calls()
+            waiting = dict.fromkeys(self._depths, 0)
+            for request in list(self.pending):  # a copy: the serving thread appends to it
+                waiting[request.key] += 1  # admitted requests are for served models only
+            for key, depth in self._depths.items():
+                depth.set(waiting[key])
 
     def _observe_calls(self) -> None:
         calls = self._calls

@@ -86,7 +86,8 @@ POOL_CALL_SECONDS = Histogram(
 )
 QUEUE_DEPTH = Gauge(
     "serving_queue_depth",
-    "Requests waiting for the model thread (batched mode)",
+    "Requests waiting for the model thread (batched mode) or in the model pool's queue (sampled"
+    " once a second)",
     ["model"],
     multiprocess_mode="livesum",
 )

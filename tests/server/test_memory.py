@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import requests
 
 from serving.observability.memory import tree_memory
+from tests import fakes
 from tests.asgi_support import FRONTS
 
 pytestmark = pytest.mark.slow
@@ -119,6 +121,28 @@ def test_the_pool_serves_every_worker_which_imports_no_framework(server_factory:
         batches = metric_total(text, "serving_batch_size_count")
         assert 0 < batches <= 32 + 2 and metric_total(text, "serving_inference_latency_seconds_count") == batches
         assert metric_total(text, "serving_pool_call_seconds_count") == 32
+
+
+def test_the_pool_queue_depth_is_on_metrics_and_goes_with_a_killed_pool_process(server_factory: Any) -> None:
+    # one slow sample per model call (200 ms): 16 requests queue in the pool for about 3 s
+    server = server_factory(model="digits-torch", backend="tests.fakes:FaultyOnnx", workers=2, mode="threaded",
+                            model_pool=1, pool_max_batch_size=1).start()
+    slow = {"data": [fakes.SLOW] + [0.0] * 63}
+
+    def ask(_: int) -> int:
+        return requests.post(server.url + "/predict", json=slow, timeout=30).status_code
+
+    with ThreadPoolExecutor(16) as clients:
+        answers = [clients.submit(ask, i) for i in range(16)]
+        text = server.metrics(until=lambda t: metric_total(t, "serving_queue_depth") >= 2, timeout=5)
+        assert metric_total(text, "serving_queue_depth") >= 2, text
+        [pool] = [p.pid for p in tree_memory(server.pid) if p.role == "pool"]
+        os.kill(pool, signal.SIGKILL)
+        statuses = [answer.result() for answer in answers]
+    assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+    # the dead process's last depth is not counted on: its arbiter marked it dead
+    text = server.metrics(until=lambda t: metric_total(t, "serving_queue_depth") == 0, timeout=10)
+    assert metric_total(text, "serving_queue_depth") == 0
 
 
 def metric_total(text: str, name: str) -> float:
