@@ -106,7 +106,9 @@ def pool_call(meta: ModelMetadata | None, calls: int, out_dir: Path, cores: tupl
             else:
                 backend = backend_class("onnx")(meta, 1)
                 backend.load()
-            PoolServer({key: backend}, directory / "1.sock", 32, 64).serve()
+            server = PoolServer({key: backend}, directory / "1.sock", 32, 64)
+            server.start()  # its metrics thread too, as in a real pool process
+            server.thread.join()
         finally:
             os._exit(0)
     before = os.sched_getaffinity(0)

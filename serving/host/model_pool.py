@@ -132,17 +132,24 @@ class PoolServer:
 
     def _count_calls(self) -> None:
         while not self._stopped.wait(metrics.FLUSH_SECONDS):
-            self._observe_calls()
-            waiting = dict.fromkeys(self._depths, 0)
-            for request in list(self.pending):  # a copy: the serving thread appends to it
-                waiting[request.key] += 1  # admitted requests are for served models only
-            for key, depth in self._depths.items():
-                depth.set(waiting[key])
+            try:
+                self._observe_calls()
+                waiting = dict.fromkeys(self._depths, 0)
+                for request in list(self.pending):  # a copy: the serving thread appends to it
+                    waiting[request.key] += 1  # admitted requests are for served models only
+                for key, depth in self._depths.items():
+                    depth.set(waiting[key])
+                metrics.TALLY.flush()  # at once: /metrics is then at most a second behind
+            except Exception:  # never let the thread die: the next second counts again
+                log.exception("counting the model pool's calls failed")
 
     def _observe_calls(self) -> None:
         calls = self._calls
-        while calls:
-            key, samples, seconds = calls.popleft()
+        while True:
+            try:
+                key, samples, seconds = calls.popleft()
+            except IndexError:  # drained (by this thread or, at stop, by the other)
+                return
             sizes, latency = self._observed[key]
             metrics.TALLY.observe(sizes, samples)
             metrics.TALLY.observe(latency, seconds)

@@ -3,8 +3,9 @@
 Under gunicorn the workers are separate processes, so the metrics use prometheus_client's
 multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set by gunicorn.conf.py before this module is
 imported anywhere, the master wipes the directory at start (``on_starting``) and marks dead workers
-(``child_exit``), and ``/metrics`` merges every worker's files, so totals are right whichever worker
-answers. Without that variable (tests with Flask's client) the metrics are per process.
+(``child_exit``; the model pool's arbiter marks its processes, ``dirty_worker_exit``), and
+``/metrics`` merges every worker's files, so totals are right whichever worker answers. Without
+that variable (tests with Flask's client) the metrics are per process.
 
 # design: in multiprocess mode every increment is a locked write into an mmap'd file, and a
 # request makes seven of them (a counter and three histograms): about 35 us, a quarter of what the
