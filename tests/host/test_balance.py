@@ -8,7 +8,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -94,13 +96,31 @@ def open_connections(host: str, port: int, count: int) -> list[http.client.HTTPC
         return list(executor.map(one, range(count)))
 
 
+@contextmanager
+def closing_all() -> Iterator[Callable[[list[http.client.HTTPConnection]], list[http.client.HTTPConnection]]]:
+    """A function that keeps connections to close at the end, also when an assertion fails on the way (an
+    unclosed socket then failed the next test with a ResourceWarning)."""
+    opened: list[http.client.HTTPConnection] = []
+
+    def keep(connections: list[http.client.HTTPConnection]) -> list[http.client.HTTPConnection]:
+        opened.extend(connections)
+        return connections
+
+    try:
+        yield keep
+    finally:
+        for connection in opened:
+            connection.close()
+
+
 @pytest.mark.slow
 def test_a_burst_of_keep_alive_connections_splits_evenly_and_a_respawned_worker_takes_its_share(
     server_factory: Any,
 ) -> None:
-    with server_factory(model="digits-tf", backend="onnx", mode="threaded", workers=2) as server:
+    with server_factory(model="digits-tf", backend="onnx", mode="threaded", workers=2) as server, \
+            closing_all() as opened:
         host, port = server.url.split("//")[1].rsplit(":", 1)
-        connections = open_connections(host, int(port), 24)
+        connections = opened(open_connections(host, int(port), 24))
         split = established_by_worker(server.pid, int(port))
         assert sum(split) == 24 and split[-1] - split[0] <= 3, split
 
@@ -115,20 +135,16 @@ def test_a_burst_of_keep_alive_connections_splits_evenly_and_a_respawned_worker_
         server.wait_ready(30)
         for connection in connections:
             connection.close()
-        survivors = open_connections(host, int(port), 12)  # the new worker holds none yet
-        connections = survivors + open_connections(host, int(port), 12)
+        opened(open_connections(host, int(port), 12))  # the new worker holds none yet
+        opened(open_connections(host, int(port), 12))
         split = established_by_worker(server.pid, int(port))
         assert sum(split) == 24 and split[-1] - split[0] <= 3, split
-        for connection in connections:
-            connection.close()
 
 
 @pytest.mark.slow
 def test_without_the_setting_workers_accept_as_gunicorn_does(server_factory: Any) -> None:
     with server_factory(model="digits-tf", backend="onnx", mode="threaded", workers=2,
-                        balance_connections="false") as server:
+                        balance_connections="false") as server, closing_all() as opened:
         host, port = server.url.split("//")[1].rsplit(":", 1)
-        connections = open_connections(host, int(port), 8)
+        opened(open_connections(host, int(port), 8))
         assert sum(established_by_worker(server.pid, int(port))) == 8
-        for connection in connections:
-            connection.close()
