@@ -39,12 +39,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, digits_script, model_server, run_wrk, save_report
+from bench.harness import ROOT, digits_script, model_server, run_wrk, save_report, wrk_script
 from serving.observability.memory import tree_memory
+from serving.toolchain.data import load_mnist
+
+DEFAULT_MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 
 TICK = os.sysconf("SC_CLK_TCK")
 CORES = len(os.sched_getaffinity(0))
@@ -151,7 +156,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--servers", default="batched,batched-pinned,pool,pool-pinned",
                         help=f"which of {', '.join(SERVERS)}; the first is the baseline")
-    parser.add_argument("--model", default="digits-large-torch", help="the model served (one 8x8 sample)")
+    parser.add_argument("--model", default="digits-large-torch",
+                        help="the model served: one 8x8 sample, or one real 28x28 t10k digit for an mnist-* model")
     parser.add_argument("--repo", type=Path, default=ROOT / "models")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports")
     args = parser.parse_args()
@@ -161,7 +167,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.model == "digits-large-torch":
         ensure_large_models(args.repo, ["pytorch"])
-    script = digits_script(out_dir)
+    script = mnist_script(out_dir) if args.model.startswith("mnist") else digits_script(out_dir)
     rows = []
     for round_number in range(1, args.rounds + 1):
         for backend in args.backends.split(","):
@@ -184,6 +190,14 @@ def main() -> None:
     save_report(path, render(args, rows, stamp))
 
 
+def mnist_script(out_dir: Path) -> Path:
+    """``out_dir/mnist.lua``: the first real t10k digit as 784 8-bit pixels (``pixel_range`` [0, 255]), as
+    ``bench.throughput``'s mnist rows send it."""
+    digit = np.rint(load_mnist(Path(os.environ.get("MNIST_DIR") or DEFAULT_MNIST_DIR)).x_test[0] * 255)
+    return wrk_script(out_dir / "mnist.lua", orjson.dumps({"data": digit.astype(int).reshape(-1).tolist(),
+                                                           "pixel_range": [0, 255]}))
+
+
 def on_core(found: dict[str, Any]) -> str:
     """The pool's busiest thread: its share of the time on a core and waiting for one."""
     ran, waited = found["pool_thread"]
@@ -195,7 +209,8 @@ def render(args: argparse.Namespace, rows: list[tuple[Any, ...]], stamp: str) ->
              f"`python -m bench.pool_cpu --seconds {args.seconds} --concurrency {args.concurrency} --backends"
              f" {args.backends} --rounds {args.rounds} --servers {args.servers} --model {args.model}` on"
              f" {os.cpu_count()} cores: `{args.model}`, `-w 2` unless the row says otherwise,"
-             " one 8x8 sample per request, wrk on POST /predict, the servers"
+             f" one {'real 28x28 t10k digit' if args.model.startswith('mnist') else '8x8 sample'} per request,"
+             " wrk on POST /predict, the servers"
              " alternating. CPU is user + system time of each process and all its threads over the measured"
              " window, divided by the requests answered in it;"
              " \"rest\" is every other busy second of the machine (wrk, the kernel's softirqs) per request. The mean"
