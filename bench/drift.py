@@ -13,7 +13,6 @@ after each. Writes ``reports/drift-<date>.md``:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -25,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.harness import ROOT, save_report
+from bench.harness import ROOT, mnist_dir, save_report
 from serving.toolchain.data import load_mnist
 from serving.tools.testing import GunicornServer, clean_env
 
 WINDOW_S = 6.0
-DEFAULT_MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 
 
 def scores(url: str) -> dict[str, float]:
@@ -47,16 +45,16 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.25, help="SERVING_DRIFT_THRESHOLD")
     parser.add_argument("--reports", type=Path, default=ROOT / "reports", help="where the report goes")
     args = parser.parse_args()
-    mnist_dir = Path(os.environ.get("MNIST_DIR") or DEFAULT_MNIST_DIR)
+    mnist = mnist_dir()
     repo = args.repo
     if args.limit_train:
         repo = Path(tempfile.mkdtemp(prefix="drift-models-"))
         subprocess.run([sys.executable, "train.py", "--out", str(repo), "--dataset", "mnist", "--framework",
                         "pytorch", "--limit-train", str(args.limit_train), "--epochs", "2", "--no-download"],
-                       cwd=ROOT, env=clean_env(MNIST_DIR=str(mnist_dir)), check=True, timeout=1200)
+                       cwd=ROOT, env=clean_env(MNIST_DIR=str(mnist)), check=True, timeout=1200)
     if not (repo / "mnist-torch").is_dir():
         raise SystemExit(f"no mnist-torch in {repo}: make train-mnist, or pass --limit-train 6000")
-    images = load_mnist(mnist_dir).x_test[: args.samples]
+    images = load_mnist(mnist).x_test[: args.samples]
     phases = [("t10k", images), ("inverted", 1.0 - images), ("moved 6 pixels right", np.roll(images, 6, axis=2)),
               ("half intensity", images * 0.5), ("t10k again", images)]
     rows = []

@@ -7,6 +7,7 @@ run is bounded by wrk's ``-d`` duration.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
@@ -20,7 +21,7 @@ import numpy as np
 import orjson
 
 from serving.protocol.v2.proto import grpc_service_pb2 as pb
-from serving.toolchain.data import load_digits_dataset
+from serving.toolchain.data import load_digits_dataset, load_mnist
 from serving.tools.testing import GunicornServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +80,19 @@ def wrk_script(path: Path, body: bytes, content_type: str = "application/json",
         f"{extra}wrk.body = [==[{text}]==]\n"
     )
     return path
+
+
+def mnist_dir() -> Path:
+    """Real MNIST: ``MNIST_DIR``, else the shared copy next to the repository."""
+    return Path(os.environ.get("MNIST_DIR") or ROOT.parent / "shared" / "data" / "mnist")
+
+
+def mnist_script(out_dir: Path, headers: dict[str, str] | None = None) -> Path:
+    """``out_dir/mnist.lua``: wrk POSTs the first real t10k digit to ``/predict`` as 784 8-bit pixels
+    (``pixel_range`` [0, 255])."""
+    digit = np.rint(load_mnist(mnist_dir()).x_test[0] * 255)
+    body = orjson.dumps({"data": digit.astype(int).reshape(-1).tolist(), "pixel_range": [0, 255]})
+    return wrk_script(out_dir / "mnist.lua", body, headers=headers)
 
 
 def digits_script(out_dir: Path) -> Path:

@@ -39,17 +39,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.batching import ensure_large_models
-from bench.harness import ROOT, digits_script, model_server, run_wrk, save_report, wrk_script
+from bench.harness import ROOT, digits_script, mnist_script, model_server, run_wrk, save_report
 from serving.observability.memory import tree_memory
-from serving.toolchain.data import load_mnist
-
-DEFAULT_MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 
 TICK = os.sysconf("SC_CLK_TCK")
 CORES = len(os.sched_getaffinity(0))
@@ -188,14 +183,6 @@ def main() -> None:
                           f" for one {found['pool_thread'][0]:.0%} / {found['pool_thread'][1]:.0%}", flush=True)
     path = args.reports / f"pool-cpu-{stamp}.md"
     save_report(path, render(args, rows, stamp))
-
-
-def mnist_script(out_dir: Path) -> Path:
-    """``out_dir/mnist.lua``: the first real t10k digit as 784 8-bit pixels (``pixel_range`` [0, 255]), as
-    ``bench.throughput``'s mnist rows send it."""
-    digit = np.rint(load_mnist(Path(os.environ.get("MNIST_DIR") or DEFAULT_MNIST_DIR)).x_test[0] * 255)
-    return wrk_script(out_dir / "mnist.lua", orjson.dumps({"data": digit.astype(int).reshape(-1).tolist(),
-                                                           "pixel_range": [0, 255]}))
 
 
 def on_core(found: dict[str, Any]) -> str:

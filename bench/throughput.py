@@ -20,14 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import orjson
 
-from bench.harness import ROOT, WrkResult, model_server, parse_fronts, run_wrk, save_report, wrk_script
-from serving.toolchain.data import load_digits_dataset, load_mnist
+from bench.harness import ROOT, WrkResult, mnist_script, model_server, parse_fronts, run_wrk, save_report, wrk_script
+from serving.toolchain.data import load_digits_dataset
 from serving.tools.testing import GunicornServer
 
-DEFAULT_MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 ASGI_TARGET = 0.8  # issue 16: the ASGI front within 0.8 of WSGI threaded mode, single samples
 CONFIGS = [  # (label, model, backend, mode, WSGI target ratio to the floor; 0 = no target, reported only)
     ("onnx / process", "digits-torch", "onnx", "process", 0.85),
@@ -96,9 +94,7 @@ def main() -> None:
         if missing:
             raise SystemExit(f"{', '.join(missing)} not in {args.repo}: run python train.py --dataset mnist"
                              " --framework all (or pass --no-mnist)")
-        digit = np.rint(load_mnist(Path(os.environ.get("MNIST_DIR") or DEFAULT_MNIST_DIR)).x_test[0] * 255)
-        scripts["mnist"] = wrk_script(out_dir / "mnist.lua", orjson.dumps(
-            {"data": digit.astype(int).reshape(-1).tolist(), "pixel_range": [0, 255]}), headers=auth)
+        scripts["mnist"] = mnist_script(out_dir, headers=auth)
     floors = [floor("round 1")]
     runs: dict[tuple[str, str], list[Run]] = {(c[0], front): [] for c in selected for front in fronts}
     for round_number in range(1, args.rounds + 1):

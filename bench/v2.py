@@ -23,7 +23,6 @@ NAME`` benchmarks one model.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import orjson
 import requests
 
 from bench import mnist_shaped
-from bench.harness import ROOT, WrkResult, grpc_body, run_h2load, run_wrk, save_report, wrk_script
+from bench.harness import ROOT, WrkResult, grpc_body, mnist_dir, run_h2load, run_wrk, save_report, wrk_script
 from serving.backends import backend_class
 from serving.http.encoding import json_bytes
 from serving.protocol.inputs import batch_from_data
@@ -54,7 +53,6 @@ TARGET = 3.0
 DEFAULT_MODELS = ("digits-torch", "mnist-torch")
 #: v2 binary with 64 samples should serve at least this fraction of what the bare model calls allow.
 LIMIT_TARGET = 0.7
-DEFAULT_MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 Cases = dict[str, tuple[str, bytes, dict[str, str]]]
 Costs = dict[str, tuple[float, float, float]]
 
@@ -63,7 +61,7 @@ def held_out_samples(meta: ModelMetadata) -> np.ndarray:
     """Held-out digits for the model: t10k for a model trained on real MNIST, 8x8 digits as bundled, or
     upscaled as ``bench/mnist_shaped.py`` does for the MNIST-shaped one."""
     if meta.raw.get("dataset") == "mnist" and meta.name != mnist_shaped.NAME:
-        return load_mnist(Path(os.environ.get("MNIST_DIR") or DEFAULT_MNIST_DIR)).x_test[:64]
+        return load_mnist(mnist_dir()).x_test[:64]
     x = load_digits_dataset(seed=0).x_test
     height, width = meta.input_shape
     if (height, width) == x.shape[1:]:

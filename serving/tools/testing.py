@@ -200,6 +200,15 @@ class GunicornServer:
         self.stop()
 
 
+def metric_total(text: str, name: str) -> float:
+    """The sum of metric ``name``'s samples over every label set, in a ``/metrics`` text."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " "))
+    )
+
+
 def stop_group(proc: subprocess.Popen[Any], timeout: float = 30.0) -> int | None:
     """Stop a server started with ``start_new_session=True``: SIGTERM its leader and wait up to
     ``timeout``, then SIGKILL whatever is left of its process group (workers orphaned by a

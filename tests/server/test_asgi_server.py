@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from serving.protocol.endpoints import ENDPOINTS
-from serving.tools.testing import free_port
+from serving.tools.testing import free_port, metric_total
 from tests import fakes
 from tests.asgi_support import (
     ASGI_WORKERS,
@@ -239,11 +239,8 @@ def test_batched_requests_wait_on_the_event_loop_without_a_thread_each(server_fa
         assert got[i] == pytest.approx(alone, abs=1e-5)
     assert waiting_threads <= idle_threads, f"{idle_threads} threads idle, {waiting_threads} with 47 waiting"
 
-    def count(text: str, name: str) -> float:
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-    text = server.metrics(until=lambda t: count(t, "serving_batch_size_sum") >= 48 + 3)
-    batches = count(text, "serving_batch_size_count")
+    text = server.metrics(until=lambda t: metric_total(t, "serving_batch_size_sum") >= 48 + 3)
+    batches = metric_total(text, "serving_batch_size_count")
     at_most_four = [float(line.split()[-1]) for line in text.splitlines()
                     if line.startswith("serving_batch_size_bucket") and 'le="4.0"' in line]
     assert at_most_four, text

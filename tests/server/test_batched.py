@@ -19,6 +19,7 @@ import requests
 from serving.backends import backend_class
 from serving.store.repository import ModelRepository
 from serving.toolchain.data import load_digits_dataset
+from serving.tools.testing import metric_total
 from tests import fakes
 from tests.asgi_support import FRONTS
 from tests.conftest import GunicornServer
@@ -71,12 +72,9 @@ def test_concurrent_clients_get_exactly_their_own_answers(batched: tuple[Gunicor
     for i, got in enumerate(results):
         want = expected[i:i + 1] if i % 3 else expected[i:i + 2]
         np.testing.assert_allclose(got, want, atol=1e-5)
-    def total(text: str, name: str) -> float:
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-    metrics = srv.metrics(until=lambda text: total(text, "serving_batch_size_sum") >= 95 + 32)
-    total_samples = total(metrics, "serving_batch_size_sum")
-    total_batches = total(metrics, "serving_batch_size_count")
+    metrics = srv.metrics(until=lambda text: metric_total(text, "serving_batch_size_sum") >= 95 + 32)
+    total_samples = metric_total(metrics, "serving_batch_size_sum")
+    total_batches = metric_total(metrics, "serving_batch_size_count")
     assert total_samples >= 95 + 32 and total_batches < total_samples, "requests were batched together"
     meta = requests.get(srv.url + "/metadata", timeout=5).json()
     assert meta["mode"] == "batched" and meta["batching"]["max_batch_size"] == 16

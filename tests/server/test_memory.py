@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from serving.observability.memory import tree_memory
+from serving.tools.testing import metric_total
 from tests import fakes
 from tests.asgi_support import FRONTS
 
@@ -144,11 +145,6 @@ def test_the_pool_queue_depth_is_on_metrics_and_goes_with_a_killed_pool_process(
     # the dead process's last depth is not counted on: its arbiter marked it dead
     text = server.metrics(until=lambda t: metric_total(t, "serving_queue_depth") == 0, timeout=10)
     assert metric_total(text, "serving_queue_depth") == 0
-
-
-def metric_total(text: str, name: str) -> float:
-    """The sum of a metric's samples over every label set."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_a_killed_pool_process_gets_503s_not_hangs_and_is_replaced(server_factory: Any) -> None:
